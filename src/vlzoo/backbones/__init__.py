@@ -1,0 +1,65 @@
+"""Shared vision and text backbones, chosen by ``impl`` name in a config."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+from vlzoo.backbones.base import EncoderOutput, TextEncoder, VisionEncoder
+from vlzoo.backbones.text import BertTextEncoder, OpenCLIPTextEncoder
+from vlzoo.backbones.vision import OpenCLIPVisionEncoder, TimmVisionEncoder
+from vlzoo.config import TextConfig, VisionConfig
+from vlzoo.data.tokenizers import Tokenizer
+from vlzoo.layers.transformer import BertConfig
+
+VISION_IMPLS = ("timm", "open_clip")
+TEXT_IMPLS = ("open_clip", "bert")
+
+
+def build_vision_encoder(cfg: VisionConfig, embed_dim: int) -> VisionEncoder:
+    """A vision encoder from its config; ``embed_dim`` sizes open_clip's own projection."""
+    common = dict(image_size=cfg.image_size, output_layer=cfg.output_layer, patch_dropout=cfg.patch_dropout)
+    if cfg.impl == "timm":
+        if not cfg.name:
+            raise ValueError("vision.name: a timm model name is required for impl 'timm'")
+        encoder = TimmVisionEncoder(cfg.name, **common, **cfg.kwargs)
+    elif cfg.impl == "open_clip":
+        encoder = OpenCLIPVisionEncoder(embed_dim, cfg.name, **common, **cfg.kwargs)
+    else:
+        raise ValueError(f"vision.impl must be one of {VISION_IMPLS}, got {cfg.impl!r}")
+    _apply_common(encoder, cfg.grad_checkpointing, cfg.locked)
+    return encoder
+
+
+def build_text_encoder(cfg: TextConfig, embed_dim: int, tokenizer: Tokenizer) -> TextEncoder:
+    """A text encoder from its config; the vocabulary size defaults to the tokenizer's."""
+    if cfg.impl == "open_clip":
+        kwargs = dict(cfg.kwargs)
+        vocab = kwargs.pop("vocab_size", tokenizer.vocab_size)
+        encoder = OpenCLIPTextEncoder(embed_dim, vocab, cfg.context_length, cfg.name, **kwargs)
+    elif cfg.impl == "bert":
+        if cfg.pretrained:
+            encoder = BertTextEncoder.from_pretrained(cfg.pretrained)
+        else:
+            names = {f.name for f in fields(BertConfig)}
+            unknown = set(cfg.kwargs) - names
+            if unknown:
+                raise ValueError(f"text.kwargs: unknown BertConfig fields {sorted(unknown)}")
+            kwargs = {"vocab_size": tokenizer.vocab_size, "pad_token_id": tokenizer.info.pad_id, **cfg.kwargs}
+            encoder = BertTextEncoder(BertConfig(**kwargs))
+    else:
+        raise ValueError(f"text.impl must be one of {TEXT_IMPLS}, got {cfg.impl!r}")
+    _apply_common(encoder, cfg.grad_checkpointing, cfg.locked)
+    return encoder
+
+
+def _apply_common(encoder, grad_checkpointing: bool, locked: bool) -> None:
+    if grad_checkpointing:
+        encoder.set_grad_checkpointing(True)
+    if locked:
+        encoder.lock()
+
+
+__all__ = [
+    "EncoderOutput", "VisionEncoder", "TextEncoder", "TimmVisionEncoder", "OpenCLIPVisionEncoder",
+    "OpenCLIPTextEncoder", "BertTextEncoder", "build_vision_encoder", "build_text_encoder",
+]

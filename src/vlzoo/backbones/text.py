@@ -1,0 +1,141 @@
+"""Text encoders: open_clip's causal text transformer, and BERT on the shared block."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from vlzoo.backbones.base import EncoderOutput, TextEncoder
+from vlzoo.backbones.vision import _open_clip_tower_cfg
+from vlzoo.layers.transformer import BertConfig, BertEmbeddings, TransformerStack, padding_mask
+
+
+def last_token_index(input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
+    """(B,) index of each row's end-of-text token: the last attended position.
+
+    Without a mask, the argmax id (open_clip's convention: EOT has the highest id).
+    """
+    if attention_mask is None:
+        return input_ids.argmax(dim=-1)
+    return attention_mask.sum(dim=-1).clamp(min=1) - 1
+
+
+class OpenCLIPTextEncoder(TextEncoder):
+    """open_clip's ``TextTransformer`` (causal, pooled at the end-of-text token).
+
+    ``pooled`` is projected to ``embed_dim`` by the tower's own ``text_projection``.
+    """
+
+    pooled_is_projected = True
+
+    def __init__(
+        self,
+        embed_dim: int,
+        vocab_size: int,
+        context_length: int = 77,
+        name: str | None = None,
+        quick_gelu: bool = False,
+        **overrides: Any,
+    ):
+        super().__init__()
+        from open_clip.model import CLIPTextCfg, _build_text_tower
+
+        cfg = _open_clip_tower_cfg(name, "text_cfg")
+        cfg.update(overrides, vocab_size=vocab_size, context_length=context_length)
+        self.tower = _build_text_tower(embed_dim, CLIPTextCfg(**cfg), quick_gelu=quick_gelu)
+        if getattr(self.tower, "cls_emb", None) is not None:
+            raise ValueError("open_clip text towers with embed_cls (CoCa) are not supported")
+        self.width = self.tower.width
+        self.pooled_width = embed_dim
+        self.context_length = context_length
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> EncoderOutput:
+        """(B, L) ids, L <= context_length -> tokens (B, L, width), pooled (B, E)."""
+        t = self.tower
+        length = input_ids.shape[1]
+        if length > self.context_length:
+            raise ValueError(f"text of {length} tokens exceeds context_length {self.context_length}")
+        x = t.token_embedding(input_ids) + t.positional_embedding[:length]
+        causal = t.attn_mask[:length, :length] if t.attn_mask is not None else None
+        x = t.ln_final(t.transformer(x, attn_mask=causal))
+        pooled = x[torch.arange(x.shape[0], device=x.device), last_token_index(input_ids, attention_mask)]
+        if isinstance(t.text_projection, torch.nn.Linear):
+            pooled = t.text_projection(pooled)
+        elif t.text_projection is not None:
+            pooled = pooled @ t.text_projection
+        return EncoderOutput(x, pooled)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.tower.set_grad_checkpointing(enable)
+
+
+class BertTextEncoder(TextEncoder):
+    """A BERT-style encoder on vlzoo's shared block; pooled = the [CLS] token.
+
+    Keys match Hugging Face ``BertModel`` (``embeddings.*``, ``encoder.layer.{i}.*``).
+    Layers listed in ``cross_attention_layers`` attend to image tokens when a
+    ``context`` is passed (fusion); without one they run text-only.
+    """
+
+    def __init__(
+        self,
+        config: BertConfig,
+        cross_attention_width: int | None = None,
+        cross_attention_layers: tuple[int, ...] = (),
+    ):
+        super().__init__()
+        self.config = config
+        self.embeddings = BertEmbeddings(config)
+        self.encoder = TransformerStack(config, cross_attention_width, cross_attention_layers)
+        self.width = self.pooled_width = config.hidden_size
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        context: Tensor | None = None,
+        context_mask: Tensor | None = None,
+    ) -> EncoderOutput:
+        """(B, L) ids -> tokens (B, L, D), pooled (B, D); context: (B, N, Dc) image tokens."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        x = self.embeddings(input_ids)
+        x = self.encoder(x, padding_mask(attention_mask), context, context_mask)
+        return EncoderOutput(x, x[:, 0])
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.encoder.grad_checkpointing = enable
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, **kwargs: Any) -> BertTextEncoder:
+        """Build from a Hugging Face BERT directory (``config.json`` + weights), strictly."""
+        from vlzoo.hub.weights import load_state_dict_file, load_strict
+
+        directory = Path(directory)
+        config = bert_config_from_json(directory / "config.json")
+        encoder = cls(config, **kwargs)
+        state = load_state_dict_file(_find_weights(directory))
+        state = {k.removeprefix("bert."): v for k, v in state.items()}
+        ignored = ("pooler.", "embeddings.position_ids", "cls.")
+        state = {k: v for k, v in state.items() if not k.startswith(ignored)}
+        load_strict(encoder, state, source=str(directory), allow_missing=("crossattention.",))
+        return encoder
+
+
+def bert_config_from_json(path: str | Path) -> BertConfig:
+    """Read the BertConfig fields of a Hugging Face ``config.json``."""
+    raw = json.loads(Path(path).read_text())
+    names = {f.name for f in fields(BertConfig)}
+    return BertConfig(**{k: v for k, v in raw.items() if k in names})
+
+
+def _find_weights(directory: Path) -> Path:
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (directory / name).exists():
+            return directory / name
+    raise FileNotFoundError(f"{directory}: no model.safetensors or pytorch_model.bin")

@@ -1,0 +1,133 @@
+"""Vision encoders: timm ViT/EVA by name, open_clip towers (ViT and ModifiedResNet)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from vlzoo.backbones.base import EncoderOutput, VisionEncoder, resolve_layer
+
+
+class TimmVisionEncoder(VisionEncoder):
+    """Any timm ViT/EVA (``timm.create_model(name, num_classes=0, **kwargs)``)."""
+
+    def __init__(
+        self,
+        name: str,
+        image_size: int = 224,
+        output_layer: int = -1,
+        patch_dropout: float = 0.0,
+        **kwargs: Any,
+    ):
+        super().__init__()
+        import timm
+
+        kwargs.setdefault("pretrained", False)
+        if patch_dropout:
+            kwargs["patch_drop_rate"] = patch_dropout
+        self.model = timm.create_model(name, num_classes=0, img_size=image_size, **kwargs)
+        if not hasattr(self.model, "blocks"):
+            raise ValueError(f"timm model {name!r} is not a ViT/EVA-style model with .blocks")
+        self.image_size = image_size
+        self.output_layer = output_layer
+        self.width = self.pooled_width = self.model.num_features
+        self._blocks_to_run = resolve_layer(output_layer, len(self.model.blocks))
+
+    def forward(self, pixel_values: Tensor) -> EncoderOutput:
+        """(B, 3, H, W) -> tokens (B, 1+N, D), pooled (B, D)."""
+        if self._blocks_to_run == len(self.model.blocks):
+            tokens = self.model.forward_features(pixel_values)
+            return EncoderOutput(tokens, self.model.forward_head(tokens, pre_logits=True))
+        (spatial, prefix), = self.model.forward_intermediates(
+            pixel_values, indices=[self._blocks_to_run - 1], norm=False, output_fmt="NLC",
+            intermediates_only=True, return_prefix_tokens=True, stop_early=True,
+        )
+        tokens = torch.cat([prefix, spatial], dim=1) if prefix is not None else spatial
+        return EncoderOutput(tokens, tokens[:, 0])
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.model.set_grad_checkpointing(enable)
+
+    def no_weight_decay(self) -> set[str]:
+        extra = {f"model.{n}" for n in getattr(self.model, "no_weight_decay", lambda: set())()}
+        return super().no_weight_decay() | extra
+
+
+class OpenCLIPVisionEncoder(VisionEncoder):
+    """An open_clip visual tower: VisionTransformer, or ModifiedResNet with attention pooling.
+
+    ``pooled`` is the tower's own projected embedding (``embed_dim`` wide), so the state
+    dict under ``tower.`` matches open_clip's ``visual.`` keys one to one.
+    """
+
+    pooled_is_projected = True
+
+    def __init__(
+        self,
+        embed_dim: int,
+        name: str | None = None,
+        image_size: int = 224,
+        output_layer: int = -1,
+        patch_dropout: float = 0.0,
+        quick_gelu: bool = False,
+        **overrides: Any,
+    ):
+        super().__init__()
+        from open_clip.model import CLIPVisionCfg, _build_vision_tower
+        from open_clip.modified_resnet import ModifiedResNet
+
+        cfg = _open_clip_tower_cfg(name, "vision_cfg")
+        cfg.update(overrides, image_size=image_size, patch_dropout=patch_dropout)
+        self.tower = _build_vision_tower(embed_dim, CLIPVisionCfg(**cfg), quick_gelu=quick_gelu)
+        self.is_resnet = isinstance(self.tower, ModifiedResNet)
+        if self.is_resnet and output_layer != -1:
+            raise ValueError("open_clip ModifiedResNet towers only support output_layer=-1")
+        self.image_size = image_size
+        self.output_layer = output_layer
+        self.pooled_width = embed_dim
+        if self.is_resnet:
+            self.width = self.tower.attnpool.k_proj.in_features
+            self._blocks_to_run = 0
+        else:
+            self.width = self.tower.transformer.width
+            self._blocks_to_run = resolve_layer(output_layer, len(self.tower.transformer.resblocks))
+        self.grad_checkpointing = False
+
+    def forward(self, pixel_values: Tensor) -> EncoderOutput:
+        """(B, 3, H, W) -> tokens (B, 1+N, width) [ViT] or (B, h*w, C) [ResNet]; pooled (B, E)."""
+        t = self.tower
+        if self.is_resnet:
+            x = t.layer4(t.layer3(t.layer2(t.layer1(t.stem(pixel_values)))))  # (B, C, h, w)
+            return EncoderOutput(x.flatten(2).transpose(1, 2), t.attnpool(x))
+        x = t._embeds(pixel_values)  # (B, 1+N, W): patches, class token, pos-embed, dropout, ln_pre
+        for block in t.transformer.resblocks[: self._blocks_to_run]:
+            if self.grad_checkpointing and self.training:
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        if self._blocks_to_run < len(t.transformer.resblocks):
+            return EncoderOutput(x, x[:, 0])
+        pooled, _ = t._pool(x)
+        if t.proj is not None:
+            pooled = pooled @ t.proj
+        return EncoderOutput(t.ln_post(x), pooled)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+        if self.is_resnet:
+            self.tower.set_grad_checkpointing(enable)
+
+
+def _open_clip_tower_cfg(name: str | None, key: str) -> dict[str, Any]:
+    """The ``vision_cfg``/``text_cfg`` of an open_clip model config, or {}."""
+    if name is None:
+        return {}
+    from open_clip import get_model_config
+
+    model_cfg = get_model_config(name)
+    if model_cfg is None:
+        raise ValueError(f"open_clip has no model config named {name!r}")
+    return dict(model_cfg[key])

@@ -1,0 +1,157 @@
+"""The ``vlzoo`` command: LightningCLI for fit/validate/test/predict, plus utilities."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+LIGHTNING_COMMANDS = {
+    "fit": "train a model from a YAML config, then test its best checkpoint",
+    "validate": "evaluate a model on the validation split",
+    "test": "evaluate a model on the test split",
+    "predict": "embed the test images with a model",
+}
+
+
+def _lightning_cli(args: list[str] | None) -> None:
+    from lightning.pytorch.cli import LightningCLI
+
+    from vlzoo.data.datamodule import VLDataModule
+    from vlzoo.tasks.base import VLTask
+
+    class VLZooCLI(LightningCLI):
+        """LightningCLI with default loggers in the run directory and a run summary."""
+
+        def instantiate_trainer(self, **kwargs: Any):
+            trainer_cfg = self.config_init[self.subcommand]["trainer"]
+            if trainer_cfg.get("logger") in (None, True):
+                trainer_cfg["logger"] = default_loggers(trainer_cfg.get("default_root_dir") or ".")
+            return super().instantiate_trainer(**kwargs)
+
+        def after_fit(self) -> None:
+            trainer = self.trainer
+            summary = {"train/loss": _metric(trainer.callback_metrics.get("train/loss"))}
+            summary.update(_stage_metrics(trainer.callback_metrics, "val/"))
+            best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
+            trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best" if best else None)
+            summary.update(_stage_metrics(trainer.callback_metrics, "test/"))
+            summary["best_checkpoint"] = best
+            write_run_summary(trainer, summary)
+
+        def after_test(self) -> None:
+            write_run_summary(self.trainer, _stage_metrics(self.trainer.callback_metrics, "test/"))
+
+        def after_validate(self) -> None:
+            write_run_summary(self.trainer, _stage_metrics(self.trainer.callback_metrics, "val/"))
+
+    VLZooCLI(
+        model_class=VLTask,
+        subclass_mode_model=True,
+        datamodule_class=VLDataModule,
+        parser_kwargs={"parser_mode": "omegaconf+"},
+        save_config_kwargs={"overwrite": True},
+        seed_everything_default=0,
+        args=args,
+    )
+
+
+def default_loggers(root: str) -> list:
+    """A CSV logger writing ``ROOT/metrics.csv`` (and TensorBoard when installed)."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    loggers = [CSVLogger(save_dir=root, name="", version="")]
+    try:
+        from lightning.pytorch.loggers import TensorBoardLogger
+        from lightning.pytorch.loggers.tensorboard import _TENSORBOARD_AVAILABLE
+
+        if _TENSORBOARD_AVAILABLE:
+            loggers.append(TensorBoardLogger(save_dir=root, name="tensorboard", version=""))
+    except ImportError:
+        pass
+    return loggers
+
+
+def _metric(value) -> float | None:
+    return None if value is None else float(value)
+
+
+def _stage_metrics(metrics: dict, prefix: str) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if k.startswith(prefix)}
+
+
+def write_run_summary(trainer, metrics: dict[str, Any]) -> None:
+    """Merge ``metrics`` into ``ROOT/metrics.json`` and redraw ``ROOT/loss.png`` (rank 0)."""
+    if not trainer.is_global_zero:
+        return
+    from vlzoo.plots import plot_loss_curves
+    from vlzoo.utils import atomic_write_json
+
+    root = Path(trainer.default_root_dir)
+    path = root / "metrics.json"
+    previous = json.loads(path.read_text()) if path.exists() else {}
+    atomic_write_json(path, {**previous, **metrics})
+    csv_log = root / "metrics.csv"
+    if csv_log.exists():
+        plot_loss_curves(csv_log, root / "loss.png", title=str(root))
+    print(f"vlzoo: wrote {path}" + (f" and {root / 'loss.png'}" if csv_log.exists() else ""))
+
+
+def _export(args: argparse.Namespace) -> None:
+    from vlzoo.data import shapes
+
+    size = args.limit if args.size is None else args.size
+    split = shapes.load_split(args.split, size, args.image_size, args.seed)
+    out = shapes.export_split(split, args.out, args.limit)
+    print(f"wrote {min(args.limit, len(split))} images and {out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from vlzoo import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="vlzoo",
+        description="A PyTorch Lightning model zoo for CLIP -> ALBEF -> BLIP -> BLIP-2.",
+        epilog="example: vlzoo fit --config zoo_configs/models/clip/shapes-tiny.yaml",
+    )
+    parser.add_argument("--version", action="version", version=f"vlzoo {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, text in LIGHTNING_COMMANDS.items():
+        commands.add_parser(name, help=f"{text} (vlzoo {name} --help)", add_help=False)
+    data = commands.add_parser("data", help="embedded datasets")
+    data_commands = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    export = data_commands.add_parser(
+        "export", help="write images as PNG plus captions.jsonl",
+        epilog="example: vlzoo data export shapes --split test --limit 100 --out shapes_test",
+    )
+    export.add_argument("name", choices=["shapes"])
+    export.add_argument("--split", choices=["train", "val", "test"], default="test")
+    export.add_argument("--limit", type=int, default=1000, help="number of images to write")
+    export.add_argument("--size", type=int, default=None,
+                        help="split size to generate (default: --limit; samples do not depend on it)")
+    export.add_argument("--image-size", type=int, default=64)
+    export.add_argument("--seed", type=int, default=0)
+    export.add_argument("--out", required=True, help="output directory")
+    export.set_defaults(run=_export)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from_command_line = argv is None
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in LIGHTNING_COMMANDS:
+        _lightning_cli(None if from_command_line else argv)
+        return 0
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "run", None):
+        parser.print_help()
+        return 0 if args.command is None else 2
+    args.run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

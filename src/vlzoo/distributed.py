@@ -1,0 +1,66 @@
+"""Process-group helpers that are no-ops in a single process."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient for the local slice.
+
+    Backward uses all_reduce (supported by gloo, NCCL and MPI alike), then keeps the
+    caller's own rows.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        ctx.rank, ctx.batch = dist.get_rank(), x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.batch : (ctx.rank + 1) * ctx.batch]
+
+
+def gather_with_grad(x: Tensor) -> Tensor:
+    """(B, ...) per rank -> (world * B, ...), rank order, differentiable; identity alone."""
+    if not is_distributed():
+        return x
+    return _GatherWithGrad.apply(x)
+
+
+@torch.no_grad()
+def gather_no_grad(x: Tensor) -> Tensor:
+    """(B, ...) per rank -> (world * B, ...) without gradient; identity alone."""
+    if not is_distributed():
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+def gather_objects(obj: object) -> list[object]:
+    """Every rank's ``obj``, in rank order; ``[obj]`` alone."""
+    if not is_distributed():
+        return [obj]
+    out: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

@@ -1,0 +1,1 @@
+"""Evaluation: retrieval recall, compositional accuracy, zero-shot classification."""

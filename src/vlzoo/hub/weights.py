@@ -1,0 +1,68 @@
+"""Loading weights safely: safetensors, or ``torch.load(weights_only=True)``; strict keys."""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+
+class CheckpointKeyError(KeyError):
+    """A state dict does not match a module: names the missing and unexpected keys."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; show it plainly
+        return str(self.args[0])
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
+    """Tensors from ``.safetensors``, or a PyTorch file without unpickling arbitrary objects."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"{path}: refused to load, the file holds Python objects other than tensors "
+            f"(unpickling it could run code). Convert it to safetensors. Detail: {err}"
+        ) from err
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a dict of tensors, got {type(obj).__name__}")
+    return obj
+
+
+def load_strict(
+    module: nn.Module,
+    state: dict[str, Tensor],
+    source: str = "state dict",
+    allow_missing: Iterable[str] = (),
+) -> None:
+    """Load ``state`` into ``module``; any missing or unexpected key is an error naming it.
+
+    ``allow_missing``: key substrings that may be missing (e.g. randomly initialised
+    cross-attention when loading a text-only BERT).
+    """
+    expected = set(module.state_dict())
+    allow = tuple(allow_missing)
+    missing = sorted(k for k in expected - set(state) if not any(a in k for a in allow))
+    unexpected = sorted(set(state) - expected)
+    if missing or unexpected:
+        raise CheckpointKeyError(
+            f"{source} does not match {type(module).__name__}: "
+            f"missing keys {missing[:20]}{' ...' if len(missing) > 20 else ''} ({len(missing)}), "
+            f"unexpected keys {unexpected[:20]}{' ...' if len(unexpected) > 20 else ''} ({len(unexpected)})"
+        )
+    own = module.state_dict()
+    wrong = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if v.shape != own[k].shape]
+    if wrong:
+        raise ValueError(f"{source}: shape mismatch (checkpoint vs model) for {wrong[:10]}")
+    module.load_state_dict(state, strict=False)

@@ -1,0 +1,215 @@
+"""The one BERT-style transformer block of vlzoo, and the stack built from it.
+
+Post-LayerNorm block (self-attention -> optional cross-attention -> feed-forward) with
+attention through ``scaled_dot_product_attention``. Parameter names follow Hugging
+Face BERT (``attention.self.query``, ``crossattention.output.LayerNorm``,
+``intermediate.dense``, ...) so BERT-family checkpoints load with a strict key check.
+The same block serves the BERT text encoder, ALBEF's text+fusion layers, BLIP's MED
+and the BLIP-2 Q-Former: a stack chooses which layers carry cross-attention.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class BertConfig:
+    """Sizes of a BERT-style stack (field names as in Hugging Face ``BertConfig``)."""
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    hidden_act: str = "gelu"
+    pad_token_id: int = 0
+
+
+def _activation(name: str) -> nn.Module:
+    return {"gelu": nn.GELU(), "gelu_new": nn.GELU(approximate="tanh"), "relu": nn.ReLU()}[name]
+
+
+class MultiHeadAttention(nn.Module):
+    """Query/key/value projections and SDPA; ``key_width`` differs for cross-attention."""
+
+    def __init__(self, width: int, heads: int, key_width: int | None = None, dropout: float = 0.0):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"hidden size {width} is not divisible by {heads} attention heads")
+        key_width = key_width or width
+        self.heads = heads
+        self.dropout = dropout
+        self.query = nn.Linear(width, width)
+        self.key = nn.Linear(key_width, width)
+        self.value = nn.Linear(key_width, width)
+
+    def _split(self, x: Tensor) -> Tensor:  # (B, L, D) -> (B, H, L, D/H)
+        b, n, _ = x.shape
+        return x.view(b, n, self.heads, -1).transpose(1, 2)
+
+    def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+        """x: (B, Lq, D); context: (B, Lk, Dk) or None for self-attention;
+        mask: boolean (B, 1|H, Lq, Lk), True where attention is allowed. Returns (B, Lq, D)."""
+        context = x if context is None else context
+        q, k, v = self._split(self.query(x)), self._split(self.key(context)), self._split(self.value(context))
+        p = self.dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        b, h, n, d = out.shape
+        return out.transpose(1, 2).reshape(b, n, h * d)
+
+
+class ResidualOutput(nn.Module):
+    """``LayerNorm(x + dropout(dense(h)))`` (BERT's ``*Output`` modules)."""
+
+    def __init__(self, in_width: int, width: int, eps: float, dropout: float):
+        super().__init__()
+        self.dense = nn.Linear(in_width, width)
+        self.LayerNorm = nn.LayerNorm(width, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, hidden: Tensor, residual: Tensor) -> Tensor:
+        return self.LayerNorm(residual + self.dropout(self.dense(hidden)))
+
+
+class AttentionSublayer(nn.Module):
+    """Attention plus its residual output (BERT's ``attention.self`` / ``attention.output``)."""
+
+    def __init__(self, cfg: BertConfig, key_width: int | None = None):
+        super().__init__()
+        width = cfg.hidden_size
+        self.self = MultiHeadAttention(width, cfg.num_attention_heads, key_width, cfg.attention_probs_dropout_prob)
+        self.output = ResidualOutput(width, width, cfg.layer_norm_eps, cfg.hidden_dropout_prob)
+
+    def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+        return self.output(self.self(x, context, mask), x)
+
+
+class FeedForwardIn(nn.Module):
+    """BERT's ``intermediate``: dense + activation."""
+
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.act = _activation(cfg.hidden_act)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(self.dense(x))
+
+
+class TransformerBlock(nn.Module):
+    """Self-attention, optional cross-attention to image tokens, feed-forward."""
+
+    def __init__(self, cfg: BertConfig, cross_attention_width: int | None = None):
+        super().__init__()
+        self.attention = AttentionSublayer(cfg)
+        self.crossattention = (
+            AttentionSublayer(cfg, key_width=cross_attention_width) if cross_attention_width else None
+        )
+        self.intermediate = FeedForwardIn(cfg)
+        self.output = ResidualOutput(cfg.intermediate_size, cfg.hidden_size, cfg.layer_norm_eps, cfg.hidden_dropout_prob)
+
+    @property
+    def has_cross_attention(self) -> bool:
+        return self.crossattention is not None
+
+    def forward(
+        self,
+        x: Tensor,
+        mask: Tensor | None = None,
+        context: Tensor | None = None,
+        context_mask: Tensor | None = None,
+    ) -> Tensor:
+        """x: (B, L, D); mask: (B, 1, L, L) bool; context: (B, N, Dc) image tokens or
+        None (text-only mode: cross-attention skipped); context_mask: (B, 1, 1, N) bool."""
+        x = self.attention(x, mask=mask)
+        if context is not None and self.crossattention is not None:
+            x = self.crossattention(x, context, context_mask)
+        return self.output(self.intermediate(x), x)
+
+
+class TransformerStack(nn.Module):
+    """``layer.{i}`` blocks; ``cross_attention_layers`` picks which carry cross-attention."""
+
+    def __init__(
+        self,
+        cfg: BertConfig,
+        cross_attention_width: int | None = None,
+        cross_attention_layers: Sequence[int] = (),
+    ):
+        super().__init__()
+        cross = set(cross_attention_layers)
+        bad = [i for i in cross if not 0 <= i < cfg.num_hidden_layers]
+        if bad:
+            raise ValueError(f"cross_attention_layers {bad} outside 0..{cfg.num_hidden_layers - 1}")
+        self.layer = nn.ModuleList(
+            TransformerBlock(cfg, cross_attention_width if i in cross else None)
+            for i in range(cfg.num_hidden_layers)
+        )
+        self.grad_checkpointing = False
+
+    def forward(
+        self,
+        x: Tensor,
+        mask: Tensor | None = None,
+        context: Tensor | None = None,
+        context_mask: Tensor | None = None,
+        layers: slice = slice(None),
+    ) -> Tensor:
+        """Run ``self.layer[layers]`` over x (B, L, D); returns (B, L, D)."""
+        for block in self.layer[layers]:
+            if self.grad_checkpointing and self.training:
+                x = checkpoint(block, x, mask, context, context_mask, use_reentrant=False)
+            else:
+                x = block(x, mask, context, context_mask)
+        return x
+
+
+class BertEmbeddings(nn.Module):
+    """Word + position (+ token type) embeddings, LayerNorm, dropout."""
+
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
+        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size) if cfg.type_vocab_size else None
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+
+    def forward(self, input_ids: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
+        """input_ids: (B, L) -> (B, L, D)."""
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        x = self.word_embeddings(input_ids) + self.position_embeddings(positions)[None]
+        if self.token_type_embeddings is not None:
+            types = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids
+            x = x + self.token_type_embeddings(types)
+        return self.dropout(self.LayerNorm(x))
+
+
+# ------------------------------------------------------------------------ mask builders
+
+
+def padding_mask(attention_mask: Tensor) -> Tensor:
+    """(B, L) 1/0 -> (B, 1, 1, L) bool: every query may attend to every real key."""
+    return attention_mask.bool()[:, None, None, :]
+
+
+def causal_mask(length: int, device: torch.device | None = None) -> Tensor:
+    """(1, 1, L, L) bool lower-triangular mask."""
+    return torch.ones(length, length, dtype=torch.bool, device=device).tril()[None, None]
+
+
+def causal_padding_mask(attention_mask: Tensor) -> Tensor:
+    """(B, L) -> (B, 1, L, L): causal and padding combined."""
+    return causal_mask(attention_mask.shape[1], attention_mask.device) & padding_mask(attention_mask)

@@ -1,0 +1,162 @@
+"""The base LightningModule: optimizer groups, warm-up + cosine schedule, evaluation."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import Tensor, nn
+
+from vlzoo.config import EvalConfig, OptimConfig, VisionConfig
+from vlzoo.data.datamodule import EvalAnnotations
+from vlzoo.data.tokenizers import Tokenizer
+from vlzoo.distributed import gather_objects
+from vlzoo.eval.retrieval import CaptionIndex, compositional_accuracy, recall_at_k
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Two AdamW groups: decay for weight matrices; none for ``model.no_weight_decay()``
+    (norms, biases, embeddings, temperature) and every 0-/1-d parameter."""
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if name in skip or p.ndim <= 1 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Learning-rate multiplier: linear warm-up to 1, cosine decay to ``min_ratio``."""
+    if step < warmup:
+        return (step + 1) / max(1, warmup)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class VLTask(L.LightningModule):
+    """Shared training/evaluation logic; subclasses build ``self.model`` and the loss.
+
+    Subclasses set ``self.model``, ``self.tokenizer`` and ``self.preprocess_config``
+    and implement :meth:`training_step`, :meth:`embed_images`, :meth:`embed_texts`.
+    Evaluation (``val``/``test``) reports ``{stage}/r{1,5,10}_{i2t,t2i}``,
+    ``{stage}/compositional_acc`` and ``{stage}/zeroshot_acc``.
+    """
+
+    model: nn.Module
+    tokenizer: Tokenizer
+    preprocess_config: VisionConfig
+    monitor: str = "val/r1_t2i"
+
+    def __init__(self, optim: OptimConfig, eval: EvalConfig):
+        super().__init__()
+        self.optim = optim
+        self.eval_config = eval
+        self._eval_outputs: list[tuple[Tensor, Tensor]] = []
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self):
+        o = self.optim
+        optimizer = torch.optim.AdamW(parameter_groups(self.model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps)
+        total = int(self.trainer.estimated_stepping_batches)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, o.warmup_steps, total, o.min_lr_ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def configure_callbacks(self):
+        return [ModelCheckpoint(monitor=self.monitor, mode="max", save_last=True,
+                                filename="best-step{step}", auto_insert_metric_name=False)]
+
+    # -------------------------------------------------------------------- evaluation
+    def embed_images(self, pixel_values: Tensor) -> Tensor:
+        """(B, 3, H, W) -> (B, D) normalised embeddings."""
+        raise NotImplementedError
+
+    def embed_texts(self, texts: list[str]) -> Tensor:
+        """Strings -> (T, D) normalised embeddings, batched."""
+        raise NotImplementedError
+
+    def score_pairs(self, image_embeds: Tensor, texts: list[str]) -> Tensor:
+        """Match score of image i with text i: (N, D), N strings -> (N,). Default: cosine."""
+        return (image_embeds * self.embed_texts(texts)).sum(-1)
+
+    def _tokenize(self, texts: list[str]) -> dict[str, Tensor]:
+        return {k: v.to(self.device) for k, v in self.tokenizer(texts).items()}
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._eval_outputs.append((batch["index"].cpu(), self.embed_images(batch["pixel_values"]).float().cpu()))
+
+    test_step = validation_step
+
+    def on_validation_epoch_end(self) -> None:
+        self._finish_eval("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._finish_eval("test")
+
+    def _gathered_image_embeds(self) -> Tensor:
+        """Every rank's (index, embedding) rows, deduplicated and in dataset order."""
+        parts = gather_objects(self._eval_outputs)
+        self._eval_outputs = []
+        index = torch.cat([i for part in parts for i, _ in part])
+        embeds = torch.cat([e for part in parts for _, e in part])
+        order = torch.argsort(index, stable=True)  # samplers may pad with repeated items
+        index, embeds = index[order], embeds[order]
+        keep = torch.ones_like(index, dtype=torch.bool)
+        keep[1:] = index[1:] != index[:-1]
+        return embeds[keep]
+
+    def _finish_eval(self, stage: str) -> None:
+        if self.trainer.sanity_checking or not self._eval_outputs:
+            self._eval_outputs = []
+            return
+        image_embeds = self._gathered_image_embeds().to(self.device)  # (N, D)
+        ann: EvalAnnotations = self.trainer.datamodule.annotations(stage)
+        if len(ann.captions) != len(image_embeds):
+            raise RuntimeError(f"{stage}: {len(image_embeds)} images embedded, {len(ann.captions)} annotated")
+        metrics = self.evaluate(image_embeds, ann)
+        self.log_dict({f"{stage}/{k}": v for k, v in metrics.items()}, sync_dist=False)
+
+    @torch.no_grad()
+    def evaluate(self, image_embeds: Tensor, ann: EvalAnnotations) -> dict[str, float]:
+        """Retrieval, compositional and zero-shot metrics from (N, D) image embeddings."""
+        index = CaptionIndex.build(ann.captions)
+        text_embeds = self.embed_texts(index.texts)  # (T, D)
+        metrics = recall_at_k((image_embeds @ text_embeds.T).float().cpu(), index)
+        metrics["compositional_acc"] = self._compositional(image_embeds, ann)
+        if ann.zeroshot_classes:
+            metrics["zeroshot_acc"] = self._zeroshot(image_embeds, ann)
+        return metrics
+
+    def _compositional(self, image_embeds: Tensor, ann: EvalAnnotations) -> float:
+        rows, positives, negatives = [], [], []
+        for i, negs in enumerate(ann.negatives):
+            for neg in negs:
+                rows.append(i)
+                positives.append(ann.captions[i][0])
+                negatives.append(neg)
+        if not rows:
+            return float("nan")
+        images = image_embeds[torch.tensor(rows, device=image_embeds.device)]
+        return compositional_accuracy(self.score_pairs(images, positives), self.score_pairs(images, negatives))
+
+    def _zeroshot(self, image_embeds: Tensor, ann: EvalAnnotations) -> float:
+        labelled = [(i, y) for i, y in enumerate(ann.zeroshot_labels) if y is not None]
+        if not labelled:
+            return float("nan")
+        templates = self.eval_config.zeroshot_templates
+        prompts = [t.format(c) for c in ann.zeroshot_classes for t in templates]
+        class_embeds = self.embed_texts(prompts).view(len(ann.zeroshot_classes), len(templates), -1)
+        class_embeds = F.normalize(class_embeds.mean(1), dim=-1)  # (C, D)
+        rows = torch.tensor([i for i, _ in labelled], device=image_embeds.device)
+        labels = torch.tensor([y for _, y in labelled], device=image_embeds.device)
+        predictions = (image_embeds[rows] @ class_embeds.T).argmax(-1)
+        return (predictions == labels).float().mean().item()
+
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        return {"index": batch["index"], "image_embeds": self.embed_images(batch["pixel_values"])}

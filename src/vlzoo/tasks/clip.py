@@ -1,0 +1,68 @@
+"""CLIP as a LightningModule: InfoNCE or SigLIP, logit scale clamped after each step."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from vlzoo.backbones import build_text_encoder, build_vision_encoder
+from vlzoo.config import CLIPConfig, EvalConfig, OptimConfig
+from vlzoo.data.tokenizers import build_tokenizer
+from vlzoo.losses import clip_loss, siglip_loss
+from vlzoo.models.clip import CLIP
+from vlzoo.tasks.base import VLTask
+
+LOSSES = ("infonce", "siglip")
+
+
+def build_clip(cfg: CLIPConfig):
+    """(CLIP model, tokenizer) from a config."""
+    if cfg.loss not in LOSSES:
+        raise ValueError(f"model.loss must be one of {LOSSES}, got {cfg.loss!r}")
+    tokenizer = build_tokenizer(cfg.text.tokenizer, cfg.text.context_length)
+    model = CLIP(
+        build_vision_encoder(cfg.vision, cfg.embed_dim),
+        build_text_encoder(cfg.text, cfg.embed_dim, tokenizer),
+        cfg.embed_dim,
+        init_logit_scale=cfg.init_logit_scale,
+        max_logit_scale=cfg.max_logit_scale,
+        init_logit_bias=cfg.init_logit_bias if cfg.loss == "siglip" else None,
+    )
+    return model, tokenizer
+
+
+class CLIPTask(VLTask):
+    """Trains :class:`~vlzoo.models.CLIP`; features are gathered over ranks with gradient."""
+
+    def __init__(
+        self,
+        model: CLIPConfig = CLIPConfig(),  # noqa: B008
+        optim: OptimConfig = OptimConfig(),  # noqa: B008
+        eval: EvalConfig = EvalConfig(),  # noqa: B008
+    ):
+        super().__init__(optim, eval)
+        self.save_hyperparameters()
+        self.config = model
+        self.model, self.tokenizer = build_clip(model)
+        self.preprocess_config = model.vision
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        out = self.model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+        if self.config.loss == "siglip":
+            loss = siglip_loss(out.image_embeds, out.text_embeds, out.logit_scale, out.logit_bias)
+        else:
+            loss = clip_loss(out.image_embeds, out.text_embeds, out.logit_scale)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/logit_scale", out.logit_scale.detach())
+        return loss
+
+    def on_before_zero_grad(self, optimizer) -> None:
+        self.model.clamp_logit_scale()  # once per optimizer step, after it
+
+    def embed_images(self, pixel_values: Tensor) -> Tensor:
+        return self.model.encode_image(pixel_values)
+
+    def embed_texts(self, texts: list[str]) -> Tensor:
+        size = self.eval_config.text_batch_size
+        chunks = [self.model.encode_text(**self._tokenize(texts[i : i + size])) for i in range(0, len(texts), size)]
+        return torch.cat(chunks)
