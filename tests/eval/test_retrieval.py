@@ -1,0 +1,37 @@
+import pytest
+import torch
+
+from vlzoo.eval.retrieval import CaptionIndex, compositional_accuracy, recall_at_k
+
+
+def test_identical_captions_count_as_matches():
+    # image 0 and image 1 share "a red circle"; image 2 is different
+    index = CaptionIndex.build([["a red circle", "red round"], ["a red circle"], ["a blue square"]])
+    assert index.texts == ["a red circle", "red round", "a red circle", "a blue square"]
+    sim = torch.tensor([
+        [0.1, 0.2, 0.9, 0.0],  # image 0 ranks text 2 ("a red circle" of image 1) first: a hit
+        [0.0, 0.9, 0.1, 0.2],  # image 1 ranks "red round" first: a miss, its own caption second
+        [0.9, 0.0, 0.0, 0.1],  # image 2 ranks a red circle first; own caption last (rank 2)
+    ])
+    m = recall_at_k(sim, index, ks=(1, 2))
+    assert m["r1_i2t"] == pytest.approx(1 / 3)
+    assert m["r2_i2t"] == pytest.approx(2 / 3)
+    # text 0 "a red circle": image 2 first (miss), image 0 second (hit)
+    # text 1 "red round": image 1 first (miss), image 0 second (hit)
+    # text 2 "a red circle": image 0 first, a hit because image 0 has the same caption
+    # text 3 "a blue square": image 1 first (miss), image 2 second (hit)
+    assert m["r1_t2i"] == pytest.approx(1 / 4)
+    assert m["r2_t2i"] == pytest.approx(1.0)
+
+
+def test_recall_is_one_for_perfect_similarity_and_chunking_is_invisible():
+    captions = [[f"caption {i} a", f"caption {i} b"] for i in range(7)]
+    index = CaptionIndex.build(captions)
+    sim = (index.text_image[None, :] == torch.arange(7)[:, None]).float() + 0.01 * torch.rand(7, 14)
+    assert recall_at_k(sim, index, ks=(1,)) == {"r1_i2t": 1.0, "r1_t2i": 1.0}
+    noisy = torch.rand(7, 14)
+    assert recall_at_k(noisy, index, chunk=3) == recall_at_k(noisy, index, chunk=100)
+
+
+def test_compositional_accuracy():
+    assert compositional_accuracy(torch.tensor([0.9, 0.1, 0.5]), torch.tensor([0.2, 0.3, 0.4])) == pytest.approx(2 / 3)

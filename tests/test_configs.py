@@ -1,0 +1,46 @@
+"""Every YAML under zoo_configs/ parses against the typed signatures of the CLI."""
+
+from pathlib import Path
+
+import pytest
+from lightning.pytorch import Trainer
+from lightning.pytorch.cli import LightningArgumentParser
+
+from vlzoo.config import CLIPConfig, load_yaml_section
+from vlzoo.data.datamodule import VLDataModule
+from vlzoo.tasks.base import VLTask
+
+ROOT = Path(__file__).resolve().parents[1] / "zoo_configs"
+CONFIGS = sorted(ROOT.rglob("*.yaml"))
+
+
+def cli_parser() -> LightningArgumentParser:
+    parser = LightningArgumentParser(parser_mode="omegaconf+", exit_on_error=False)
+    parser.add_argument("--seed_everything", type=int | bool, default=0)
+    parser.add_lightning_class_args(Trainer, "trainer")
+    parser.add_lightning_class_args(VLTask, "model", subclass_mode=True)
+    parser.add_lightning_class_args(VLDataModule, "data")
+    return parser
+
+
+def test_there_are_configs():
+    assert CONFIGS, ROOT
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_zoo_config_parses(path):
+    cfg = cli_parser().parse_path(str(path))
+    assert cfg.model.class_path.startswith("vlzoo.tasks.")
+    if cfg.model.class_path.endswith("CLIPTask"):
+        typed = load_yaml_section(path, "model.init_args.model", CLIPConfig)
+        assert isinstance(typed, CLIPConfig) and typed.embed_dim > 0
+
+
+def test_a_wrong_field_is_rejected_with_its_name(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    text = (ROOT / "models/clip/shapes-tiny.yaml").read_text().replace("embed_dim: 128", "embed_dims: 128")
+    bad.write_text(text)
+    with pytest.raises(Exception, match="embed_dims"):
+        cli_parser().parse_path(str(bad))
+    with pytest.raises(ValueError, match="embed_dims"):
+        load_yaml_section(bad, "model.init_args.model", CLIPConfig)
