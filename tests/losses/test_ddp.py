@@ -72,4 +72,5 @@ def test_two_process_ddp_equals_union_batch(tmp_path, loss):
         for name, p in model.named_parameters():
             if p.grad is None:
                 continue
-            assert (result["grads"][name] - p.grad).abs().max().item() <= 1e-5, name
+            # float32 sums in another order: 1e-5 absolute, or 1e-4 relative on large gradients
+            torch.testing.assert_close(result["grads"][name], p.grad, atol=1e-5, rtol=1e-4, msg=name)
