@@ -107,19 +107,12 @@ def test_text_encoder_interface(name):
     assert not any(p.requires_grad for p in encoder.parameters())
 
 
-def test_open_clip_vision_tower_matches_open_clip():
-    ours = OpenCLIPVisionEncoder(24, image_size=32, **TINY_OC_VIT).eval()
-    ref = _build_vision_tower(24, CLIPVisionCfg(image_size=32, **TINY_OC_VIT)).eval()
+@pytest.mark.parametrize("tower, image_size", [(TINY_OC_VIT, 32), (TINY_OC_RN, 64)], ids=["vit", "resnet"])
+def test_open_clip_vision_tower_matches_open_clip(tower, image_size):
+    ours = OpenCLIPVisionEncoder(24, image_size=image_size, **tower).eval()
+    ref = _build_vision_tower(24, CLIPVisionCfg(image_size=image_size, **tower)).eval()
     ref.load_state_dict({k.removeprefix("tower."): v for k, v in ours.state_dict().items()})
-    x = torch.randn(3, 3, 32, 32)
-    torch.testing.assert_close(ours(x).pooled, ref(x), atol=1e-6, rtol=1e-5)
-
-
-def test_open_clip_resnet_tower_matches_open_clip():
-    ours = OpenCLIPVisionEncoder(24, image_size=64, **TINY_OC_RN).eval()
-    ref = _build_vision_tower(24, CLIPVisionCfg(image_size=64, **TINY_OC_RN)).eval()
-    ref.load_state_dict({k.removeprefix("tower."): v for k, v in ours.state_dict().items()})
-    x = torch.randn(2, 3, 64, 64)
+    x = torch.randn(3, 3, image_size, image_size)
     torch.testing.assert_close(ours(x).pooled, ref(x), atol=1e-6, rtol=1e-5)
 
 
