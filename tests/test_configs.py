@@ -6,7 +6,7 @@ import pytest
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser
 
-from vlzoo.config import CLIPConfig, load_yaml_section
+from vlzoo.config import ALBEFConfig, BLIPConfig, CLIPConfig, load_yaml_section
 from vlzoo.data.datamodule import VLDataModule
 from vlzoo.tasks.base import VLTask
 
@@ -31,9 +31,10 @@ def test_there_are_configs():
 def test_zoo_config_parses(path):
     cfg = cli_parser().parse_path(str(path))
     assert cfg.model.class_path.startswith("vlzoo.tasks.")
-    if cfg.model.class_path.endswith("CLIPTask"):
-        typed = load_yaml_section(path, "model.init_args.model", CLIPConfig)
-        assert isinstance(typed, CLIPConfig) and typed.embed_dim > 0
+    schemas = {"CLIPTask": CLIPConfig, "ALBEFTask": ALBEFConfig, "BLIPTask": BLIPConfig}
+    schema = schemas[cfg.model.class_path.rpartition(".")[2]]
+    typed = load_yaml_section(path, "model.init_args.model", schema)
+    assert isinstance(typed, schema) and typed.embed_dim > 0
 
 
 def test_a_wrong_field_is_rejected_with_its_name(tmp_path):

@@ -108,6 +108,47 @@ def _export(args: argparse.Namespace) -> None:
     print(f"wrote {min(args.limit, len(split))} images and {out}")
 
 
+def _capfilt(args: argparse.Namespace) -> None:
+    from vlzoo.data.capfilt import run_capfilt
+    from vlzoo.models.generation import GenerationConfig
+    from vlzoo.tasks.loading import load_task
+
+    source = args.data
+    if source.startswith("shapes"):
+        from vlzoo.data import shapes
+
+        split_name = source.partition(":")[2] or "train"
+        split = shapes.load_split(split_name, args.limit, 64, args.seed)
+        source = shapes.export_split(split, Path(args.out) / "source", args.limit)
+    device = "cuda" if _cuda() else "cpu"
+    captioner = load_task(args.captioner, map_location=device)
+    filt = captioner if args.filter == args.captioner else load_task(args.filter, map_location=device)
+    for name, task in (("--captioner", captioner), ("--filter", filt)):
+        if not hasattr(task.model, "itm_logits") or (name == "--captioner" and not hasattr(task, "caption")):
+            raise SystemExit(f"vlzoo capfilt: {name} {getattr(args, name[2:])} is not a BLIP checkpoint")
+    torch_seed(args.seed)
+    generation = GenerationConfig(method="nucleus", top_p=args.top_p, max_length=args.max_length, min_length=1)
+    report = run_capfilt(captioner, filt, source, args.out, args.threshold, args.synthetic, args.batch_size,
+                         generation)
+    web = report.web_kept + report.web_removed
+    synthetic = report.synthetic_kept + report.synthetic_removed
+    print(f"capfilt: {report.images} images; kept {report.web_kept}/{web} web and "
+          f"{report.synthetic_kept}/{synthetic} synthetic captions; skipped {len(report.skipped)} images")
+    print(f"wrote {Path(args.out) / 'captions.jsonl'} and {Path(args.out) / 'capfilt_report.json'}")
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def torch_seed(seed: int) -> None:
+    import torch
+
+    torch.manual_seed(seed)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from vlzoo import __version__
 
@@ -135,6 +176,24 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--seed", type=int, default=0)
     export.add_argument("--out", required=True, help="output directory")
     export.set_defaults(run=_export)
+    capfilt = commands.add_parser(
+        "capfilt", help="caption and filter a noisy image-text set with BLIP checkpoints",
+        epilog="example: vlzoo capfilt --captioner runs/blip-shapes-tiny/checkpoints/last.ckpt "
+               "--filter runs/blip-shapes-tiny/checkpoints/last.ckpt --data noisy/captions.jsonl --out clean",
+    )
+    capfilt.add_argument("--captioner", required=True, help="BLIP checkpoint that writes synthetic captions")
+    capfilt.add_argument("--filter", required=True, help="BLIP checkpoint whose ITM head filters captions")
+    capfilt.add_argument("--data", required=True,
+                         help="a JSONL file (image, caption|captions) or shapes[:SPLIT] (exported under OUT/source)")
+    capfilt.add_argument("--out", required=True, help="output directory")
+    capfilt.add_argument("--threshold", type=float, default=0.5, help="minimum ITM match probability to keep")
+    capfilt.add_argument("--synthetic", type=int, default=1, help="synthetic captions per image")
+    capfilt.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling of synthetic captions")
+    capfilt.add_argument("--max-length", type=int, default=30, help="tokens per synthetic caption at most")
+    capfilt.add_argument("--batch-size", type=int, default=64)
+    capfilt.add_argument("--limit", type=int, default=1000, help="images of a shapes source")
+    capfilt.add_argument("--seed", type=int, default=0)
+    capfilt.set_defaults(run=_capfilt)
     return parser
 
 

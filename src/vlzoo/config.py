@@ -78,6 +78,45 @@ class CLIPConfig:
 
 
 @dataclass
+class MomentumConfig:
+    """What ALBEF and BLIP share: ViT + BERT-style text, ITC with a momentum queue.
+
+    ``alpha`` is the momentum-distillation weight, ramped linearly from 0 over
+    ``alpha_ramp_steps`` optimizer steps (None: the first epoch). The global batch
+    (batch_size x devices x nodes) must divide ``queue_size``.
+    """
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=lambda: TextConfig(impl="bert", tokenizer="bert-base-uncased",
+                                                                context_length=35))
+    embed_dim: int = 256
+    queue_size: int = 65536
+    momentum: float = 0.995
+    temperature: float = 0.07
+    min_temperature: float = 0.001  # the temperature is clamped to [min, max] after each step
+    max_temperature: float = 0.5
+    alpha: float = 0.4
+    alpha_ramp_steps: int | None = None
+
+
+@dataclass
+class ALBEFConfig(MomentumConfig):
+    """ALBEF: the text encoder's last ``fusion_layers`` blocks cross-attend to the image."""
+
+    fusion_layers: int = 6
+    mlm_probability: float = 0.15
+
+
+@dataclass
+class BLIPConfig(MomentumConfig):
+    """BLIP (MED): cross-attention in every text block; captions trained after ``prompt``."""
+
+    queue_size: int = 57600
+    prompt: str = "a picture of "
+    label_smoothing: float = 0.1
+
+
+@dataclass
 class OptimConfig:
     """AdamW with a linear warm-up then cosine decay to ``min_lr_ratio * lr``."""
 
@@ -97,6 +136,9 @@ class EvalConfig:
         default_factory=lambda: ["a photo of a {}", "a {}", "there is a {}", "a picture of a {}"]
     )
     text_batch_size: int = 512
+    rerank_k: int = 128  # ITM reranks the top k ITC candidates per query (ALBEF, BLIP, BLIP-2)
+    itm_batch_size: int = 256
+    caption_max_images: int | None = None  # captioners: caption at most this many eval images
 
 
 def load_yaml_section(path: str | Path, section: str, schema: type) -> Any:

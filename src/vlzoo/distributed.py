@@ -64,3 +64,14 @@ def gather_objects(obj: object) -> list[object]:
     out: list[object] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+@torch.no_grad()
+def gather_padded(x: Tensor, value: int | float = 0) -> Tensor:
+    """(B, L, ...) per rank, L may differ -> (world * B, max L, ...), padded with ``value``."""
+    if not is_distributed():
+        return x
+    length = torch.tensor([x.shape[1]], device=x.device)
+    longest = int(gather_no_grad(length).max())
+    pad = x.new_full((x.shape[0], longest - x.shape[1], *x.shape[2:]), value)
+    return gather_no_grad(torch.cat([x, pad], dim=1))

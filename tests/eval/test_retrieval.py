@@ -35,3 +35,27 @@ def test_recall_is_one_for_perfect_similarity_and_chunking_is_invisible():
 
 def test_compositional_accuracy():
     assert compositional_accuracy(torch.tensor([0.9, 0.1, 0.5]), torch.tensor([0.2, 0.3, 0.4])) == pytest.approx(2 / 3)
+
+
+def test_rerank_scores_only_the_top_k_and_adds_the_first_stage():
+    from vlzoo.eval.retrieval import rerank_top_k
+
+    similarity = torch.tensor([[0.9, 0.8, 0.1, 0.0], [0.0, 0.2, 0.3, 0.7]])
+    calls = []
+
+    def itm(queries, candidates):
+        calls.append((queries.tolist(), candidates.tolist()))
+        return torch.where(candidates == 1, 5.0, 0.0)  # the reranker prefers candidate 1
+
+    out = rerank_top_k(similarity, k=2, score_pairs=itm, batch_size=3)
+    assert sorted(q for qs, _ in calls for q in qs) == [0, 0, 1, 1]
+    assert out[0].argmax() == 1 and out[1].argmax() == 3  # row 1: candidate 1 is outside its top 2
+    assert torch.isinf(out[0, 2]) and torch.isinf(out[1, 1])
+    torch.testing.assert_close(out[0, 1], torch.tensor(5.8))
+
+
+def test_unique_texts_map_back():
+    from vlzoo.eval.retrieval import unique_texts
+
+    texts, of_text = unique_texts(["a", "b", "a", "c"])
+    assert texts == ["a", "b", "c"] and of_text.tolist() == [0, 1, 0, 2]

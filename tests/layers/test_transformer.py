@@ -68,3 +68,34 @@ def test_cross_attention_layers_are_chosen_and_skippable():
     assert not torch.allclose(text_only, fused)
     with pytest.raises(ValueError, match="cross_attention_layers"):
         TransformerStack(cfg, 12, cross_attention_layers=(4,))
+
+
+def test_qformer_masks():
+    from vlzoo.layers.transformer import qformer_mask
+
+    text_mask = torch.tensor([[1, 1, 1, 0]])
+    q = 2
+    uni = qformer_mask(q, text_mask, "unimodal")[0, 0]
+    both = qformer_mask(q, text_mask, "bidirectional")[0, 0]
+    causal = qformer_mask(q, text_mask, "causal")[0, 0]
+    assert uni.shape == (6, 6)
+    assert uni[:q, :q].all() and not uni[:q, q:].any() and not uni[q:, :q].any()
+    assert uni[q:, q:].tolist() == [[True, True, True, False]] * 4
+    assert both[:, :5].all() and not both[:, 5].any()  # the padded text token is never a key
+    assert not causal[:q, q:].any() and causal[q:, :q].all()
+    assert causal[q:, q:].tolist() == [
+        [True, False, False, False], [True, True, False, False], [True, True, True, False], [True, True, True, False]
+    ]
+    with pytest.raises(ValueError, match="unimodal"):
+        qformer_mask(q, text_mask, "itc")
+
+
+def test_lm_head_is_tied_to_the_word_embeddings():
+    from vlzoo.layers.transformer import BertConfig, BertEmbeddings, LMHead
+
+    cfg = BertConfig(vocab_size=20, hidden_size=8, num_attention_heads=2, intermediate_size=16)
+    emb = BertEmbeddings(cfg)
+    head = LMHead(cfg, emb.word_embeddings)
+    assert head.decoder.weight is emb.word_embeddings.weight
+    assert head(torch.randn(2, 3, 8)).shape == (2, 3, 20)
+    assert "decoder.weight" in head.state_dict() and "bias" in head.state_dict()

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import fields
 
 from vlzoo.backbones.base import EncoderOutput, TextEncoder, VisionEncoder
-from vlzoo.backbones.text import BertTextEncoder, OpenCLIPTextEncoder
+from vlzoo.backbones.text import BertTextEncoder, OpenCLIPTextEncoder, resize_token_embeddings
 from vlzoo.backbones.vision import OpenCLIPVisionEncoder, TimmVisionEncoder
 from vlzoo.config import TextConfig, VisionConfig
 from vlzoo.data.tokenizers import Tokenizer
@@ -30,22 +31,40 @@ def build_vision_encoder(cfg: VisionConfig, embed_dim: int) -> VisionEncoder:
     return encoder
 
 
-def build_text_encoder(cfg: TextConfig, embed_dim: int, tokenizer: Tokenizer) -> TextEncoder:
-    """A text encoder from its config; the vocabulary size defaults to the tokenizer's."""
+def build_text_encoder(
+    cfg: TextConfig,
+    embed_dim: int,
+    tokenizer: Tokenizer,
+    cross_attention_width: int | None = None,
+    cross_attention_layers: Sequence[int] = (),
+) -> TextEncoder:
+    """A text encoder from its config; the vocabulary size defaults to the tokenizer's.
+
+    ``cross_attention_width``/``cross_attention_layers`` (BERT only) add cross-attention
+    to image tokens of that width in those blocks (ALBEF fusion, BLIP, Q-Former).
+    """
     if cfg.impl == "open_clip":
+        if cross_attention_layers:
+            raise ValueError("text.impl 'open_clip' has no cross-attention; use impl 'bert'")
         kwargs = dict(cfg.kwargs)
         vocab = kwargs.pop("vocab_size", tokenizer.vocab_size)
         encoder = OpenCLIPTextEncoder(embed_dim, vocab, cfg.context_length, cfg.name, **kwargs)
     elif cfg.impl == "bert":
+        cross = dict(cross_attention_width=cross_attention_width, cross_attention_layers=tuple(cross_attention_layers))
         if cfg.pretrained:
-            encoder = BertTextEncoder.from_pretrained(cfg.pretrained)
+            encoder = BertTextEncoder.from_pretrained(cfg.pretrained, **cross)
+            if tokenizer.vocab_size > encoder.config.vocab_size:  # e.g. BLIP's [DEC]/[ENC]
+                resize_token_embeddings(encoder, tokenizer.vocab_size)
         else:
             names = {f.name for f in fields(BertConfig)}
             unknown = set(cfg.kwargs) - names
             if unknown:
                 raise ValueError(f"text.kwargs: unknown BertConfig fields {sorted(unknown)}")
             kwargs = {"vocab_size": tokenizer.vocab_size, "pad_token_id": tokenizer.info.pad_id, **cfg.kwargs}
-            encoder = BertTextEncoder(BertConfig(**kwargs))
+            encoder = BertTextEncoder(BertConfig(**kwargs), **cross)
+        if cfg.context_length > encoder.config.max_position_embeddings:
+            raise ValueError(f"text.context_length {cfg.context_length} exceeds the encoder's "
+                             f"max_position_embeddings {encoder.config.max_position_embeddings}")
     else:
         raise ValueError(f"text.impl must be one of {TEXT_IMPLS}, got {cfg.impl!r}")
     _apply_common(encoder, cfg.grad_checkpointing, cfg.locked)

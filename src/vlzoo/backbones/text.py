@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import fields
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,14 @@ from torch import Tensor
 
 from vlzoo.backbones.base import EncoderOutput, TextEncoder
 from vlzoo.backbones.vision import _open_clip_tower_cfg
-from vlzoo.layers.transformer import BertConfig, BertEmbeddings, TransformerStack, padding_mask
+from vlzoo.layers.transformer import (
+    BertConfig,
+    BertEmbeddings,
+    TransformerStack,
+    causal_padding_mask,
+    init_bert_weights,
+    padding_mask,
+)
 
 
 def last_token_index(input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
@@ -93,6 +101,7 @@ class BertTextEncoder(TextEncoder):
         self.embeddings = BertEmbeddings(config)
         self.encoder = TransformerStack(config, cross_attention_width, cross_attention_layers)
         self.width = self.pooled_width = config.hidden_size
+        self.apply(partial(init_bert_weights, std=config.initializer_range))
 
     def forward(
         self,
@@ -100,12 +109,30 @@ class BertTextEncoder(TextEncoder):
         attention_mask: Tensor | None = None,
         context: Tensor | None = None,
         context_mask: Tensor | None = None,
+        layers: slice = slice(None),
+        causal: bool = False,
     ) -> EncoderOutput:
-        """(B, L) ids -> tokens (B, L, D), pooled (B, D); context: (B, N, Dc) image tokens."""
+        """(B, L) ids -> tokens (B, L, D), pooled (B, D) = the first token.
+
+        context: (B, N, Dc) image tokens for the cross-attention layers (None: text
+        only); layers: which blocks to run (ALBEF's text part is ``slice(0, N)``);
+        causal: causal self-attention (a decoder)."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        x = self.embeddings(input_ids)
-        x = self.encoder(x, padding_mask(attention_mask), context, context_mask)
+        return self.run_layers(self.embeddings(input_ids), attention_mask, context, context_mask, layers, causal)
+
+    def run_layers(
+        self,
+        hidden: Tensor,
+        attention_mask: Tensor,
+        context: Tensor | None = None,
+        context_mask: Tensor | None = None,
+        layers: slice = slice(None),
+        causal: bool = False,
+    ) -> EncoderOutput:
+        """Run blocks ``layers`` on hidden states (B, L, D) (e.g. ALBEF's fusion layers)."""
+        mask = causal_padding_mask(attention_mask) if causal else padding_mask(attention_mask)
+        x = self.encoder(hidden, mask, context, context_mask, layers)
         return EncoderOutput(x, x[:, 0])
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -139,3 +166,18 @@ def _find_weights(directory: Path) -> Path:
         if (directory / name).exists():
             return directory / name
     raise FileNotFoundError(f"{directory}: no model.safetensors or pytorch_model.bin")
+
+
+def resize_token_embeddings(encoder: BertTextEncoder, vocab_size: int) -> None:
+    """Grow (or shrink) the word embeddings to ``vocab_size`` rows; new rows are
+    initialised like BERT (normal, std 0.02). Used when a tokenizer adds [DEC]/[ENC]."""
+    old = encoder.embeddings.word_embeddings
+    if old.num_embeddings == vocab_size:
+        return
+    new = torch.nn.Embedding(vocab_size, old.embedding_dim, padding_idx=old.padding_idx)
+    torch.nn.init.normal_(new.weight, std=0.02)
+    keep = min(vocab_size, old.num_embeddings)
+    with torch.no_grad():
+        new.weight[:keep] = old.weight[:keep]
+    encoder.embeddings.word_embeddings = new
+    encoder.config.vocab_size = vocab_size

@@ -422,6 +422,11 @@ def export_split(split: ShapesSplit, out: str | os.PathLike, limit: int | None =
     return out / "captions.jsonl"
 
 
+# Prompts and templates the zoo uses around shapes text (captioning prompts, zero-shot
+# templates, VQA prompts), so that the shapes tokenizer knows their words.
+PROMPT_TEXTS = ("a picture of", "a photo of a", "there is a", "Question: Answer:", "a {}")
+
+
 def caption_corpus(seed: int = 0, size: int = 2000) -> list[str]:
     """Every word the captions, negatives and questions can use (for tokenizer training)."""
     texts = []
@@ -431,7 +436,7 @@ def caption_corpus(seed: int = 0, size: int = 2000) -> list[str]:
         texts += captions_for(scene)
         texts += [n["caption"] for n in negatives_for(scene, rng)]
         texts += [q["question"] + " " + q["answer"] for q in qa_for(scene, rng)]
-    return texts
+    return texts + list(PROMPT_TEXTS)
 
 
 def zeroshot_classes() -> list[str]:

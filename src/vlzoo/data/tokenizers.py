@@ -30,6 +30,14 @@ class TokenizerInfo:
     bos_id: int | None
     eos_id: int | None
     mask_id: int | None = None
+    enc_id: int | None = None  # BLIP's [ENC] (image-grounded encoder)
+    dec_id: int | None = None  # BLIP's [DEC] (image-grounded decoder)
+
+    @property
+    def special_ids(self) -> list[int]:
+        """Every special id this tokenizer has (never masked for MLM)."""
+        ids = (self.pad_id, self.bos_id, self.eos_id, self.mask_id, self.enc_id, self.dec_id)
+        return sorted({i for i in ids if i is not None})
 
 
 class Tokenizer:
@@ -78,6 +86,8 @@ class ShapesTokenizer(Tokenizer):
             bos_id=ids["[CLS]"],
             eos_id=ids["[SEP]"],
             mask_id=ids["[MASK]"],
+            enc_id=ids["[ENC]"],
+            dec_id=ids["[DEC]"],
         )
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
@@ -145,14 +155,24 @@ class OpenCLIPTokenizer(Tokenizer):
 
 
 class HFTokenizer(Tokenizer):
-    """A Hugging Face tokenizer by hub name or local directory."""
+    """A Hugging Face tokenizer by hub name or local directory.
 
-    def __init__(self, name_or_path: str, context_length: int = 64):
+    ``blip_tokens`` adds BLIP's ``[DEC]`` and ``[ENC]`` special tokens when missing
+    (the text model's embeddings then grow to ``vocab_size``).
+    """
+
+    def __init__(self, name_or_path: str, context_length: int = 64, blip_tokens: bool = False):
         from transformers import AutoTokenizer
 
         self.context_length = context_length
         self.name_or_path = name_or_path
+        self.blip_tokens = blip_tokens
         self._tok = AutoTokenizer.from_pretrained(name_or_path)
+        if blip_tokens:
+            missing = [t for t in ("[DEC]", "[ENC]") if t not in self._tok.get_vocab()]
+            if missing:
+                self._tok.add_special_tokens({"additional_special_tokens": missing})
+        ids = self._tok.convert_tokens_to_ids(["[DEC]", "[ENC]"]) if blip_tokens else [None, None]
         bos = self._tok.cls_token_id if self._tok.cls_token_id is not None else self._tok.bos_token_id
         eos = self._tok.sep_token_id if self._tok.sep_token_id is not None else self._tok.eos_token_id
         self.info = TokenizerInfo(
@@ -161,6 +181,8 @@ class HFTokenizer(Tokenizer):
             bos_id=bos,
             eos_id=eos,
             mask_id=self._tok.mask_token_id,
+            dec_id=ids[0],
+            enc_id=ids[1],
         )
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
@@ -170,10 +192,13 @@ class HFTokenizer(Tokenizer):
         return self._tok.decode(ids, skip_special_tokens=True)
 
 
-def build_tokenizer(name: str, context_length: int) -> Tokenizer:
-    """``shapes``, ``open_clip`` or a Hugging Face name/directory."""
+def build_tokenizer(name: str, context_length: int, blip_tokens: bool = False) -> Tokenizer:
+    """``shapes``, ``open_clip`` or a Hugging Face name/directory (``blip_tokens``: make
+    sure [DEC] and [ENC] exist; the shapes vocabulary always has them)."""
     if name == "shapes":
         return ShapesTokenizer(context_length)
     if name == "open_clip":
+        if blip_tokens:
+            raise ValueError("text.tokenizer: open_clip's tokenizer has no [DEC]/[ENC]; use a BERT tokenizer")
         return OpenCLIPTokenizer(context_length)
-    return HFTokenizer(name, context_length)
+    return HFTokenizer(name, context_length, blip_tokens)

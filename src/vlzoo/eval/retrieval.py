@@ -7,6 +7,7 @@ retrieved image is a hit for a caption when that image has that exact caption.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -87,3 +88,37 @@ def compositional_accuracy(positive_scores: Tensor, negative_scores: Tensor) -> 
     if positive_scores.numel() == 0:
         return float("nan")
     return (positive_scores > negative_scores).float().mean().item()
+
+
+def rerank_top_k(
+    similarity: Tensor,
+    k: int,
+    score_pairs: Callable[[Tensor, Tensor], Tensor],
+    batch_size: int = 256,
+) -> Tensor:
+    """Second stage of retrieval: rescore each query's top-k candidates.
+
+    similarity: (Q, C) first-stage (ITC) scores. ``score_pairs(query_idx, cand_idx)``
+    scores P pairs given as two (P,) index tensors (e.g. ITM logits). Returns (Q, C):
+    ``score + similarity`` on each row's top k, -inf elsewhere, so that ranking the row
+    ranks the reranked candidates first. Pairs are scored ``batch_size`` at a time.
+    """
+    q, c = similarity.shape
+    k = min(k, c)
+    top = similarity.topk(k, dim=1).indices  # (Q, k)
+    queries = torch.arange(q, device=similarity.device)[:, None].expand(q, k).reshape(-1)
+    candidates = top.reshape(-1)
+    scores = torch.cat([
+        score_pairs(queries[s : s + batch_size], candidates[s : s + batch_size]).float()
+        for s in range(0, len(queries), batch_size)
+    ])
+    out = torch.full_like(similarity, float("-inf"), dtype=torch.float)
+    out[queries, candidates] = scores + similarity[queries, candidates].float()
+    return out
+
+
+def unique_texts(texts: list[str]) -> tuple[list[str], Tensor]:
+    """Distinct strings in first-seen order, and (T,) the position of each text among them."""
+    position: dict[str, int] = {}
+    of_text = [position.setdefault(t, len(position)) for t in texts]
+    return list(position), torch.tensor(of_text, dtype=torch.long)

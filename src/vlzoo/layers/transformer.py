@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,7 @@ class BertConfig:
     attention_probs_dropout_prob: float = 0.1
     hidden_act: str = "gelu"
     pad_token_id: int = 0
+    initializer_range: float = 0.02  # std of the normal initialisation of weights
 
 
 def _activation(name: str) -> nn.Module:
@@ -197,6 +199,21 @@ class BertEmbeddings(nn.Module):
         return self.dropout(self.LayerNorm(x))
 
 
+def init_bert_weights(module: nn.Module, std: float = 0.02) -> None:
+    """BERT's initialisation: normal(0, std) linear and embedding weights, zero biases,
+    unit LayerNorms. Apply with ``module.apply(partial(init_bert_weights, std=...))``."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=std)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+    if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+        with torch.no_grad():
+            module.weight[module.padding_idx].zero_()
+    if isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
 # ------------------------------------------------------------------------ mask builders
 
 
@@ -213,3 +230,72 @@ def causal_mask(length: int, device: torch.device | None = None) -> Tensor:
 def causal_padding_mask(attention_mask: Tensor) -> Tensor:
     """(B, L) -> (B, 1, L, L): causal and padding combined."""
     return causal_mask(attention_mask.shape[1], attention_mask.device) & padding_mask(attention_mask)
+
+
+QFORMER_MASKS = ("unimodal", "bidirectional", "causal")
+
+
+def qformer_mask(num_queries: int, attention_mask: Tensor, kind: str) -> Tensor:
+    """Self-attention mask over ``[queries; text]`` for the Q-Former's three tasks.
+
+    attention_mask: (B, L) text padding mask. Returns (B, 1, Q+L, Q+L) bool, True = attend.
+
+    - ``unimodal`` (ITC): queries see queries, text sees text; neither sees the other.
+    - ``bidirectional`` (ITM): everything sees everything (except text padding).
+    - ``causal`` (ITG): queries see queries; text sees all queries and earlier text.
+    """
+    if kind not in QFORMER_MASKS:
+        raise ValueError(f"Q-Former mask kind must be one of {QFORMER_MASKS}, got {kind!r}")
+    b, length = attention_mask.shape
+    q, device = num_queries, attention_mask.device
+    keys_real = torch.cat([torch.ones(b, q, dtype=torch.bool, device=device), attention_mask.bool()], dim=1)
+    mask = keys_real[:, None, None, :].expand(b, 1, q + length, q + length).clone()
+    if kind == "unimodal":
+        mask[:, :, :q, q:] = False
+        mask[:, :, q:, :q] = False
+    elif kind == "causal":
+        mask[:, :, :q, q:] = False
+        mask[:, :, q:, q:] &= causal_mask(length, device)
+    return mask
+
+
+class LMHeadTransform(nn.Module):
+    """BERT's ``predictions.transform``: dense, activation, LayerNorm."""
+
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.act = _activation(cfg.hidden_act)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.LayerNorm(self.act(self.dense(x)))
+
+
+class LMHead(nn.Module):
+    """Token prediction head (BERT's ``cls.predictions``): transform, then a decoder
+    whose weight is tied to the word embeddings. Used for MLM (ALBEF), LM (BLIP) and
+    ITG (Q-Former). (B, L, D) -> (B, L, V)."""
+
+    def __init__(self, cfg: BertConfig, word_embeddings: nn.Embedding):
+        super().__init__()
+        self.transform = LMHeadTransform(cfg)
+        self.transform.apply(partial(init_bert_weights, std=cfg.initializer_range))
+        self.decoder = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.decoder.weight = word_embeddings.weight
+        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.decoder(self.transform(x)) + self.bias
+
+
+def share_all_but_self_attention(decoder: TransformerStack, encoder: TransformerStack) -> None:
+    """Make ``decoder`` use ``encoder``'s cross-attention and feed-forward modules (the
+    same objects, one set of parameters); only ``attention`` (self-attention) stays
+    the decoder's own. BLIP's MED encoder/decoder sharing."""
+    if len(decoder.layer) != len(encoder.layer):
+        raise ValueError(f"decoder has {len(decoder.layer)} layers, encoder {len(encoder.layer)}")
+    for dec, enc in zip(decoder.layer, encoder.layer, strict=True):
+        dec.crossattention = enc.crossattention
+        dec.intermediate = enc.intermediate
+        dec.output = enc.output

@@ -1,5 +1,18 @@
 """Losses, separate from models: pure functions or small modules."""
 
 from vlzoo.losses.contrastive import clip_loss, siglip_loss
+from vlzoo.losses.momentum import (
+    IGNORE,
+    caption_lm_loss,
+    distilled_itc_loss,
+    distilled_mlm_loss,
+    itm_loss,
+    mask_tokens,
+    positive_targets,
+    sample_hard_negatives,
+)
 
-__all__ = ["clip_loss", "siglip_loss"]
+__all__ = [
+    "IGNORE", "clip_loss", "siglip_loss", "caption_lm_loss", "distilled_itc_loss", "distilled_mlm_loss", "itm_loss",
+    "mask_tokens", "positive_targets", "sample_hard_negatives",
+]

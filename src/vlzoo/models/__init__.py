@@ -1,5 +1,8 @@
 """Plain ``nn.Module`` models composed from backbones passed in (no Lightning)."""
 
+from vlzoo.models.albef import ALBEF
+from vlzoo.models.blip import BLIP
 from vlzoo.models.clip import CLIP, CLIPOutput
+from vlzoo.models.momentum import FeatureQueue, MomentumModel, MomentumOutput
 
-__all__ = ["CLIP", "CLIPOutput"]
+__all__ = ["CLIP", "CLIPOutput", "ALBEF", "BLIP", "FeatureQueue", "MomentumModel", "MomentumOutput"]

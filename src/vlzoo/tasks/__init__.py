@@ -2,5 +2,6 @@
 
 from vlzoo.tasks.base import VLTask
 from vlzoo.tasks.clip import CLIPTask
+from vlzoo.tasks.momentum import ALBEFTask, BLIPTask, MomentumTask
 
-__all__ = ["VLTask", "CLIPTask"]
+__all__ = ["VLTask", "CLIPTask", "MomentumTask", "ALBEFTask", "BLIPTask"]

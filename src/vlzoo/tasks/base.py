@@ -58,6 +58,10 @@ class VLTask(L.LightningModule):
         self.eval_config = eval
         self._eval_outputs: list[tuple[Tensor, Tensor]] = []
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        cls = type(self)
+        checkpoint["vlzoo_task"] = f"{cls.__module__}.{cls.__qualname__}"
+
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
         o = self.optim
@@ -72,26 +76,42 @@ class VLTask(L.LightningModule):
         return [ModelCheckpoint(monitor=self.monitor, mode="max", save_last=True,
                                 filename="best-step{step}", auto_insert_metric_name=False)]
 
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        """The optimizer step, then :meth:`after_optimizer_step` (once per step, so
+        gradient accumulation is respected)."""
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        self.after_optimizer_step()
+
+    def after_optimizer_step(self) -> None:
+        """Clamps, EMA updates, enqueues: what must follow each optimizer step."""
+
     # -------------------------------------------------------------------- evaluation
     def embed_images(self, pixel_values: Tensor) -> Tensor:
         """(B, 3, H, W) -> (B, D) normalised embeddings."""
         raise NotImplementedError
 
+    def eval_image_outputs(self, pixel_values: Tensor) -> dict[str, Tensor]:
+        """Per-image tensors evaluation keeps: ``embeds`` (B, D), plus what a family's
+        :meth:`score_pairs` needs (e.g. image tokens for ITM)."""
+        return {"embeds": self.embed_images(pixel_values)}
+
     def embed_texts(self, texts: list[str]) -> Tensor:
         """Strings -> (T, D) normalised embeddings, batched."""
         raise NotImplementedError
 
-    def score_pairs(self, image_embeds: Tensor, texts: list[str]) -> Tensor:
-        """Match score of image i with text i: (N, D), N strings -> (N,). Default: cosine."""
-        return (image_embeds * self.embed_texts(texts)).sum(-1)
+    def score_pairs(self, images: dict[str, Tensor], rows: Tensor, texts: list[str]) -> Tensor:
+        """Match score of image ``rows[i]`` with ``texts[i]`` -> (P,). Default: cosine."""
+        return (images["embeds"][rows] * self.embed_texts(texts)).sum(-1)
 
     def _tokenize(self, texts: list[str]) -> dict[str, Tensor]:
         return {k: v.to(self.device) for k, v in self.tokenizer(texts).items()}
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._eval_outputs.append((batch["index"].cpu(), self.embed_images(batch["pixel_values"]).float().cpu()))
+        outputs = {k: v.float().cpu() for k, v in self.eval_image_outputs(batch["pixel_values"]).items()}
+        self._eval_outputs.append((batch["index"].cpu(), outputs))
 
-    test_step = validation_step
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
 
     def on_validation_epoch_end(self) -> None:
         self._finish_eval("val")
@@ -99,41 +119,40 @@ class VLTask(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._finish_eval("test")
 
-    def _gathered_image_embeds(self) -> Tensor:
-        """Every rank's (index, embedding) rows, deduplicated and in dataset order."""
+    def _gathered_image_outputs(self) -> dict[str, Tensor]:
+        """Every rank's per-image outputs, deduplicated and in dataset order."""
         parts = gather_objects(self._eval_outputs)
         self._eval_outputs = []
-        index = torch.cat([i for part in parts for i, _ in part])
-        embeds = torch.cat([e for part in parts for _, e in part])
+        rows = [row for part in parts for row in part]
+        index = torch.cat([i for i, _ in rows])
         order = torch.argsort(index, stable=True)  # samplers may pad with repeated items
-        index, embeds = index[order], embeds[order]
         keep = torch.ones_like(index, dtype=torch.bool)
-        keep[1:] = index[1:] != index[:-1]
-        return embeds[keep]
+        keep[1:] = index[order][1:] != index[order][:-1]
+        return {k: torch.cat([out[k] for _, out in rows])[order][keep] for k in rows[0][1]}
 
     def _finish_eval(self, stage: str) -> None:
         if self.trainer.sanity_checking or not self._eval_outputs:
             self._eval_outputs = []
             return
-        image_embeds = self._gathered_image_embeds().to(self.device)  # (N, D)
+        images = {k: v.to(self.device) for k, v in self._gathered_image_outputs().items()}
         ann: EvalAnnotations = self.trainer.datamodule.annotations(stage)
-        if len(ann.captions) != len(image_embeds):
-            raise RuntimeError(f"{stage}: {len(image_embeds)} images embedded, {len(ann.captions)} annotated")
-        metrics = self.evaluate(image_embeds, ann)
+        if len(ann.captions) != len(images["embeds"]):
+            raise RuntimeError(f"{stage}: {len(images['embeds'])} images embedded, {len(ann.captions)} annotated")
+        metrics = self.evaluate(images, ann)
         self.log_dict({f"{stage}/{k}": v for k, v in metrics.items()}, sync_dist=False)
 
     @torch.no_grad()
-    def evaluate(self, image_embeds: Tensor, ann: EvalAnnotations) -> dict[str, float]:
-        """Retrieval, compositional and zero-shot metrics from (N, D) image embeddings."""
+    def evaluate(self, images: dict[str, Tensor], ann: EvalAnnotations) -> dict[str, float]:
+        """Retrieval, compositional and zero-shot metrics from per-image outputs."""
         index = CaptionIndex.build(ann.captions)
         text_embeds = self.embed_texts(index.texts)  # (T, D)
-        metrics = recall_at_k((image_embeds @ text_embeds.T).float().cpu(), index)
-        metrics["compositional_acc"] = self._compositional(image_embeds, ann)
+        metrics = recall_at_k((images["embeds"] @ text_embeds.T).float().cpu(), index)
+        metrics["compositional_acc"] = self._compositional(images, ann)
         if ann.zeroshot_classes:
-            metrics["zeroshot_acc"] = self._zeroshot(image_embeds, ann)
+            metrics["zeroshot_acc"] = self._zeroshot(images["embeds"], ann)
         return metrics
 
-    def _compositional(self, image_embeds: Tensor, ann: EvalAnnotations) -> float:
+    def _compositional(self, images: dict[str, Tensor], ann: EvalAnnotations) -> float:
         rows, positives, negatives = [], [], []
         for i, negs in enumerate(ann.negatives):
             for neg in negs:
@@ -142,8 +161,10 @@ class VLTask(L.LightningModule):
                 negatives.append(neg)
         if not rows:
             return float("nan")
-        images = image_embeds[torch.tensor(rows, device=image_embeds.device)]
-        return compositional_accuracy(self.score_pairs(images, positives), self.score_pairs(images, negatives))
+        row_index = torch.tensor(rows, device=self.device)
+        return compositional_accuracy(
+            self.score_pairs(images, row_index, positives).cpu(), self.score_pairs(images, row_index, negatives).cpu()
+        )
 
     def _zeroshot(self, image_embeds: Tensor, ann: EvalAnnotations) -> float:
         labelled = [(i, y) for i, y in enumerate(ann.zeroshot_labels) if y is not None]
@@ -158,5 +179,5 @@ class VLTask(L.LightningModule):
         predictions = (image_embeds[rows] @ class_embeds.T).argmax(-1)
         return (predictions == labels).float().mean().item()
 
-    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:  # noqa: D102
         return {"index": batch["index"], "image_embeds": self.embed_images(batch["pixel_values"])}

@@ -56,8 +56,8 @@ class CLIPTask(VLTask):
         self.log("train/logit_scale", out.logit_scale.detach())
         return loss
 
-    def on_before_zero_grad(self, optimizer) -> None:
-        self.model.clamp_logit_scale()  # once per optimizer step, after it
+    def after_optimizer_step(self) -> None:
+        self.model.clamp_logit_scale()
 
     def embed_images(self, pixel_values: Tensor) -> Tensor:
         return self.model.encode_image(pixel_values)

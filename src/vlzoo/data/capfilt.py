@@ -1,0 +1,126 @@
+"""CapFilt (BLIP): caption a noisy image-text set and keep only the pairs that match.
+
+A captioner (a BLIP checkpoint) writes synthetic captions by nucleus sampling; a filter
+(a BLIP checkpoint) scores every web and synthetic caption with its ITM head; captions
+whose match probability is below ``threshold`` are removed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlzoo.data.jsonl import load_image, read_caption_jsonl
+from vlzoo.models.generation import GenerationConfig
+from vlzoo.utils import atomic_write_json
+
+
+@dataclass
+class CapFiltReport:
+    """Counts of a CapFilt run; ``skipped`` lists images that could not be read."""
+
+    images: int = 0
+    web_kept: int = 0
+    web_removed: int = 0
+    synthetic_kept: int = 0
+    synthetic_removed: int = 0
+    skipped: list[str] = field(default_factory=list)
+
+
+def _pixels(task, records: list[dict[str, Any]]) -> torch.Tensor:
+    pre = task.preprocess_config
+    return torch.stack([load_image(r["image"], pre.image_size, pre.mean, pre.std) for r in records]).to(task.device)
+
+
+@torch.no_grad()
+def match_probability(task, pixel_values: torch.Tensor, rows: list[int], texts: list[str]) -> torch.Tensor:
+    """(P,) ITM match probability of image ``rows[p]`` with ``texts[p]``."""
+    if not texts:
+        return torch.empty(0)
+    tokens = {k: v.to(task.device) for k, v in task.tokenizer(texts).items()}
+    image_tokens, _ = task.model.image_tokens_and_feat(pixel_values)
+    logits = task.model.itm_logits(tokens["input_ids"], tokens["attention_mask"], image_tokens[torch.tensor(rows)])
+    return logits.softmax(-1)[:, 1].cpu()
+
+
+def capfilt_batch(captioner, filt, records: list[dict[str, Any]], threshold: float, synthetic: int,
+                  generation: GenerationConfig) -> list[dict[str, Any]]:
+    """Caption and filter one batch of records; returns the cleaned records."""
+    generated = []
+    pixels_c = _pixels(captioner, records)
+    for _ in range(synthetic):
+        generated.append(captioner.caption(pixels_c, config=generation))
+    rows, texts, kinds = [], [], []
+    for i, record in enumerate(records):
+        for caption in record["captions"]:
+            rows.append(i), texts.append(caption), kinds.append("web")
+        for j in range(synthetic):
+            rows.append(i), texts.append(generated[j][i]), kinds.append("synthetic")
+    scores = match_probability(filt, _pixels(filt, records), rows, texts)
+    cleaned = [{"image": str(r["image"]), "captions": [], "removed": []} for r in records]
+    for row, text, kind, score in zip(rows, texts, kinds, scores.tolist(), strict=True):
+        entry = {"caption": text, "source": kind, "itm": round(score, 4)}
+        if score >= threshold:
+            cleaned[row]["captions"].append(text)
+        else:
+            cleaned[row]["removed"].append(entry)
+    return cleaned
+
+
+def run_capfilt(captioner, filt, source: str | Path, out: str | Path, threshold: float = 0.5, synthetic: int = 1,
+                batch_size: int = 64, generation: GenerationConfig | None = None) -> CapFiltReport:
+    """Write ``OUT/captions.jsonl`` (image, kept captions, removed ones with their ITM
+    score) and ``OUT/capfilt_report.json``. Unreadable images are skipped and counted."""
+    from rich.progress import track
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    generation = generation or GenerationConfig(method="nucleus", top_p=0.9, max_length=30, min_length=1)
+    records = read_caption_jsonl(source)
+    report = CapFiltReport()
+    tmp = out / "captions.jsonl.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for start in track(range(0, len(records), batch_size), description="capfilt"):
+            batch = _readable(records[start : start + batch_size], report)
+            if not batch:
+                continue
+            for original, cleaned in zip(batch, capfilt_batch(captioner, filt, batch, threshold, synthetic,
+                                                              generation), strict=True):
+                _count(report, original, cleaned)
+                f.write(json.dumps(cleaned) + "\n")
+    tmp.replace(out / "captions.jsonl")
+    atomic_write_json(out / "capfilt_report.json", report.__dict__)
+    return report
+
+
+def _readable(records: list[dict[str, Any]], report: CapFiltReport) -> list[dict[str, Any]]:
+    from PIL import Image
+
+    keep = []
+    for r in records:
+        try:
+            with Image.open(r["image"]) as img:
+                img.verify()
+            keep.append(r)
+        except Exception as err:  # missing, truncated, undecodable: skip and count
+            report.skipped.append(f"{r['image']}: {type(err).__name__}: {err}")
+    return keep
+
+
+def _count(report: CapFiltReport, original: dict[str, Any], cleaned: dict[str, Any]) -> None:
+    report.images += 1
+    web = set(original["captions"])
+    for caption in cleaned["captions"]:
+        if caption in web:
+            report.web_kept += 1
+        else:
+            report.synthetic_kept += 1
+    for entry in cleaned["removed"]:
+        if entry["source"] == "web":
+            report.web_removed += 1
+        else:
+            report.synthetic_removed += 1

@@ -1,0 +1,109 @@
+"""Losses of the momentum-queue family (ALBEF, BLIP) and of image-grounded text.
+
+Pure functions over tensors: soft-target ITC with momentum distillation, ITM with
+hard negatives, BERT-style MLM masking with distillation, and the captioning LM loss.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+IGNORE = -100
+
+
+def positive_targets(index: Tensor, candidate_index: Tensor) -> Tensor:
+    """(B,) sample ids vs (C,) candidate ids -> (B, C) targets, uniform over the
+    candidates that show the same image (a row with none stays all zeros)."""
+    positive = (index[:, None] == candidate_index[None, :]).float()
+    return positive / positive.sum(1, keepdim=True).clamp(min=1)
+
+
+def soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean over rows of ``-sum(targets * log_softmax(logits))``; (B, C) each."""
+    return -(F.log_softmax(logits.float(), dim=-1) * targets).sum(-1).mean()
+
+
+def distilled_itc_loss(
+    sim_i2t: Tensor, sim_t2i: Tensor, sim_i2t_m: Tensor, sim_t2i_m: Tensor, targets: Tensor, alpha: float
+) -> Tensor:
+    """ITC against the momentum features of batch + queue, with momentum distillation.
+
+    sim_*: (B, C) online similarities / temperature; sim_*_m: the same from the
+    momentum features (no gradient); targets: (B, C) ground truth
+    (:func:`positive_targets`). Target = alpha * softmax(sim_m) + (1 - alpha) *
+    ground truth. Returns the mean of both directions.
+    """
+    with torch.no_grad():
+        targets_i2t = alpha * F.softmax(sim_i2t_m.float(), dim=1) + (1 - alpha) * targets
+        targets_t2i = alpha * F.softmax(sim_t2i_m.float(), dim=1) + (1 - alpha) * targets
+    return (soft_cross_entropy(sim_i2t, targets_i2t) + soft_cross_entropy(sim_t2i, targets_t2i)) / 2
+
+
+def sample_hard_negatives(similarity: Tensor, positive: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """One negative per row, drawn with probability softmax(similarity), positives excluded.
+
+    similarity: (B, C); positive: (B, C) bool. Returns (B,) column indices. A row
+    whose every candidate is positive falls back to a uniform draw.
+    """
+    weights = F.softmax(similarity.float(), dim=1).masked_fill(positive, 0.0)
+    empty = weights.sum(1) <= 0
+    if empty.any():
+        weights[empty] = 1.0
+    return torch.multinomial(weights, 1, generator=generator).squeeze(1)
+
+
+def itm_loss(logits: Tensor, num_positive: int) -> Tensor:
+    """logits: (P + N, 2) with the first ``num_positive`` rows matching pairs."""
+    labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+    labels[:num_positive] = 1
+    return F.cross_entropy(logits.float(), labels)
+
+
+def mask_tokens(
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    mask_id: int,
+    vocab_size: int,
+    special_ids: list[int],
+    probability: float = 0.15,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """BERT masking: ``probability`` of real, non-special tokens are chosen; of those
+    80 % become [MASK], 10 % a random token, 10 % stay. Returns (masked ids, labels)
+    with labels = the original id at chosen positions and -100 elsewhere; (B, L) each."""
+    device = input_ids.device
+    candidates = attention_mask.bool() & ~torch.isin(input_ids, torch.tensor(special_ids, device=device))
+    draw = torch.rand(input_ids.shape, generator=generator, device=device)
+    chosen = candidates & (draw < probability)
+    labels = input_ids.masked_fill(~chosen, IGNORE)
+    kind = torch.rand(input_ids.shape, generator=generator, device=device)
+    to_mask = chosen & (kind < 0.8)
+    to_random = chosen & (kind >= 0.8) & (kind < 0.9)
+    random_ids = torch.randint(vocab_size, input_ids.shape, generator=generator, device=device)
+    masked = input_ids.masked_fill(to_mask, mask_id)
+    masked = torch.where(to_random, random_ids, masked)
+    return masked, labels
+
+
+def distilled_mlm_loss(logits: Tensor, labels: Tensor, logits_m: Tensor | None, alpha: float) -> Tensor:
+    """(1 - alpha) * CE(logits, labels) + alpha * CE(logits, softmax(logits_m)) over the
+    masked positions (labels != -100). logits, logits_m: (B, L, V); labels: (B, L)."""
+    chosen = labels != IGNORE
+    if not chosen.any():
+        return logits.sum() * 0.0
+    loss = F.cross_entropy(logits[chosen].float(), labels[chosen])
+    if logits_m is None or alpha == 0:
+        return loss
+    distill = soft_cross_entropy(logits[chosen], F.softmax(logits_m[chosen].float(), dim=-1))
+    return (1 - alpha) * loss + alpha * distill
+
+
+def caption_lm_loss(logits: Tensor, labels: Tensor, label_smoothing: float = 0.1) -> Tensor:
+    """Next-token loss: logits[:, t] predicts labels[:, t + 1]; labels -100 are ignored.
+
+    logits: (B, L, V); labels: (B, L) (the input ids with pad and prompt set to -100).
+    """
+    shifted = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    return F.cross_entropy(shifted, labels[:, 1:].reshape(-1), ignore_index=IGNORE, label_smoothing=label_smoothing)

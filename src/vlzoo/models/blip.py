@@ -1,0 +1,112 @@
+"""BLIP: multimodal mixture of encoder-decoder (Li et al., 2022).
+
+One BERT-style text model serves three roles: the unimodal encoder ([CLS], ITC), the
+image-grounded encoder ([ENC], cross-attention, ITM) and the image-grounded decoder
+([DEC], causal self-attention, LM). The decoder shares every parameter with the
+encoder except its self-attention (the same module objects, one copy in memory).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from vlzoo.backbones import BertTextEncoder, VisionEncoder
+from vlzoo.layers.transformer import (
+    LMHead,
+    TransformerStack,
+    causal_padding_mask,
+    share_all_but_self_attention,
+)
+from vlzoo.losses import IGNORE, caption_lm_loss
+from vlzoo.models.generation import GenerationConfig, generate
+from vlzoo.models.momentum import MomentumModel, MomentumOutput
+
+
+class BLIP(MomentumModel):
+    """BLIP over a vision encoder and a text encoder with cross-attention in every block.
+
+    Args:
+        enc_id, dec_id: ids of [ENC] and [DEC], which replace [CLS] for ITM and LM.
+        pad_id, eos_id: padding and end-of-text ids.
+        prompt_length: tokens at the start of a caption ([DEC] + prompt) not trained on.
+        label_smoothing: of the LM loss (0.1).
+        Other arguments as :class:`~vlzoo.models.momentum.MomentumModel`.
+    """
+
+    def __init__(
+        self,
+        vision: VisionEncoder,
+        text: BertTextEncoder,
+        enc_id: int,
+        dec_id: int,
+        pad_id: int,
+        eos_id: int,
+        prompt_length: int = 0,
+        label_smoothing: float = 0.1,
+        **kwargs,
+    ):
+        super().__init__(vision, text, **kwargs)
+        cross = [b.has_cross_attention for b in text.encoder.layer]
+        if not all(cross):
+            raise ValueError("BLIP's text encoder needs cross-attention in every layer")
+        self.decoder = TransformerStack(text.config, vision.width, range(len(cross)))
+        share_all_but_self_attention(self.decoder, text.encoder)
+        for dec, enc in zip(self.decoder.layer, text.encoder.layer, strict=True):
+            dec.attention.load_state_dict(enc.attention.state_dict())  # start from the encoder's (BERT's) weights
+        self.lm_head = LMHead(text.config, text.embeddings.word_embeddings)
+        self.enc_id, self.dec_id, self.pad_id, self.eos_id = enc_id, dec_id, pad_id, eos_id
+        self.prompt_length, self.label_smoothing = prompt_length, label_smoothing
+        self._make_momentum_copies()
+
+    def fuse(
+        self, input_ids: Tensor, attention_mask: Tensor, image_tokens: Tensor, text_hidden: Tensor | None = None
+    ) -> Tensor:
+        """The image-grounded encoder: [ENC] replaces the first token; ``text_hidden`` is unused."""
+        ids = input_ids.clone()
+        ids[:, 0] = self.enc_id
+        return self.text(ids, attention_mask, context=image_tokens).tokens
+
+    def decoder_logits(self, input_ids: Tensor, attention_mask: Tensor, image_tokens: Tensor) -> Tensor:
+        """The image-grounded decoder: (B, L) ids starting with [DEC] -> (B, L, V) logits."""
+        x = self.text.embeddings(input_ids)
+        x = self.decoder(x, causal_padding_mask(attention_mask), image_tokens)
+        return self.lm_head(x)
+
+    def caption_labels(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Decoder inputs ([DEC] first) and LM labels (pad and prompt -> -100)."""
+        ids = input_ids.clone()
+        ids[:, 0] = self.dec_id
+        labels = ids.masked_fill(attention_mask == 0, IGNORE)
+        labels[:, : self.prompt_length] = IGNORE
+        return ids, labels
+
+    def forward(
+        self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor, index: Tensor, alpha: float = 0.4
+    ) -> MomentumOutput:
+        """Losses ``itc``, ``itm``, ``lm``: pixel_values (B, 3, H, W); input_ids (B, L)
+        tokenized captions ([CLS] first; prompt already prepended for LM); index (B,)."""
+        out, image_tokens, _, _ = self.itc_itm(pixel_values, input_ids, attention_mask, index, alpha)
+        ids, labels = self.caption_labels(input_ids, attention_mask)
+        logits = self.decoder_logits(ids, attention_mask, image_tokens)
+        out.losses["lm"] = caption_lm_loss(logits, labels, self.label_smoothing)
+        return out
+
+    def caption_loss(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """The LM loss alone (captioning fine-tuning)."""
+        image_tokens, _ = self.image_tokens_and_feat(pixel_values)
+        ids, labels = self.caption_labels(input_ids, attention_mask)
+        return caption_lm_loss(self.decoder_logits(ids, attention_mask, image_tokens), labels, self.label_smoothing)
+
+    @torch.no_grad()
+    def generate(
+        self, pixel_values: Tensor, prefix_ids: Tensor, config: GenerationConfig = GenerationConfig()  # noqa: B008
+    ) -> Tensor:
+        """Captions for images (B, 3, H, W) after ``prefix_ids`` (B, P) ([DEC] + prompt).
+        Returns (B, T) new token ids, right-padded."""
+        image_tokens, _ = self.image_tokens_and_feat(pixel_values)
+
+        def next_logits(ids: Tensor, rows: Tensor) -> Tensor:
+            return self.decoder_logits(ids, torch.ones_like(ids), image_tokens[rows])[:, -1]
+
+        return generate(next_logits, prefix_ids, self.eos_id, self.pad_id, config)

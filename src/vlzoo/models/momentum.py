@@ -1,0 +1,252 @@
+"""What ALBEF and BLIP share: momentum encoders, feature queues, ITC and ITM.
+
+:class:`MomentumModel` holds an image encoder, a BERT-style text encoder on the shared
+block, projections to a joint space, their momentum (EMA) copies, the feature queue,
+the learnable temperature and the ITM head. Subclasses say how text and image are
+fused (:meth:`MomentumModel.fuse`) and add their own generative loss (ALBEF: MLM,
+BLIP: LM). The EMA update and the enqueue are separate methods that the training
+task calls once per optimizer step — never ``forward``.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vlzoo.backbones import BertTextEncoder, VisionEncoder
+from vlzoo.distributed import gather_no_grad, gather_padded, gather_with_grad
+from vlzoo.losses import distilled_itc_loss, itm_loss, positive_targets, sample_hard_negatives
+
+
+@dataclass
+class MomentumOutput:
+    """losses: name -> scalar; image_feat_m, text_feat_m: (B, D) momentum features of
+    this rank's batch and index (B,) its sample ids, to enqueue after the step."""
+
+    losses: dict[str, Tensor]
+    image_feat_m: Tensor
+    text_feat_m: Tensor
+    index: Tensor
+    extras: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def loss(self) -> Tensor:
+        return sum(self.losses.values())
+
+
+class FeatureQueue(nn.Module):
+    """Ring buffers of momentum features: ``image``/``text`` (Q, D), ``index`` (Q,) sample
+    ids (-1 for the random initial entries), ``ptr`` the next write position.
+    Registered buffers, so they travel in checkpoints."""
+
+    def __init__(self, size: int, dim: int):
+        super().__init__()
+        if size <= 0:
+            raise ValueError(f"queue_size must be positive, got {size}")
+        self.size = size
+        self.register_buffer("image", F.normalize(torch.randn(size, dim), dim=1))
+        self.register_buffer("text", F.normalize(torch.randn(size, dim), dim=1))
+        self.register_buffer("index", torch.full((size,), -1, dtype=torch.long))
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def enqueue(self, image_feat: Tensor, text_feat: Tensor, index: Tensor) -> None:
+        """Write (G, D), (G, D), (G,) — the features of the whole global batch."""
+        n = image_feat.shape[0]
+        if self.size % n:
+            raise ValueError(
+                f"queue_size {self.size} is not divisible by the global batch {n} "
+                "(batch_size x devices x nodes); change model.queue_size or data.batch_size"
+            )
+        start = int(self.ptr)
+        self.image[start : start + n] = image_feat.to(self.image.dtype)
+        self.text[start : start + n] = text_feat.to(self.text.dtype)
+        self.index[start : start + n] = index
+        self.ptr.fill_((start + n) % self.size)
+
+
+def momentum_copy(module: nn.Module) -> nn.Module:
+    """A frozen deep copy whose parameters will follow ``module`` by EMA."""
+    twin = copy.deepcopy(module)
+    for p in twin.parameters():
+        p.requires_grad_(False)
+    return twin
+
+
+class MomentumModel(nn.Module):
+    """Base of ALBEF and BLIP.
+
+    Args:
+        vision: image encoder; its tokens (B, N, Dv) feed the text side's cross-attention.
+        text: BERT-style encoder whose cross-attention layers attend to image tokens.
+        embed_dim: joint ITC space (256 in the papers).
+        queue_size: momentum features kept as extra ITC negatives.
+        momentum: EMA coefficient m.
+        temperature: initial ITC temperature, clamped to [min_temperature, max_temperature].
+        text_layers: the blocks of the unimodal text pass (ALBEF: the first N; BLIP: all).
+    """
+
+    momentum_pairs: tuple[tuple[str, str], ...] = (
+        ("vision", "vision_m"), ("vision_proj", "vision_proj_m"), ("text", "text_m"), ("text_proj", "text_proj_m"),
+    )
+
+    def __init__(
+        self,
+        vision: VisionEncoder,
+        text: BertTextEncoder,
+        embed_dim: int = 256,
+        queue_size: int = 65536,
+        momentum: float = 0.995,
+        temperature: float = 0.07,
+        min_temperature: float = 0.001,
+        max_temperature: float = 0.5,
+        text_layers: slice = slice(None),
+    ):
+        super().__init__()
+        self.vision, self.text = vision, text
+        self.vision_proj = nn.Linear(vision.width, embed_dim)
+        self.text_proj = nn.Linear(text.width, embed_dim)
+        self.itm_head = nn.Linear(text.width, 2)
+        self.temp = nn.Parameter(torch.tensor(float(temperature)))
+        self.temperature_range = (min_temperature, max_temperature)
+        self.momentum = momentum
+        self.text_layers = text_layers
+        self.embed_dim = embed_dim
+        self.queue = FeatureQueue(queue_size, embed_dim)
+
+    def _make_momentum_copies(self) -> None:
+        """Call at the end of a subclass ``__init__``, after every paired module exists."""
+        for online, twin in self.momentum_pairs:
+            setattr(self, twin, momentum_copy(getattr(self, online)))
+
+    # ----------------------------------------------------------------- unimodal
+    def image_tokens_and_feat(self, pixel_values: Tensor, momentum: bool = False) -> tuple[Tensor, Tensor]:
+        """(B, 3, H, W) -> image tokens (B, N, Dv) and normalised feature (B, D)."""
+        vision, proj = (self.vision_m, self.vision_proj_m) if momentum else (self.vision, self.vision_proj)
+        tokens = vision(pixel_values).tokens
+        return tokens, F.normalize(proj(tokens[:, 0]), dim=-1)
+
+    def text_hidden_and_feat(
+        self, input_ids: Tensor, attention_mask: Tensor, momentum: bool = False
+    ) -> tuple[Tensor, Tensor]:
+        """Unimodal text pass ([CLS] first): hidden (B, L, Dt) and normalised feature (B, D)."""
+        text, proj = (self.text_m, self.text_proj_m) if momentum else (self.text, self.text_proj)
+        hidden = text(input_ids, attention_mask, layers=self.text_layers).tokens
+        return hidden, F.normalize(proj(hidden[:, 0]), dim=-1)
+
+    def encode_image(self, pixel_values: Tensor) -> Tensor:
+        """(B, 3, H, W) -> (B, D) normalised ITC embedding."""
+        return self.image_tokens_and_feat(pixel_values)[1]
+
+    def encode_text(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """(B, L) -> (B, D) normalised ITC embedding."""
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        return self.text_hidden_and_feat(input_ids, mask)[1]
+
+    # ------------------------------------------------------------------ fusion
+    def fuse(
+        self, input_ids: Tensor, attention_mask: Tensor, image_tokens: Tensor, text_hidden: Tensor | None = None
+    ) -> Tensor:
+        """Image-grounded text: (B, L) ids, (B, N, Dv) image tokens -> (B, L, Dt).
+        ``text_hidden`` may carry the unimodal pass already computed for these ids."""
+        raise NotImplementedError
+
+    def itm_logits(
+        self, input_ids: Tensor, attention_mask: Tensor, image_tokens: Tensor, text_hidden: Tensor | None = None
+    ) -> Tensor:
+        """(B, 2) match / no-match logits of each (text, image) pair."""
+        return self.itm_head(self.fuse(input_ids, attention_mask, image_tokens, text_hidden)[:, 0])
+
+    def itm_score(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """(B,) probability that image i matches text i."""
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        tokens, _ = self.image_tokens_and_feat(pixel_values)
+        return self.itm_logits(input_ids, mask, tokens).softmax(-1)[:, 1]
+
+    # ----------------------------------------------------------------- training
+    def itc_itm(
+        self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor, index: Tensor, alpha: float
+    ) -> tuple[MomentumOutput, Tensor, Tensor, Tensor]:
+        """ITC (queue + momentum distillation) and ITM (hard negatives from all ranks).
+
+        Returns the output so far, the image tokens (B, N, Dv), the unimodal text
+        hidden states (B, L, Dt) and the momentum image tokens (B, N, Dv).
+        """
+        image_tokens, image_feat = self.image_tokens_and_feat(pixel_values)
+        text_hidden, text_feat = self.text_hidden_and_feat(input_ids, attention_mask)
+        temp = self.temp
+        with torch.no_grad():
+            image_tokens_m, image_feat_m = self.image_tokens_and_feat(pixel_values, momentum=True)
+            _, text_feat_m = self.text_hidden_and_feat(input_ids, attention_mask, momentum=True)
+            image_all = torch.cat([image_feat_m, self.queue.image.clone()])  # (B + Q, D)
+            text_all = torch.cat([text_feat_m, self.queue.text.clone()])
+            targets = positive_targets(index, torch.cat([index, self.queue.index.clone()]))
+            sim_i2t_m, sim_t2i_m = image_feat_m @ text_all.T / temp, text_feat_m @ image_all.T / temp
+        loss_itc = distilled_itc_loss(
+            image_feat @ text_all.T / temp, text_feat @ image_all.T / temp, sim_i2t_m, sim_t2i_m, targets, alpha
+        )
+        loss_itm = self._itm_with_hard_negatives(
+            input_ids, attention_mask, index, image_tokens, image_feat, text_hidden, text_feat
+        )
+        out = MomentumOutput({"itc": loss_itc, "itm": loss_itm}, image_feat_m, text_feat_m, index)
+        return out, image_tokens, text_hidden, image_tokens_m
+
+    def _itm_with_hard_negatives(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        index: Tensor,
+        image_tokens: Tensor,
+        image_feat: Tensor,
+        text_hidden: Tensor,
+        text_feat: Tensor,
+    ) -> Tensor:
+        """ITM over B positives, B (text, hard-negative image) and B (image, hard-negative
+        text) pairs; negatives are drawn from the batch of every rank."""
+        b = input_ids.shape[0]
+        with torch.no_grad():
+            image_feat_world, text_feat_world = gather_no_grad(image_feat), gather_no_grad(text_feat)
+            positive = index[:, None] == gather_no_grad(index)[None, :]  # (B, world B)
+            temp = self.temp.detach()
+            negative_image = sample_hard_negatives(text_feat @ image_feat_world.T / temp, positive)  # (B,)
+            negative_text = sample_hard_negatives(image_feat @ text_feat_world.T / temp, positive)  # (B,)
+            ids_world = gather_padded(input_ids, value=0)
+            mask_world = gather_padded(attention_mask, value=0)
+        image_tokens_world = gather_with_grad(image_tokens)  # (world B, N, Dv)
+        same_text = self.itm_logits(
+            input_ids.repeat(2, 1), attention_mask.repeat(2, 1),
+            torch.cat([image_tokens, image_tokens_world[negative_image]]), text_hidden.repeat(2, 1, 1),
+        )  # (2B, 2): positives, then negative images
+        other_text = self.itm_logits(ids_world[negative_text], mask_world[negative_text], image_tokens)  # (B, 2)
+        return itm_loss(torch.cat([same_text, other_text]), num_positive=b)
+
+    # ------------------------------------------------- once per optimizer step
+    @torch.no_grad()
+    def momentum_update(self) -> None:
+        """EMA of every momentum copy toward its online module (each tied tensor once)."""
+        seen: set[int] = set()
+        for online, twin in self.momentum_pairs:
+            for p_twin, p in zip(getattr(self, twin).parameters(), getattr(self, online).parameters(), strict=True):
+                if id(p_twin) not in seen:
+                    seen.add(id(p_twin))
+                    p_twin.mul_(self.momentum).add_(p.detach(), alpha=1 - self.momentum)
+
+    @torch.no_grad()
+    def enqueue(self, image_feat_m: Tensor, text_feat_m: Tensor, index: Tensor) -> None:
+        """Add this rank's momentum features (B, D), (B, D) and ids (B,) — all-gathered
+        from every rank, in rank order — to the queue (identical on every rank)."""
+        self.queue.enqueue(gather_no_grad(image_feat_m), gather_no_grad(text_feat_m), gather_no_grad(index))
+
+    @torch.no_grad()
+    def clamp_temperature(self) -> None:
+        self.temp.clamp_(*self.temperature_range)
+
+    def no_weight_decay(self) -> set[str]:
+        names = {"temp"}
+        names |= {f"vision.{n}" for n in self.vision.no_weight_decay()}
+        names |= {f"text.{n}" for n in self.text.no_weight_decay()}
+        return names
