@@ -74,14 +74,16 @@ def test_capfilt_scores_every_caption_and_reports(tmp_path, blip_checkpoint, cap
         removed = [e["caption"] for e in row["removed"]]
         assert len(row["captions"]) + len(removed) == 2  # one web + one synthetic caption, each decided
         assert web[i] in row["captions"] or web[i] in removed
-        assert all(e["itm"] < 0.3 for e in row["removed"])
+        assert all(e["itm"] < 0.3 for e in row["removed"]) and all(e["itm"] >= 0.3 for e in row["kept"])
+        assert [e["caption"] for e in row["kept"]] == row["captions"]
+        assert sorted(e["source"] for e in row["kept"] + row["removed"]) == ["synthetic", "web"]
     kept = [web[i] in row["captions"] for i, row in enumerate(cleaned)]
     removed_wrong = sum(not kept[i] for i in wrong) / len(wrong)
     kept_right = sum(kept[i] for i in range(IMAGES) if i not in wrong) / (IMAGES - len(wrong))
     print(f"capfilt: removed {removed_wrong:.1%} of wrong captions, kept {kept_right:.1%} of right ones")
     report = json.loads((out / "capfilt_report.json").read_text())
     assert report["images"] == IMAGES and report["web_kept"] + report["web_removed"] == IMAGES
-    assert report["web_kept"] == sum(kept)
+    assert report["web_kept"] == sum(e["source"] == "web" for row in cleaned for e in row["kept"])
     assert report["synthetic_kept"] + report["synthetic_removed"] == IMAGES
     assert "kept" in capsys.readouterr().out
 

@@ -61,11 +61,12 @@ def capfilt_batch(captioner, filt, records: list[dict[str, Any]], threshold: flo
         for j in range(synthetic):
             rows.append(i), texts.append(generated[j][i]), kinds.append("synthetic")
     scores = match_probability(filt, _pixels(filt, records), rows, texts)
-    cleaned = [{"image": str(r["image"]), "captions": [], "removed": []} for r in records]
+    cleaned = [{"image": str(r["image"]), "captions": [], "kept": [], "removed": []} for r in records]
     for row, text, kind, score in zip(rows, texts, kinds, scores.tolist(), strict=True):
         entry = {"caption": text, "source": kind, "itm": round(score, 4)}
         if score >= threshold:
             cleaned[row]["captions"].append(text)
+            cleaned[row]["kept"].append(entry)
         else:
             cleaned[row]["removed"].append(entry)
     return cleaned
@@ -73,8 +74,9 @@ def capfilt_batch(captioner, filt, records: list[dict[str, Any]], threshold: flo
 
 def run_capfilt(captioner, filt, source: str | Path, out: str | Path, threshold: float = 0.5, synthetic: int = 1,
                 batch_size: int = 64, generation: GenerationConfig | None = None) -> CapFiltReport:
-    """Write ``OUT/captions.jsonl`` (image, kept captions, removed ones with their ITM
-    score) and ``OUT/capfilt_report.json``. Unreadable images are skipped and counted."""
+    """Write ``OUT/captions.jsonl`` (image; ``captions``: the kept texts; ``kept`` and
+    ``removed``: caption, source web|synthetic, ITM probability) and
+    ``OUT/capfilt_report.json``. Unreadable images are skipped and counted."""
     from rich.progress import track
 
     out = Path(out)
@@ -88,9 +90,8 @@ def run_capfilt(captioner, filt, source: str | Path, out: str | Path, threshold:
             batch = _readable(records[start : start + batch_size], report)
             if not batch:
                 continue
-            for original, cleaned in zip(batch, capfilt_batch(captioner, filt, batch, threshold, synthetic,
-                                                              generation), strict=True):
-                _count(report, original, cleaned)
+            for cleaned in capfilt_batch(captioner, filt, batch, threshold, synthetic, generation):
+                _count(report, cleaned)
                 f.write(json.dumps(cleaned) + "\n")
     tmp.replace(out / "captions.jsonl")
     atomic_write_json(out / "capfilt_report.json", report.__dict__)
@@ -111,11 +112,10 @@ def _readable(records: list[dict[str, Any]], report: CapFiltReport) -> list[dict
     return keep
 
 
-def _count(report: CapFiltReport, original: dict[str, Any], cleaned: dict[str, Any]) -> None:
+def _count(report: CapFiltReport, cleaned: dict[str, Any]) -> None:
     report.images += 1
-    web = set(original["captions"])
-    for caption in cleaned["captions"]:
-        if caption in web:
+    for entry in cleaned["kept"]:
+        if entry["source"] == "web":
             report.web_kept += 1
         else:
             report.synthetic_kept += 1
