@@ -109,6 +109,8 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _capfilt(args: argparse.Namespace) -> None:
+    import torch
+
     from vlzoo.data.capfilt import run_capfilt
     from vlzoo.models.generation import GenerationConfig
     from vlzoo.tasks.loading import load_task
@@ -120,13 +122,13 @@ def _capfilt(args: argparse.Namespace) -> None:
         split_name = source.partition(":")[2] or "train"
         split = shapes.load_split(split_name, args.limit, 64, args.seed)
         source = shapes.export_split(split, Path(args.out) / "source", args.limit)
-    device = "cuda" if _cuda() else "cpu"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     captioner = load_task(args.captioner, map_location=device)
     filt = captioner if args.filter == args.captioner else load_task(args.filter, map_location=device)
     for name, task in (("--captioner", captioner), ("--filter", filt)):
         if not hasattr(task.model, "itm_logits") or (name == "--captioner" and not hasattr(task, "caption")):
             raise SystemExit(f"vlzoo capfilt: {name} {getattr(args, name[2:])} is not a BLIP checkpoint")
-    torch_seed(args.seed)
+    torch.manual_seed(args.seed)
     generation = GenerationConfig(method="nucleus", top_p=args.top_p, max_length=args.max_length, min_length=1)
     report = run_capfilt(captioner, filt, source, args.out, args.threshold, args.synthetic, args.batch_size,
                          generation)
@@ -135,18 +137,6 @@ def _capfilt(args: argparse.Namespace) -> None:
     print(f"capfilt: {report.images} images; kept {report.web_kept}/{web} web and "
           f"{report.synthetic_kept}/{synthetic} synthetic captions; skipped {len(report.skipped)} images")
     print(f"wrote {Path(args.out) / 'captions.jsonl'} and {Path(args.out) / 'capfilt_report.json'}")
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def torch_seed(seed: int) -> None:
-    import torch
-
-    torch.manual_seed(seed)
 
 
 def build_parser() -> argparse.ArgumentParser:

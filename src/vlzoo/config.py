@@ -138,7 +138,6 @@ class EvalConfig:
     text_batch_size: int = 512
     rerank_k: int = 128  # ITM reranks the top k ITC candidates per query (ALBEF, BLIP, BLIP-2)
     itm_batch_size: int = 256
-    caption_max_images: int | None = None  # captioners: caption at most this many eval images
 
 
 def load_yaml_section(path: str | Path, section: str, schema: type) -> Any:

@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from vlzoo.data.jsonl import load_image, read_caption_jsonl
+from vlzoo.data.datamodule import preprocess_images
+from vlzoo.data.jsonl import read_caption_jsonl, read_rgb
 from vlzoo.models.generation import GenerationConfig
 from vlzoo.utils import atomic_write_json
 
@@ -31,9 +32,11 @@ class CapFiltReport:
     skipped: list[str] = field(default_factory=list)
 
 
-def _pixels(task, records: list[dict[str, Any]]) -> torch.Tensor:
+def _pixels(task, images: list[torch.Tensor]) -> torch.Tensor:
+    """uint8 (3, H, W) images of any sizes -> (B, 3, S, S) preprocessed for ``task``."""
     pre = task.preprocess_config
-    return torch.stack([load_image(r["image"], pre.image_size, pre.mean, pre.std) for r in records]).to(task.device)
+    mean, std = torch.tensor(pre.mean).view(1, 3, 1, 1), torch.tensor(pre.std).view(1, 3, 1, 1)
+    return torch.cat([preprocess_images(img[None], pre.image_size, mean, std) for img in images]).to(task.device)
 
 
 @torch.no_grad()
@@ -47,11 +50,11 @@ def match_probability(task, pixel_values: torch.Tensor, rows: list[int], texts: 
     return logits.softmax(-1)[:, 1].cpu()
 
 
-def capfilt_batch(captioner, filt, records: list[dict[str, Any]], threshold: float, synthetic: int,
-                  generation: GenerationConfig) -> list[dict[str, Any]]:
-    """Caption and filter one batch of records; returns the cleaned records."""
+def capfilt_batch(captioner, filt, records: list[dict[str, Any]], images: list[torch.Tensor], threshold: float,
+                  synthetic: int, generation: GenerationConfig) -> list[dict[str, Any]]:
+    """Caption and filter one batch of records with their decoded images; returns the cleaned records."""
     generated = []
-    pixels_c = _pixels(captioner, records)
+    pixels_c = _pixels(captioner, images)
     for _ in range(synthetic):
         generated.append(captioner.caption(pixels_c, config=generation))
     rows, texts, kinds = [], [], []
@@ -60,7 +63,8 @@ def capfilt_batch(captioner, filt, records: list[dict[str, Any]], threshold: flo
             rows.append(i), texts.append(caption), kinds.append("web")
         for j in range(synthetic):
             rows.append(i), texts.append(generated[j][i]), kinds.append("synthetic")
-    scores = match_probability(filt, _pixels(filt, records), rows, texts)
+    same_input = captioner.preprocess_config == filt.preprocess_config
+    scores = match_probability(filt, pixels_c if same_input else _pixels(filt, images), rows, texts)
     cleaned = [{"image": str(r["image"]), "captions": [], "kept": [], "removed": []} for r in records]
     for row, text, kind, score in zip(rows, texts, kinds, scores.tolist(), strict=True):
         entry = {"caption": text, "source": kind, "itm": round(score, 4)}
@@ -87,10 +91,10 @@ def run_capfilt(captioner, filt, source: str | Path, out: str | Path, threshold:
     tmp = out / "captions.jsonl.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         for start in track(range(0, len(records), batch_size), description="capfilt"):
-            batch = _readable(records[start : start + batch_size], report)
+            batch, images = _decode(records[start : start + batch_size], report)
             if not batch:
                 continue
-            for cleaned in capfilt_batch(captioner, filt, batch, threshold, synthetic, generation):
+            for cleaned in capfilt_batch(captioner, filt, batch, images, threshold, synthetic, generation):
                 _count(report, cleaned)
                 f.write(json.dumps(cleaned) + "\n")
     tmp.replace(out / "captions.jsonl")
@@ -98,18 +102,16 @@ def run_capfilt(captioner, filt, source: str | Path, out: str | Path, threshold:
     return report
 
 
-def _readable(records: list[dict[str, Any]], report: CapFiltReport) -> list[dict[str, Any]]:
-    from PIL import Image
-
-    keep = []
+def _decode(records: list[dict[str, Any]], report: CapFiltReport) -> tuple[list[dict[str, Any]], list[torch.Tensor]]:
+    """The records whose image decodes, and those images (each file read once)."""
+    keep, images = [], []
     for r in records:
         try:
-            with Image.open(r["image"]) as img:
-                img.verify()
+            images.append(read_rgb(r["image"]))
             keep.append(r)
         except Exception as err:  # missing, truncated, undecodable: skip and count
             report.skipped.append(f"{r['image']}: {type(err).__name__}: {err}")
-    return keep
+    return keep, images
 
 
 def _count(report: CapFiltReport, cleaned: dict[str, Any]) -> None:

@@ -65,6 +65,16 @@ class ShapesDataset(Dataset):
         return item
 
 
+def preprocess_images(images: Tensor, image_size: int, mean: Tensor, std: Tensor) -> Tensor:
+    """uint8 (B, 3, H, W) -> float (B, 3, S, S): scaled to [0, 1], resized (bicubic,
+    antialiased) when H, W differ from S, normalised with mean/std of shape (1, 3, 1, 1)."""
+    x = images.float().div_(255.0)
+    if x.shape[-2:] != (image_size, image_size):
+        x = F.interpolate(x, size=(image_size, image_size), mode="bicubic", antialias=True,
+                          align_corners=False).clamp_(0, 1)
+    return (x - mean) / std
+
+
 class ImageTextCollator:
     """Stacks images, resizes and normalises them, and tokenizes captions.
 
@@ -79,12 +89,9 @@ class ImageTextCollator:
         self.std = torch.tensor(std).view(1, 3, 1, 1)
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Tensor]:
-        images = torch.stack([it["image"] for it in items]).float().div_(255.0)  # (B, 3, H, W)
-        if images.shape[-1] != self.image_size or images.shape[-2] != self.image_size:
-            images = F.interpolate(images, size=(self.image_size, self.image_size), mode="bicubic",
-                                   antialias=True, align_corners=False).clamp_(0, 1)
+        images = torch.stack([it["image"] for it in items])  # (B, 3, H, W) uint8
         batch = {
-            "pixel_values": (images - self.mean) / self.std,
+            "pixel_values": preprocess_images(images, self.image_size, self.mean, self.std),
             "index": torch.tensor([it["index"] for it in items], dtype=torch.long),
         }
         if "caption" in items[0]:

@@ -14,7 +14,6 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
-from torch.nn import functional as F
 
 
 def read_caption_jsonl(path: str | Path) -> list[dict[str, Any]]:
@@ -44,12 +43,7 @@ def _record(row: Any, path: Path, number: int) -> dict[str, Any]:
     return {**row, "image": image if image.is_absolute() else path.parent / image, "captions": captions}
 
 
-def load_image(path: str | Path, image_size: int, mean, std) -> Tensor:
-    """An image file -> (3, S, S) float tensor, RGB, resized (bicubic) and normalised."""
+def read_rgb(path: str | Path) -> Tensor:
+    """An image file -> (3, H, W) uint8 RGB tensor (raises on missing or undecodable files)."""
     with Image.open(path) as img:
-        array = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
-    x = torch.from_numpy(array).permute(2, 0, 1)[None]  # (1, 3, H, W)
-    if x.shape[-2:] != (image_size, image_size):
-        x = F.interpolate(x, size=(image_size, image_size), mode="bicubic", antialias=True,
-                          align_corners=False).clamp_(0, 1)
-    return ((x[0] - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)).float()
+        return torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1)

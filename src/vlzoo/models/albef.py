@@ -64,7 +64,7 @@ class ALBEF(MomentumModel):
     ) -> MomentumOutput:
         """Losses ``itc``, ``itm``, ``mlm`` of a batch: pixel_values (B, 3, H, W),
         input_ids/attention_mask (B, L), index (B,) sample ids (equal ids = same image)."""
-        out, image_tokens, _, image_tokens_m = self.itc_itm(pixel_values, input_ids, attention_mask, index, alpha)
+        out, image_tokens, image_tokens_m = self.itc_itm(pixel_values, input_ids, attention_mask, index, alpha)
         masked, labels = mask_tokens(input_ids, attention_mask, self.mask_id, self.text.config.vocab_size,
                                      self.special_ids, self.mlm_probability)
         logits = self.mlm_head(self.fuse(masked, attention_mask, image_tokens))

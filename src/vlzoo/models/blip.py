@@ -86,15 +86,12 @@ class BLIP(MomentumModel):
     ) -> MomentumOutput:
         """Losses ``itc``, ``itm``, ``lm``: pixel_values (B, 3, H, W); input_ids (B, L)
         tokenized captions ([CLS] first; prompt already prepended for LM); index (B,)."""
-        out, image_tokens, _, _ = self.itc_itm(pixel_values, input_ids, attention_mask, index, alpha)
-        ids, labels = self.caption_labels(input_ids, attention_mask)
-        logits = self.decoder_logits(ids, attention_mask, image_tokens)
-        out.losses["lm"] = caption_lm_loss(logits, labels, self.label_smoothing)
+        out, image_tokens, _ = self.itc_itm(pixel_values, input_ids, attention_mask, index, alpha)
+        out.losses["lm"] = self.lm_loss(image_tokens, input_ids, attention_mask)
         return out
 
-    def caption_loss(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """The LM loss alone (captioning fine-tuning)."""
-        image_tokens, _ = self.image_tokens_and_feat(pixel_values)
+    def lm_loss(self, image_tokens: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Captioning loss of (B, L) captions given image tokens (B, N, Dv)."""
         ids, labels = self.caption_labels(input_ids, attention_mask)
         return caption_lm_loss(self.decoder_logits(ids, attention_mask, image_tokens), labels, self.label_smoothing)
 

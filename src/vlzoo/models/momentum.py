@@ -11,7 +11,7 @@ task calls once per optimizer step — never ``forward``.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +31,6 @@ class MomentumOutput:
     image_feat_m: Tensor
     text_feat_m: Tensor
     index: Tensor
-    extras: dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def loss(self) -> Tensor:
@@ -53,15 +52,19 @@ class FeatureQueue(nn.Module):
         self.register_buffer("index", torch.full((size,), -1, dtype=torch.long))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
 
+    def check_global_batch(self, global_batch: int) -> None:
+        """A clear error unless ``global_batch`` (batch x processes) divides the queue size."""
+        if self.size % global_batch:
+            raise ValueError(
+                f"queue_size {self.size} is not divisible by the global batch {global_batch} "
+                "(data.batch_size x devices x nodes); change model.queue_size or data.batch_size"
+            )
+
     @torch.no_grad()
     def enqueue(self, image_feat: Tensor, text_feat: Tensor, index: Tensor) -> None:
         """Write (G, D), (G, D), (G,) — the features of the whole global batch."""
         n = image_feat.shape[0]
-        if self.size % n:
-            raise ValueError(
-                f"queue_size {self.size} is not divisible by the global batch {n} "
-                "(batch_size x devices x nodes); change model.queue_size or data.batch_size"
-            )
+        self.check_global_batch(n)
         start = int(self.ptr)
         self.image[start : start + n] = image_feat.to(self.image.dtype)
         self.text[start : start + n] = text_feat.to(self.text.dtype)
@@ -170,11 +173,11 @@ class MomentumModel(nn.Module):
     # ----------------------------------------------------------------- training
     def itc_itm(
         self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor, index: Tensor, alpha: float
-    ) -> tuple[MomentumOutput, Tensor, Tensor, Tensor]:
+    ) -> tuple[MomentumOutput, Tensor, Tensor]:
         """ITC (queue + momentum distillation) and ITM (hard negatives from all ranks).
 
-        Returns the output so far, the image tokens (B, N, Dv), the unimodal text
-        hidden states (B, L, Dt) and the momentum image tokens (B, N, Dv).
+        Returns the output so far, the image tokens (B, N, Dv) and the momentum image
+        tokens (B, N, Dv), which the subclass's own loss reuses.
         """
         image_tokens, image_feat = self.image_tokens_and_feat(pixel_values)
         text_hidden, text_feat = self.text_hidden_and_feat(input_ids, attention_mask)
@@ -182,9 +185,9 @@ class MomentumModel(nn.Module):
         with torch.no_grad():
             image_tokens_m, image_feat_m = self.image_tokens_and_feat(pixel_values, momentum=True)
             _, text_feat_m = self.text_hidden_and_feat(input_ids, attention_mask, momentum=True)
-            image_all = torch.cat([image_feat_m, self.queue.image.clone()])  # (B + Q, D)
-            text_all = torch.cat([text_feat_m, self.queue.text.clone()])
-            targets = positive_targets(index, torch.cat([index, self.queue.index.clone()]))
+            image_all = torch.cat([image_feat_m, self.queue.image])  # (B + Q, D), a copy
+            text_all = torch.cat([text_feat_m, self.queue.text])
+            targets = positive_targets(index, torch.cat([index, self.queue.index]))
             sim_i2t_m, sim_t2i_m = image_feat_m @ text_all.T / temp, text_feat_m @ image_all.T / temp
         loss_itc = distilled_itc_loss(
             image_feat @ text_all.T / temp, text_feat @ image_all.T / temp, sim_i2t_m, sim_t2i_m, targets, alpha
@@ -193,7 +196,7 @@ class MomentumModel(nn.Module):
             input_ids, attention_mask, index, image_tokens, image_feat, text_hidden, text_feat
         )
         out = MomentumOutput({"itc": loss_itc, "itm": loss_itm}, image_feat_m, text_feat_m, index)
-        return out, image_tokens, text_hidden, image_tokens_m
+        return out, image_tokens, image_tokens_m
 
     def _itm_with_hard_negatives(
         self,

@@ -23,15 +23,16 @@ def safe_checkpoint_globals() -> list[type]:
     return [getattr(config_module, n) for n in names] + [generation.GenerationConfig]
 
 
-def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict:
     """``torch.load(weights_only=True)`` with the vlzoo config classes allowed; a
-    truncated or foreign file raises an error that names it."""
+    truncated or foreign file raises an error that names it. ``mmap`` maps tensors
+    instead of reading them (for looking at the metadata only)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
         with torch.serialization.safe_globals(safe_checkpoint_globals()):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as err:
         raise ValueError(f"{path}: not a readable vlzoo/Lightning checkpoint ({err})") from err
 
@@ -48,8 +49,7 @@ def task_class(checkpoint: dict, path: str | Path):
 def load_task(path: str | Path, map_location: str | torch.device = "cpu", eval_mode: bool = True):
     """The task (with ``.model``, ``.tokenizer``, ``.preprocess_config``) saved at ``path``,
     loaded strictly."""
-    checkpoint = read_checkpoint(path, map_location)
-    cls = task_class(checkpoint, path)
+    cls = task_class(read_checkpoint(path, map_location, mmap=True), path)  # Lightning reads the tensors below
     with torch.serialization.safe_globals(safe_checkpoint_globals()):
         task = cls.load_from_checkpoint(path, map_location=map_location, strict=True, weights_only=True)
     return task.eval() if eval_mode else task

@@ -81,12 +81,7 @@ class MomentumTask(VLTask):
         self._pending: list[tuple[Tensor, Tensor, Tensor]] = []
 
     def on_fit_start(self) -> None:
-        global_batch = self.trainer.datamodule.batch_size * world_size()
-        if self.config.queue_size % global_batch:
-            raise ValueError(
-                f"model.queue_size {self.config.queue_size} is not divisible by the global batch {global_batch} "
-                f"(data.batch_size {self.trainer.datamodule.batch_size} x {world_size()} processes)"
-            )
+        self.model.queue.check_global_batch(self.trainer.datamodule.batch_size * world_size())  # fail before step 1
 
     def alpha(self) -> float:
         """Distillation weight: ``alpha`` ramped linearly over the first epoch (or
@@ -197,6 +192,7 @@ class BLIPTask(MomentumTask):
         self.generation = generation
         self.model, self.tokenizer = build_blip(model)
         self.preprocess_config = model.vision
+        self.prompt_ids = prompt_prefix(self.tokenizer, model.prompt)  # [DEC] + prompt, tokenized once
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         batch = {**batch, **self._with_prompt(batch)}
@@ -204,9 +200,9 @@ class BLIPTask(MomentumTask):
 
     def _with_prompt(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """Insert the prompt tokens after [CLS] of every caption (no-op without a prompt)."""
-        prompt = torch.tensor(prompt_prefix(self.tokenizer, self.config.prompt)[1:], device=self.device)
-        if prompt.numel() == 0:
+        if len(self.prompt_ids) == 1:
             return {}
+        prompt = torch.tensor(self.prompt_ids[1:], device=self.device)
         ids, mask = batch["input_ids"], batch["attention_mask"]
         b = ids.shape[0]
         ids = torch.cat([ids[:, :1], prompt.expand(b, -1), ids[:, 1:]], dim=1)[:, : self.tokenizer.context_length]
@@ -215,26 +211,28 @@ class BLIPTask(MomentumTask):
         return {"input_ids": ids, "attention_mask": mask}
 
     @torch.no_grad()
+    def generate_ids(self, pixel_values: Tensor, prompt: str | None = None,
+                     config: GenerationConfig | None = None) -> Tensor:
+        """(B, T) caption token ids after the prompt (default ``model.prompt``), right-padded."""
+        prefix = self.prompt_ids if prompt is None else prompt_prefix(self.tokenizer, prompt)
+        prefix_ids = torch.tensor(prefix, device=pixel_values.device).expand(len(pixel_values), -1)
+        return self.model.generate(pixel_values, prefix_ids, config or self.generation)
+
     def caption(self, pixel_values: Tensor, prompt: str | None = None, config: GenerationConfig | None = None
                 ) -> list[str]:
         """Captions for (B, 3, H, W) images (the prompt is not repeated in the output)."""
-        prompt = self.config.prompt if prompt is None else prompt
-        prefix = torch.tensor(prompt_prefix(self.tokenizer, prompt), device=pixel_values.device)
-        ids = self.model.generate(pixel_values, prefix.expand(len(pixel_values), -1), config or self.generation)
-        return [self.tokenizer.decode(row).strip() for row in ids]
+        return [self.tokenizer.decode(row).strip() for row in self.generate_ids(pixel_values, prompt, config)]
 
     def eval_image_outputs(self, pixel_values: Tensor) -> dict[str, Tensor]:
         outputs = super().eval_image_outputs(pixel_values)
-        prefix = torch.tensor(prompt_prefix(self.tokenizer, self.config.prompt), device=pixel_values.device)
-        ids = self.model.generate(pixel_values, prefix.expand(len(pixel_values), -1), self.generation)
-        width = self.generation.max_length
+        ids = self.generate_ids(pixel_values)
+        width = self.generation.max_length  # one width, so batches concatenate
         outputs["caption_ids"] = torch.nn.functional.pad(ids, (0, width - ids.shape[1]), value=self.tokenizer.info.pad_id)
         return outputs
 
     @torch.no_grad()
     def evaluate(self, images: dict[str, Tensor], ann: EvalAnnotations) -> dict[str, float]:
         metrics = super().evaluate(images, ann)
-        limit = self.eval_config.caption_max_images or len(ann.captions)
-        predictions = [self.tokenizer.decode(row).strip() for row in images["caption_ids"][:limit].long()]
-        metrics.update(caption_metrics(predictions, ann.captions[:limit]))
+        predictions = [self.tokenizer.decode(row).strip() for row in images["caption_ids"].long()]
+        metrics.update(caption_metrics(predictions, ann.captions))
         return metrics
