@@ -89,12 +89,14 @@ def test_blip_caption_labels_skip_prompt_and_padding():
     model, tok = build_blip(tiny_cfg(BLIPConfig, prompt="a picture of "))
     prefix = prompt_prefix(tok, "a picture of ")
     assert prefix[0] == tok.info.dec_id and len(prefix) == 4 == model.prompt_length
-    tokens = tok(["a picture of a red circle", "a picture of two small blue squares"])
-    ids, labels = model.caption_labels(tokens["input_ids"], tokens["attention_mask"])
+    tokens = tok(["a red circle", "two small blue squares"])
+    ids, mask, labels = model.caption_labels(tokens["input_ids"], tokens["attention_mask"])
     assert (ids[:, 0] == tok.info.dec_id).all()
     assert (labels[:, :4] == -100).all()
-    assert labels[0, 4] == tokens["input_ids"][0, 4]
-    assert (labels[tokens["attention_mask"] == 0] == -100).all()
+    assert labels[0, 4] == tokens["input_ids"][0, 1]  # the first caption word, right after the prompt
+    assert (labels[mask == 0] == -100).all()
+    assert (mask.sum(1) == tokens["attention_mask"].sum(1) + 3).all()  # [CLS] -> [DEC] + 3 prompt tokens
+    assert tok.decode(ids[0]) == "a picture of a red circle"
 
 
 def test_blip_generates_from_its_decoder():

@@ -96,10 +96,16 @@ def test_queue_not_divisible_by_global_batch_is_a_clear_error(tmp_path):
         trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(task, datamodule=tiny_data())
 
 
-def test_blip_prompt_is_inserted_after_cls():
+def test_blip_prompt_is_inserted_after_cls_for_the_decoder_only():
     task = tiny_task("blip")
     batch = task.tokenizer(["a red circle"])
-    prompted = task._with_prompt(batch)
-    words = task.tokenizer.decode(prompted["input_ids"][0])
+    ids, mask, _ = task.model.caption_labels(batch["input_ids"], batch["attention_mask"])
+    words = task.tokenizer.decode(ids[0])
     assert words == "a picture of a red circle"
-    assert prompted["attention_mask"].sum() == batch["attention_mask"].sum() + 3
+    assert mask.sum() == batch["attention_mask"].sum() + 3
+    seen = []  # ITC/ITM see the bare caption: every text-encoder pass gets the unprompted ids
+    task.model.text.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    batch = task.tokenizer(["a red circle", "two small blue squares"])
+    task.training_step({"pixel_values": torch.zeros(2, 3, 32, 32), "index": torch.arange(2), **batch}, 0)
+    assert torch.equal(seen[0], batch["input_ids"])
+    assert seen and all(ids.shape[1] == batch["input_ids"].shape[1] for ids in seen)

@@ -170,12 +170,13 @@ def _find_weights(directory: Path) -> Path:
 
 def resize_token_embeddings(encoder: BertTextEncoder, vocab_size: int) -> None:
     """Grow (or shrink) the word embeddings to ``vocab_size`` rows; new rows are
-    initialised like BERT (normal, std 0.02). Used when a tokenizer adds [DEC]/[ENC]."""
+    initialised like the rest (normal, std ``initializer_range``). Used when a tokenizer
+    adds [DEC]/[ENC]."""
     old = encoder.embeddings.word_embeddings
     if old.num_embeddings == vocab_size:
         return
     new = torch.nn.Embedding(vocab_size, old.embedding_dim, padding_idx=old.padding_idx)
-    torch.nn.init.normal_(new.weight, std=0.02)
+    torch.nn.init.normal_(new.weight, std=encoder.config.initializer_range)
     keep = min(vocab_size, old.num_embeddings)
     with torch.no_grad():
         new.weight[:keep] = old.weight[:keep]

@@ -41,13 +41,13 @@ def _pixels(task, images: list[torch.Tensor]) -> torch.Tensor:
 
 @torch.no_grad()
 def match_probability(task, pixel_values: torch.Tensor, rows: list[int], texts: list[str]) -> torch.Tensor:
-    """(P,) ITM match probability of image ``rows[p]`` with ``texts[p]``."""
+    """(P,) ITM match probability of image ``rows[p]`` with ``texts[p]``: the sigmoid of
+    the task's batched match-minus-no-match logit (the one retrieval reranks with)."""
     if not texts:
         return torch.empty(0)
-    tokens = {k: v.to(task.device) for k, v in task.tokenizer(texts).items()}
     image_tokens, _ = task.model.image_tokens_and_feat(pixel_values)
-    logits = task.model.itm_logits(tokens["input_ids"], tokens["attention_mask"], image_tokens[torch.tensor(rows)])
-    return logits.softmax(-1)[:, 1].cpu()
+    rows = torch.tensor(rows, device=image_tokens.device)
+    return torch.sigmoid(task.score_pairs({"tokens": image_tokens}, rows, texts)).cpu()
 
 
 def capfilt_batch(captioner, filt, records: list[dict[str, Any]], images: list[torch.Tensor], threshold: float,

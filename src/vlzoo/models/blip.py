@@ -29,7 +29,8 @@ class BLIP(MomentumModel):
     Args:
         enc_id, dec_id: ids of [ENC] and [DEC], which replace [CLS] for ITM and LM.
         pad_id, eos_id: padding and end-of-text ids.
-        prompt_length: tokens at the start of a caption ([DEC] + prompt) not trained on.
+        prompt_ids: token ids of the captioning prompt ("a picture of "), inserted after
+            [DEC] for the LM loss only and never trained on; ITC/ITM see the bare caption.
         label_smoothing: of the LM loss (0.1).
         Other arguments as :class:`~vlzoo.models.momentum.MomentumModel`.
     """
@@ -42,7 +43,7 @@ class BLIP(MomentumModel):
         dec_id: int,
         pad_id: int,
         eos_id: int,
-        prompt_length: int = 0,
+        prompt_ids: list[int] = (),
         label_smoothing: float = 0.1,
         **kwargs,
     ):
@@ -56,7 +57,7 @@ class BLIP(MomentumModel):
             dec.attention.load_state_dict(enc.attention.state_dict())  # start from the encoder's (BERT's) weights
         self.lm_head = LMHead(text.config, text.embeddings.word_embeddings)
         self.enc_id, self.dec_id, self.pad_id, self.eos_id = enc_id, dec_id, pad_id, eos_id
-        self.prompt_length, self.label_smoothing = prompt_length, label_smoothing
+        self.prompt_ids, self.label_smoothing = list(prompt_ids), label_smoothing
         self._make_momentum_copies()
 
     def fuse(
@@ -73,35 +74,58 @@ class BLIP(MomentumModel):
         x = self.decoder(x, causal_padding_mask(attention_mask), image_tokens)
         return self.lm_head(x)
 
-    def caption_labels(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
-        """Decoder inputs ([DEC] first) and LM labels (pad and prompt -> -100)."""
-        ids = input_ids.clone()
-        ids[:, 0] = self.dec_id
-        labels = ids.masked_fill(attention_mask == 0, IGNORE)
+    @property
+    def prefix_ids(self) -> list[int]:
+        """[DEC] + prompt: what every caption starts with, in training and generation."""
+        return [self.dec_id, *self.prompt_ids]
+
+    @property
+    def prompt_length(self) -> int:
+        return len(self.prefix_ids)
+
+    def caption_labels(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Captions (B, L) ([CLS] caption [SEP] pad) -> decoder inputs ``[DEC] prompt
+        caption [SEP]``, their mask and LM labels (prompt and pad -> -100), each
+        (B, <= L + prompt), cut to the text model's position limit."""
+        b, limit = input_ids.shape[0], self.text.config.max_position_embeddings
+        prefix = torch.tensor(self.prefix_ids, device=input_ids.device).expand(b, -1)
+        ids = torch.cat([prefix, input_ids[:, 1:]], dim=1)[:, :limit]
+        mask = torch.cat([torch.ones_like(prefix, dtype=attention_mask.dtype), attention_mask[:, 1:]], dim=1)[:, :limit]
+        labels = ids.masked_fill(mask == 0, IGNORE)
         labels[:, : self.prompt_length] = IGNORE
-        return ids, labels
+        return ids, mask, labels
 
     def forward(
         self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor, index: Tensor, alpha: float = 0.4
     ) -> MomentumOutput:
         """Losses ``itc``, ``itm``, ``lm``: pixel_values (B, 3, H, W); input_ids (B, L)
-        tokenized captions ([CLS] first; prompt already prepended for LM); index (B,)."""
+        tokenized captions ([CLS] first, no prompt); index (B,)."""
         out, image_tokens, _ = self.itc_itm(pixel_values, input_ids, attention_mask, index, alpha)
         out.losses["lm"] = self.lm_loss(image_tokens, input_ids, attention_mask)
         return out
 
     def lm_loss(self, image_tokens: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """Captioning loss of (B, L) captions given image tokens (B, N, Dv)."""
-        ids, labels = self.caption_labels(input_ids, attention_mask)
-        return caption_lm_loss(self.decoder_logits(ids, attention_mask, image_tokens), labels, self.label_smoothing)
+        """Captioning loss of (B, L) captions (trained after the prompt) given image tokens (B, N, Dv)."""
+        ids, mask, labels = self.caption_labels(input_ids, attention_mask)
+        return caption_lm_loss(self.decoder_logits(ids, mask, image_tokens), labels, self.label_smoothing)
 
     @torch.no_grad()
     def generate(
-        self, pixel_values: Tensor, prefix_ids: Tensor, config: GenerationConfig = GenerationConfig()  # noqa: B008
+        self, pixel_values: Tensor, prefix_ids: Tensor | None = None,
+        config: GenerationConfig = GenerationConfig(),  # noqa: B008
     ) -> Tensor:
-        """Captions for images (B, 3, H, W) after ``prefix_ids`` (B, P) ([DEC] + prompt).
-        Returns (B, T) new token ids, right-padded."""
-        image_tokens, _ = self.image_tokens_and_feat(pixel_values)
+        """Captions for images (B, 3, H, W) after ``prefix_ids`` (B, P) ([DEC] + a prompt;
+        default :attr:`prefix_ids`). Returns (B, T) new token ids, right-padded."""
+        return self.generate_from_tokens(self.image_tokens_and_feat(pixel_values)[0], prefix_ids, config)
+
+    @torch.no_grad()
+    def generate_from_tokens(
+        self, image_tokens: Tensor, prefix_ids: Tensor | None = None,
+        config: GenerationConfig = GenerationConfig(),  # noqa: B008
+    ) -> Tensor:
+        """As :meth:`generate`, from image tokens (B, N, Dv) already computed."""
+        if prefix_ids is None:
+            prefix_ids = torch.tensor(self.prefix_ids, device=image_tokens.device).expand(len(image_tokens), -1)
 
         def next_logits(ids: Tensor, rows: Tensor) -> Tensor:
             return self.decoder_logits(ids, torch.ones_like(ids), image_tokens[rows])[:, -1]

@@ -47,7 +47,7 @@ def build_blip(cfg: BLIPConfig) -> tuple[BLIP, Tokenizer]:
     text = build_text_encoder(cfg.text, cfg.embed_dim, tokenizer, vision.width, range(_text_depth(cfg)))
     info = tokenizer.info
     model = BLIP(vision, text, enc_id=info.enc_id, dec_id=info.dec_id, pad_id=info.pad_id, eos_id=info.eos_id,
-                 prompt_length=len(prompt_prefix(tokenizer, cfg.prompt)), label_smoothing=cfg.label_smoothing,
+                 prompt_ids=prompt_prefix(tokenizer, cfg.prompt)[1:], label_smoothing=cfg.label_smoothing,
                  **_momentum_kwargs(cfg))
     return model, tokenizer
 
@@ -192,30 +192,15 @@ class BLIPTask(MomentumTask):
         self.generation = generation
         self.model, self.tokenizer = build_blip(model)
         self.preprocess_config = model.vision
-        self.prompt_ids = prompt_prefix(self.tokenizer, model.prompt)  # [DEC] + prompt, tokenized once
-
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        batch = {**batch, **self._with_prompt(batch)}
-        return super().training_step(batch, batch_idx)
-
-    def _with_prompt(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Insert the prompt tokens after [CLS] of every caption (no-op without a prompt)."""
-        if len(self.prompt_ids) == 1:
-            return {}
-        prompt = torch.tensor(self.prompt_ids[1:], device=self.device)
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        b = ids.shape[0]
-        ids = torch.cat([ids[:, :1], prompt.expand(b, -1), ids[:, 1:]], dim=1)[:, : self.tokenizer.context_length]
-        mask = torch.cat([mask[:, :1], torch.ones(b, len(prompt), dtype=mask.dtype, device=self.device),
-                          mask[:, 1:]], dim=1)[:, : self.tokenizer.context_length]
-        return {"input_ids": ids, "attention_mask": mask}
 
     @torch.no_grad()
     def generate_ids(self, pixel_values: Tensor, prompt: str | None = None,
                      config: GenerationConfig | None = None) -> Tensor:
         """(B, T) caption token ids after the prompt (default ``model.prompt``), right-padded."""
-        prefix = self.prompt_ids if prompt is None else prompt_prefix(self.tokenizer, prompt)
-        prefix_ids = torch.tensor(prefix, device=pixel_values.device).expand(len(pixel_values), -1)
+        prefix_ids = None
+        if prompt is not None:
+            prefix_ids = torch.tensor(prompt_prefix(self.tokenizer, prompt), device=pixel_values.device)
+            prefix_ids = prefix_ids.expand(len(pixel_values), -1)
         return self.model.generate(pixel_values, prefix_ids, config or self.generation)
 
     def caption(self, pixel_values: Tensor, prompt: str | None = None, config: GenerationConfig | None = None
@@ -225,7 +210,7 @@ class BLIPTask(MomentumTask):
 
     def eval_image_outputs(self, pixel_values: Tensor) -> dict[str, Tensor]:
         outputs = super().eval_image_outputs(pixel_values)
-        ids = self.generate_ids(pixel_values)
+        ids = self.model.generate_from_tokens(outputs["tokens"], config=self.generation)  # tokens computed once
         width = self.generation.max_length  # one width, so batches concatenate
         outputs["caption_ids"] = torch.nn.functional.pad(ids, (0, width - ids.shape[1]), value=self.tokenizer.info.pad_id)
         return outputs
