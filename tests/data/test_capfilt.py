@@ -5,14 +5,13 @@ mechanism — every web and synthetic caption scored and either kept or removed 
 its ITM probability, counts, skipped images — not the filter's quality."""
 
 import json
-import random
 
 import lightning as L
 import pytest
 
 from vlzoo.cli import main
 from vlzoo.config import BLIPConfig, EvalConfig, OptimConfig, TextConfig, VisionConfig
-from vlzoo.data import shapes
+from vlzoo.data.capfilt import noisy_shapes_source
 from vlzoo.data.datamodule import ShapesConfig, VLDataModule
 from vlzoo.models.generation import GenerationConfig
 from vlzoo.tasks import BLIPTask
@@ -47,19 +46,7 @@ def blip_checkpoint(tmp_path_factory):
 
 def noisy_source(tmp_path):
     """A JSONL of shapes test images (32 px) where 20% of captions belong to another image."""
-    split = shapes.load_split("test", IMAGES, 32, 0)
-    source = shapes.export_split(split, tmp_path / "noisy", IMAGES)
-    rows = [json.loads(line) for line in source.read_text().splitlines()]
-    rng = random.Random(0)
-    wrong = set(rng.sample(range(IMAGES), int(NOISE * IMAGES)))
-    for i, row in enumerate(rows):
-        caption = row["captions"][0]
-        if i in wrong:
-            other = rng.choice([r for r in rows if not set(r["captions"]) & set(row["captions"])])
-            caption = other["captions"][0]
-        row["captions"] = [caption]
-    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return source, wrong
+    return noisy_shapes_source(tmp_path / "noisy", IMAGES, NOISE, image_size=32)
 
 
 def test_capfilt_scores_every_caption_and_reports(tmp_path, blip_checkpoint, capsys):

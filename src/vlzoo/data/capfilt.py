@@ -8,12 +8,14 @@ whose match probability is below ``threshold`` are removed.
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from vlzoo.data import shapes
 from vlzoo.data.datamodule import preprocess_images
 from vlzoo.data.jsonl import read_caption_jsonl, read_rgb
 from vlzoo.models.generation import GenerationConfig
@@ -126,3 +128,22 @@ def _count(report: CapFiltReport, cleaned: dict[str, Any]) -> None:
             report.web_removed += 1
         else:
             report.synthetic_removed += 1
+
+
+def noisy_shapes_source(out: str | Path, images: int, noise: float = 0.2, image_size: int = 64,
+                        seed: int = 0) -> tuple[Path, set[int]]:
+    """A CapFilt test set: ``images`` shapes test images exported to ``OUT/captions.jsonl``
+    with one caption each, a ``noise`` fraction of them (seeded) replaced by a caption
+    of another scene. Returns the JSONL path and the indices of the wrong rows."""
+    source = shapes.export_split(shapes.load_split("test", images, image_size, seed), out, images)
+    rows = [json.loads(line) for line in source.read_text().splitlines()]
+    rng = random.Random(seed)
+    wrong = set(rng.sample(range(len(rows)), int(noise * len(rows))))
+    for i, row in enumerate(rows):
+        caption = row["captions"][0]
+        if i in wrong:
+            other = rng.choice([r for r in rows if not set(r["captions"]) & set(row["captions"])])
+            caption = other["captions"][0]
+        row["captions"] = [caption]
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return source, wrong
