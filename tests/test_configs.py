@@ -6,7 +6,15 @@ import pytest
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser
 
-from vlzoo.config import ALBEFConfig, BLIPConfig, CLIPConfig, load_yaml_section
+from vlzoo.config import (
+    ALBEFConfig,
+    BLIP2Config,
+    BLIP2LLMConfig,
+    BLIPConfig,
+    CausalLMConfig,
+    CLIPConfig,
+    load_yaml_section,
+)
 from vlzoo.data.datamodule import VLDataModule
 from vlzoo.tasks.base import VLTask
 
@@ -31,10 +39,11 @@ def test_there_are_configs():
 def test_zoo_config_parses(path):
     cfg = cli_parser().parse_path(str(path))
     assert cfg.model.class_path.startswith("vlzoo.tasks.")
-    schemas = {"CLIPTask": CLIPConfig, "ALBEFTask": ALBEFConfig, "BLIPTask": BLIPConfig}
+    schemas = {"CLIPTask": CLIPConfig, "ALBEFTask": ALBEFConfig, "BLIPTask": BLIPConfig, "BLIP2Task": BLIP2Config,
+               "BLIP2LLMTask": BLIP2LLMConfig, "CausalLMTask": CausalLMConfig}
     schema = schemas[cfg.model.class_path.rpartition(".")[2]]
     typed = load_yaml_section(path, "model.init_args.model", schema)
-    assert isinstance(typed, schema) and typed.embed_dim > 0
+    assert isinstance(typed, schema) and getattr(typed, "embed_dim", 1) > 0
 
 
 def test_a_wrong_field_is_rejected_with_its_name(tmp_path):

@@ -48,9 +48,10 @@ class TextConfig:
     - ``open_clip``: open_clip's causal text transformer (EOT pooling); ``name`` an
       open_clip model config to take the text tower from, ``kwargs`` override
       ``CLIPTextCfg`` fields (``width``, ``heads``, ``layers``, ...).
-    - ``bert``: a BERT-style encoder on vlzoo's shared transformer block ([CLS]
-      pooling); ``kwargs`` are ``BertConfig`` fields; ``pretrained`` a Hugging Face
-      BERT directory to load (strictly).
+    - ``bert``: a BERT-style encoder on vlzoo's shared transformer block; ``kwargs``
+      are ``BertConfig`` fields; ``pretrained`` a Hugging Face BERT directory to load
+      (strictly); ``pooling`` ``cls`` (default, as BERT and the papers) or ``mean``
+      (the attended tokens' mean, for the pooled feature that ITC/CLIP use).
     ``vocab_size`` defaults to the tokenizer's.
     """
 
@@ -60,6 +61,7 @@ class TextConfig:
     context_length: int = 77
     kwargs: dict[str, Any] = field(default_factory=dict)
     pretrained: str | None = None
+    pooling: str | None = None  # None: the impl's own (bert: cls; open_clip: end-of-text token)
     grad_checkpointing: bool = False
     locked: bool = False
 
@@ -114,6 +116,84 @@ class BLIPConfig(MomentumConfig):
     queue_size: int = 57600
     prompt: str = "a picture of "
     label_smoothing: float = 0.1
+
+
+@dataclass
+class BLIP2Config:
+    """BLIP-2 stage 1: a frozen image encoder read by a Q-Former (ITC + ITM + ITG).
+
+    ``vision`` is frozen whatever its ``locked`` says (``impl: vlzoo`` with ``name:
+    zoo:clip/shapes-tiny`` takes the vision tower of a vlzoo CLIP); ``qformer`` is a
+    BERT-style text config (``impl: bert``): ``kwargs`` its sizes, ``pretrained`` a BERT
+    directory to initialise from (cross-attention and queries stay random),
+    ``pooling`` the text feature of ITC. ``frozen_precision`` runs the frozen encoder
+    in ``bf16``/``fp16`` (the Q-Former stays fp32). ``cache_image_features`` keeps the
+    frozen encoder's output per training image (valid without random augmentation).
+    """
+
+    vision: VisionConfig = field(default_factory=lambda: VisionConfig(output_layer=-2))
+    qformer: TextConfig = field(default_factory=lambda: TextConfig(impl="bert", tokenizer="bert-base-uncased",
+                                                                   context_length=32))
+    num_queries: int = 32
+    cross_attention_every: int = 2
+    embed_dim: int = 256
+    temperature: float = 0.07
+    min_temperature: float = 0.001
+    max_temperature: float = 0.5
+    label_smoothing: float = 0.1
+    frozen_precision: str | None = None
+    cache_image_features: bool = False
+
+
+@dataclass
+class BLIP2LLMConfig:
+    """BLIP-2 stage 2: the stage-1 Q-Former's queries, projected to the LLM's width, are
+    a soft visual prompt for a frozen LLM.
+
+    ``stage1``: a stage-1 checkpoint or ``zoo:blip2/...`` whose frozen image encoder,
+    ``ln_vision`` and Q-Former start stage 2 (None: build them from ``vision``,
+    ``qformer``, ``num_queries``, ``cross_attention_every`` with a random Q-Former).
+    ``llm``: a Hugging Face name or directory, or ``zoo:lm/...``; ``llm_kind``
+    ``causal`` (AutoModelForCausalLM: OPT, GPT-2, Llama) or ``seq2seq``
+    (AutoModelForSeq2SeqLM: T5/Flan-T5), None = from the LLM's config.
+    ``caption_prompt`` precedes captions; ``vqa_prompt`` formats questions;
+    ``instruction_aware``: the question is also fed to the Q-Former.
+    ``llm_precision``: ``bf16``/``fp16`` for the frozen LLM. ``checkpoint_llm``: keep
+    the frozen LLM's weights in checkpoints (else they are reloaded from ``llm``).
+    """
+
+    stage1: str | None = None
+    vision: VisionConfig = field(default_factory=lambda: VisionConfig(output_layer=-2))
+    qformer: TextConfig = field(default_factory=lambda: TextConfig(impl="bert", tokenizer="bert-base-uncased",
+                                                                   context_length=32))
+    num_queries: int = 32
+    cross_attention_every: int = 2
+    llm: str = "facebook/opt-2.7b"
+    llm_kind: str | None = None
+    caption_prompt: str = "a photo of"
+    vqa_prompt: str = "Question: {} Answer:"
+    instruction_aware: bool = False
+    max_text_length: int = 64
+    frozen_precision: str | None = None
+    llm_precision: str | None = None
+    checkpoint_llm: bool = False
+    train_vqa: bool = True  # add the LM loss of one QA pair per image when the data has them
+
+
+@dataclass
+class CausalLMConfig:
+    """A small causal LM trained by vlzoo on the training text (each image's captions
+    and ``vqa_prompt``-formatted QA pairs): the frozen LM of the shapes BLIP-2.
+
+    ``architecture``: a transformers model type (``gpt2``, ``opt``, ``llama``, ...);
+    ``kwargs``: its config fields (sizes); ``tokenizer``: ``shapes`` or a Hugging Face name.
+    """
+
+    architecture: str = "gpt2"
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    tokenizer: str = "shapes"
+    vqa_prompt: str = "Question: {} Answer:"
+    max_text_length: int = 48
 
 
 @dataclass

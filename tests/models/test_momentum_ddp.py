@@ -8,7 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from vlzoo.config import ALBEFConfig, BLIPConfig, TextConfig, VisionConfig
-from vlzoo.models import momentum as momentum_module
+from vlzoo.models import itm as itm_module
 from vlzoo.tasks.momentum import build_albef, build_blip
 
 UNION, STEPS = 8, 3
@@ -42,14 +42,14 @@ def _worker(rank: int, family: str, init_file: str, out_dir: str):
     torch.set_num_threads(1)
     model, tok = tiny(family)
     drawn = []
-    sampler = momentum_module.sample_hard_negatives
+    sampler = itm_module.sample_hard_negatives
 
     def recording(similarity, positive, generator=None):
         picks = sampler(similarity, positive, generator)
         drawn.append((similarity.shape[1], picks))
         return picks
 
-    momentum_module.sample_hard_negatives = recording
+    itm_module.sample_hard_negatives = recording
     torch.manual_seed(rank)
     half = slice(rank * UNION // 2, (rank + 1) * UNION // 2)
     for step in range(STEPS):

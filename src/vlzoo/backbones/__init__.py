@@ -12,12 +12,38 @@ from vlzoo.config import TextConfig, VisionConfig
 from vlzoo.data.tokenizers import Tokenizer
 from vlzoo.layers.transformer import BertConfig
 
-VISION_IMPLS = ("timm", "open_clip")
+VISION_IMPLS = ("timm", "open_clip", "vlzoo")
 TEXT_IMPLS = ("open_clip", "bert")
 
 
+def resolve_vision_config(cfg: VisionConfig) -> tuple[VisionConfig, dict | None]:
+    """impl ``vlzoo`` (``name``: a vlzoo checkpoint or ``zoo:FAMILY/VARIANT``) -> the
+    tower's own config and its weights; any other config as is, without weights."""
+    if cfg.impl != "vlzoo":
+        return cfg, None
+    if not cfg.name:
+        raise ValueError("vision.name: a vlzoo checkpoint path or zoo:FAMILY/VARIANT is required for impl 'vlzoo'")
+    from vlzoo.hub.artefacts import artefact_checkpoint
+    from vlzoo.tasks.loading import vision_tower_from_checkpoint
+
+    resolved, state = vision_tower_from_checkpoint(artefact_checkpoint(cfg.name), cfg)
+    if resolved.impl == "vlzoo":
+        raise ValueError(f"vision.name {cfg.name}: its vision config is itself a reference; expected a built tower")
+    return resolved, state
+
+
 def build_vision_encoder(cfg: VisionConfig, embed_dim: int) -> VisionEncoder:
-    """A vision encoder from its config; ``embed_dim`` sizes open_clip's own projection."""
+    """A vision encoder from its config; ``embed_dim`` sizes open_clip's own projection.
+    impl ``vlzoo`` builds the tower of a vlzoo checkpoint and loads its weights strictly
+    (pass the config through :func:`resolve_vision_config` first to keep its
+    preprocessing)."""
+    if cfg.impl == "vlzoo":
+        from vlzoo.hub.weights import load_strict
+
+        resolved, state = resolve_vision_config(cfg)
+        encoder = build_vision_encoder(resolved, embed_dim)
+        load_strict(encoder, state, source=f"vision tower of {cfg.name}")
+        return encoder
     common = dict(image_size=cfg.image_size, output_layer=cfg.output_layer, patch_dropout=cfg.patch_dropout)
     if cfg.impl == "timm":
         if not cfg.name:
@@ -44,13 +70,16 @@ def build_text_encoder(
     to image tokens of that width in those blocks (ALBEF fusion, BLIP, Q-Former).
     """
     if cfg.impl == "open_clip":
+        if cfg.pooling not in (None, "eot"):
+            raise ValueError(f"text.pooling: open_clip's text tower pools its end-of-text token, got {cfg.pooling!r}")
         if cross_attention_layers:
             raise ValueError("text.impl 'open_clip' has no cross-attention; use impl 'bert'")
         kwargs = dict(cfg.kwargs)
         vocab = kwargs.pop("vocab_size", tokenizer.vocab_size)
         encoder = OpenCLIPTextEncoder(embed_dim, vocab, cfg.context_length, cfg.name, **kwargs)
     elif cfg.impl == "bert":
-        cross = dict(cross_attention_width=cross_attention_width, cross_attention_layers=tuple(cross_attention_layers))
+        cross = dict(cross_attention_width=cross_attention_width, cross_attention_layers=tuple(cross_attention_layers),
+                     pooling=cfg.pooling or "cls")
         if cfg.pretrained:
             encoder = BertTextEncoder.from_pretrained(cfg.pretrained, **cross)
             if tokenizer.vocab_size > encoder.config.vocab_size:  # e.g. BLIP's [DEC]/[ENC]
@@ -80,5 +109,5 @@ def _apply_common(encoder, grad_checkpointing: bool, locked: bool) -> None:
 
 __all__ = [
     "EncoderOutput", "VisionEncoder", "TextEncoder", "TimmVisionEncoder", "OpenCLIPVisionEncoder",
-    "OpenCLIPTextEncoder", "BertTextEncoder", "build_vision_encoder", "build_text_encoder",
+    "OpenCLIPTextEncoder", "BertTextEncoder", "build_vision_encoder", "build_text_encoder", "resolve_vision_config",
 ]

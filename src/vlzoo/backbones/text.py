@@ -82,8 +82,22 @@ class OpenCLIPTextEncoder(TextEncoder):
         self.tower.set_grad_checkpointing(enable)
 
 
+BERT_POOLING = ("cls", "mean")
+
+
+def pool_tokens(tokens: Tensor, attention_mask: Tensor, pooling: str) -> Tensor:
+    """(B, L, D) -> (B, D): the first ([CLS]) token, or the mean over attended tokens."""
+    if pooling == "cls":
+        return tokens[:, 0]
+    weights = attention_mask.to(tokens.dtype)[..., None]  # (B, L, 1)
+    return (tokens * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+
 class BertTextEncoder(TextEncoder):
-    """A BERT-style encoder on vlzoo's shared block; pooled = the [CLS] token.
+    """A BERT-style encoder on vlzoo's shared block; pooled = the [CLS] token
+    (``pooling="cls"``, BERT's and the papers' choice) or the mean of the attended
+    tokens (``"mean"``: from scratch at tiny sizes it learns far faster, see the
+    shapes-tiny configs).
 
     Keys match Hugging Face ``BertModel`` (``embeddings.*``, ``encoder.layer.{i}.*``).
     Layers listed in ``cross_attention_layers`` attend to image tokens when a
@@ -95,8 +109,12 @@ class BertTextEncoder(TextEncoder):
         config: BertConfig,
         cross_attention_width: int | None = None,
         cross_attention_layers: tuple[int, ...] = (),
+        pooling: str = "cls",
     ):
         super().__init__()
+        if pooling not in BERT_POOLING:
+            raise ValueError(f"text.pooling must be one of {BERT_POOLING} for a BERT-style encoder, got {pooling!r}")
+        self.pooling = pooling
         self.config = config
         self.embeddings = BertEmbeddings(config)
         self.encoder = TransformerStack(config, cross_attention_width, cross_attention_layers)
@@ -112,7 +130,7 @@ class BertTextEncoder(TextEncoder):
         layers: slice = slice(None),
         causal: bool = False,
     ) -> EncoderOutput:
-        """(B, L) ids -> tokens (B, L, D), pooled (B, D) = the first token.
+        """(B, L) ids -> tokens (B, L, D), pooled (B, D) (see ``pooling``).
 
         context: (B, N, Dc) image tokens for the cross-attention layers (None: text
         only); layers: which blocks to run (ALBEF's text part is ``slice(0, N)``);
@@ -133,7 +151,7 @@ class BertTextEncoder(TextEncoder):
         """Run blocks ``layers`` on hidden states (B, L, D) (e.g. ALBEF's fusion layers)."""
         mask = causal_padding_mask(attention_mask) if causal else padding_mask(attention_mask)
         x = self.encoder(hidden, mask, context, context_mask, layers)
-        return EncoderOutput(x, x[:, 0])
+        return EncoderOutput(x, pool_tokens(x, attention_mask, self.pooling))
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.encoder.grad_checkpointing = enable
@@ -141,17 +159,24 @@ class BertTextEncoder(TextEncoder):
     @classmethod
     def from_pretrained(cls, directory: str | Path, **kwargs: Any) -> BertTextEncoder:
         """Build from a Hugging Face BERT directory (``config.json`` + weights), strictly."""
-        from vlzoo.hub.weights import load_state_dict_file, load_strict
+        from vlzoo.hub.weights import load_strict
 
         directory = Path(directory)
         config = bert_config_from_json(directory / "config.json")
         encoder = cls(config, **kwargs)
-        state = load_state_dict_file(_find_weights(directory))
-        state = {k.removeprefix("bert."): v for k, v in state.items()}
-        ignored = ("pooler.", "embeddings.position_ids", "cls.")
-        state = {k: v for k, v in state.items() if not k.startswith(ignored)}
-        load_strict(encoder, state, source=str(directory), allow_missing=("crossattention.",))
+        load_strict(encoder, bert_state_dict(directory), source=str(directory), allow_missing=("crossattention.",))
         return encoder
+
+
+def bert_state_dict(directory: str | Path) -> dict[str, Tensor]:
+    """The encoder weights of a Hugging Face BERT directory, keys as ``BertModel``'s
+    (``bert.`` prefix dropped; pooler, MLM head and position-id buffer left out)."""
+    from vlzoo.hub.weights import load_state_dict_file
+
+    state = load_state_dict_file(_find_weights(Path(directory)))
+    state = {k.removeprefix("bert."): v for k, v in state.items()}
+    ignored = ("pooler.", "embeddings.position_ids", "cls.")
+    return {k: v for k, v in state.items() if not k.startswith(ignored)}
 
 
 def bert_config_from_json(path: str | Path) -> BertConfig:

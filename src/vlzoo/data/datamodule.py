@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,21 +38,26 @@ class EvalAnnotations:
 
     captions: per image, all reference captions; negatives: per image, hard-negative
     captions (each to be scored against ``captions[i][0]``); zeroshot_labels: per
-    image a class index or None; zeroshot_classes: class names.
+    image a class index or None; zeroshot_classes: class names; qa: per image, its
+    question/answer pairs; answer_prior: the majority training answer per question type.
     """
 
     captions: list[list[str]]
     negatives: list[list[str]] = field(default_factory=list)
     zeroshot_labels: list[int | None] = field(default_factory=list)
     zeroshot_classes: list[str] = field(default_factory=list)
+    qa: list[list[dict[str, str]]] = field(default_factory=list)  # per image: question, answer, type
+    answer_prior: dict[str, str] = field(default_factory=dict)  # question type -> most common training answer
 
 
 class ShapesDataset(Dataset):
-    """Items ``{"image": (3, H, W) uint8, "index": int}`` plus one random ``caption`` when training."""
+    """Items ``{"image": (3, H, W) uint8, "index": int}`` plus one random ``caption`` when
+    training, and one random ``qa`` pair (question, answer, type) when ``with_qa``."""
 
-    def __init__(self, split: shapes_data.ShapesSplit, train: bool):
+    def __init__(self, split: shapes_data.ShapesSplit, train: bool, with_qa: bool = False):
         self.split = split
         self.train = train
+        self.with_qa = with_qa
 
     def __len__(self) -> int:
         return len(self.split)
@@ -62,6 +68,9 @@ class ShapesDataset(Dataset):
         if self.train:
             captions = self.split.records[i]["captions"]
             item["caption"] = captions[int(torch.randint(len(captions), ()))]
+            if self.with_qa:
+                qa = self.split.records[i]["qa"]
+                item["qa"] = qa[int(torch.randint(len(qa), ()))]
         return item
 
 
@@ -79,7 +88,8 @@ class ImageTextCollator:
     """Stacks images, resizes and normalises them, and tokenizes captions.
 
     Returns ``pixel_values`` (B, 3, S, S) float, ``index`` (B,), and when captions are
-    present ``input_ids``/``attention_mask`` (B, L).
+    present ``input_ids``/``attention_mask`` (B, L) and the strings ``captions``; with QA
+    pairs, the strings ``questions`` and ``answers``.
     """
 
     def __init__(self, tokenizer: Tokenizer, image_size: int, mean: Sequence[float], std: Sequence[float]):
@@ -95,7 +105,11 @@ class ImageTextCollator:
             "index": torch.tensor([it["index"] for it in items], dtype=torch.long),
         }
         if "caption" in items[0]:
-            batch.update(self.tokenizer([it["caption"] for it in items]))
+            batch["captions"] = [it["caption"] for it in items]
+            batch.update(self.tokenizer(batch["captions"]))
+        if "qa" in items[0]:
+            batch["questions"] = [it["qa"]["question"] for it in items]
+            batch["answers"] = [it["qa"]["answer"] for it in items]
         return batch
 
 
@@ -109,7 +123,8 @@ class VLDataModule(L.LightningDataModule):
         num_workers: DataLoader worker processes.
 
     The tokenizer and image preprocessing come from the model being trained (its
-    ``tokenizer`` and ``preprocess_config``), or from :meth:`attach`.
+    ``tokenizer`` and ``preprocess_config``), or from :meth:`attach`; a model with
+    ``uses_qa = True`` also gets one QA pair per training item.
     """
 
     def __init__(
@@ -133,6 +148,8 @@ class VLDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self._splits: dict[str, shapes_data.ShapesSplit] = {}
         self.collator: ImageTextCollator | None = None
+        self.with_qa = False
+        self._answer_prior: dict[str, str] | None = None
 
     def attach(self, tokenizer: Tokenizer, image_size: int, mean: Sequence[float], std: Sequence[float]) -> None:
         """Set the tokenizer and preprocessing explicitly (when no Trainer/model is attached)."""
@@ -158,10 +175,11 @@ class VLDataModule(L.LightningDataModule):
                 raise RuntimeError("VLDataModule needs a model with a tokenizer, or attach(...) first")
             pre = module.preprocess_config
             self.attach(module.tokenizer, pre.image_size, pre.mean, pre.std)
+            self.with_qa = bool(getattr(module, "uses_qa", False))
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         return DataLoader(
-            ShapesDataset(self._split(split), train=train),
+            ShapesDataset(self._split(split), train=train, with_qa=train and self.with_qa),
             batch_size=self.batch_size if train else self.eval_batch_size,
             shuffle=train,
             drop_last=train,
@@ -190,4 +208,16 @@ class VLDataModule(L.LightningDataModule):
             negatives=[[n["caption"] for n in r["negatives"]] for r in records],
             zeroshot_labels=[shapes_data.zeroshot_label(r) for r in records],
             zeroshot_classes=shapes_data.zeroshot_classes(),
+            qa=[r["qa"] for r in records],
+            answer_prior=self.answer_prior(),
         )
+
+    def answer_prior(self) -> dict[str, str]:
+        """Question type -> the most common answer of that type in the training split."""
+        if self._answer_prior is None:
+            counts: dict[str, Counter] = {}
+            for record in self._split("train").records:
+                for qa in record["qa"]:
+                    counts.setdefault(qa["type"], Counter())[qa["answer"]] += 1
+            self._answer_prior = {t: c.most_common(1)[0][0] for t, c in counts.items()}
+        return self._answer_prior

@@ -113,7 +113,7 @@ class FeedForwardIn(nn.Module):
 class TransformerBlock(nn.Module):
     """Self-attention, optional cross-attention to image tokens, feed-forward."""
 
-    def __init__(self, cfg: BertConfig, cross_attention_width: int | None = None):
+    def __init__(self, cfg: BertConfig, cross_attention_width: int | None = None, query_ffn: bool = False):
         super().__init__()
         self.attention = AttentionSublayer(cfg)
         self.crossattention = (
@@ -121,6 +121,10 @@ class TransformerBlock(nn.Module):
         )
         self.intermediate = FeedForwardIn(cfg)
         self.output = ResidualOutput(cfg.intermediate_size, cfg.hidden_size, cfg.layer_norm_eps, cfg.hidden_dropout_prob)
+        if query_ffn:  # the Q-Former's learned queries have a feed-forward of their own
+            self.intermediate_query = FeedForwardIn(cfg)
+            self.output_query = ResidualOutput(cfg.intermediate_size, cfg.hidden_size, cfg.layer_norm_eps,
+                                               cfg.hidden_dropout_prob)
 
     @property
     def has_cross_attention(self) -> bool:
@@ -132,13 +136,25 @@ class TransformerBlock(nn.Module):
         mask: Tensor | None = None,
         context: Tensor | None = None,
         context_mask: Tensor | None = None,
+        query_length: int = 0,
     ) -> Tensor:
         """x: (B, L, D); mask: (B, 1, L, L) bool; context: (B, N, Dc) image tokens or
-        None (text-only mode: cross-attention skipped); context_mask: (B, 1, 1, N) bool."""
+        None (text-only mode: cross-attention skipped); context_mask: (B, 1, 1, N) bool.
+
+        query_length Q > 0 (Q-Former): the first Q positions of x are learned queries;
+        only they cross-attend, and they take the ``*_query`` feed-forward."""
         x = self.attention(x, mask=mask)
+        if not query_length:
+            if context is not None and self.crossattention is not None:
+                x = self.crossattention(x, context, context_mask)
+            return self.output(self.intermediate(x), x)
+        queries, text = x[:, :query_length], x[:, query_length:]
         if context is not None and self.crossattention is not None:
-            x = self.crossattention(x, context, context_mask)
-        return self.output(self.intermediate(x), x)
+            queries = self.crossattention(queries, context, context_mask)
+        queries = self.output_query(self.intermediate_query(queries), queries)
+        if text.shape[1] == 0:
+            return queries
+        return torch.cat([queries, self.output(self.intermediate(text), text)], dim=1)
 
 
 class TransformerStack(nn.Module):
@@ -149,6 +165,7 @@ class TransformerStack(nn.Module):
         cfg: BertConfig,
         cross_attention_width: int | None = None,
         cross_attention_layers: Sequence[int] = (),
+        query_ffn: bool = False,
     ):
         super().__init__()
         cross = set(cross_attention_layers)
@@ -156,7 +173,7 @@ class TransformerStack(nn.Module):
         if bad:
             raise ValueError(f"cross_attention_layers {bad} outside 0..{cfg.num_hidden_layers - 1}")
         self.layer = nn.ModuleList(
-            TransformerBlock(cfg, cross_attention_width if i in cross else None)
+            TransformerBlock(cfg, cross_attention_width if i in cross else None, query_ffn)
             for i in range(cfg.num_hidden_layers)
         )
         self.grad_checkpointing = False
@@ -168,13 +185,15 @@ class TransformerStack(nn.Module):
         context: Tensor | None = None,
         context_mask: Tensor | None = None,
         layers: slice = slice(None),
+        query_length: int = 0,
     ) -> Tensor:
-        """Run ``self.layer[layers]`` over x (B, L, D); returns (B, L, D)."""
+        """Run ``self.layer[layers]`` over x (B, L, D); returns (B, L, D).
+        ``query_length``: see :meth:`TransformerBlock.forward`."""
         for block in self.layer[layers]:
             if self.grad_checkpointing and self.training:
-                x = checkpoint(block, x, mask, context, context_mask, use_reentrant=False)
+                x = checkpoint(block, x, mask, context, context_mask, query_length, use_reentrant=False)
             else:
-                x = block(x, mask, context, context_mask)
+                x = block(x, mask, context, context_mask, query_length)
         return x
 
 
@@ -189,13 +208,23 @@ class BertEmbeddings(nn.Module):
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
 
-    def forward(self, input_ids: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
-        """input_ids: (B, L) -> (B, L, D)."""
+    def forward(
+        self, input_ids: Tensor | None, token_type_ids: Tensor | None = None, prefix: Tensor | None = None
+    ) -> Tensor:
+        """input_ids: (B, L) -> (B, L, D). ``prefix`` (B, Q, D) (the Q-Former's queries,
+        no position embedding) goes before the text, under the same LayerNorm:
+        -> (B, Q + L, D); ``input_ids`` may then be None (queries alone)."""
+        if input_ids is None:
+            if prefix is None:
+                raise ValueError("BertEmbeddings needs input_ids or a prefix")
+            return self.dropout(self.LayerNorm(prefix))
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         x = self.word_embeddings(input_ids) + self.position_embeddings(positions)[None]
         if self.token_type_embeddings is not None:
             types = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids
             x = x + self.token_type_embeddings(types)
+        if prefix is not None:
+            x = torch.cat([prefix.to(x.dtype), x], dim=1)
         return self.dropout(self.LayerNorm(x))
 
 

@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlzoo.backbones import BertTextEncoder, VisionEncoder
-from vlzoo.distributed import gather_no_grad, gather_padded, gather_with_grad
-from vlzoo.losses import distilled_itc_loss, itm_loss, positive_targets, sample_hard_negatives
+from vlzoo.distributed import gather_no_grad
+from vlzoo.losses import distilled_itc_loss, positive_targets
+from vlzoo.models.itm import itm_with_hard_negatives
 
 
 @dataclass
@@ -136,10 +137,11 @@ class MomentumModel(nn.Module):
     def text_hidden_and_feat(
         self, input_ids: Tensor, attention_mask: Tensor, momentum: bool = False
     ) -> tuple[Tensor, Tensor]:
-        """Unimodal text pass ([CLS] first): hidden (B, L, Dt) and normalised feature (B, D)."""
+        """Unimodal text pass: hidden (B, L, Dt) and normalised feature (B, D) of the
+        pooled text (the [CLS] token, or the token mean; see ``text.pooling``)."""
         text, proj = (self.text_m, self.text_proj_m) if momentum else (self.text, self.text_proj)
-        hidden = text(input_ids, attention_mask, layers=self.text_layers).tokens
-        return hidden, F.normalize(proj(hidden[:, 0]), dim=-1)
+        out = text(input_ids, attention_mask, layers=self.text_layers)
+        return out.tokens, F.normalize(proj(out.pooled), dim=-1)
 
     def encode_image(self, pixel_values: Tensor) -> Tensor:
         """(B, 3, H, W) -> (B, D) normalised ITC embedding."""
@@ -208,24 +210,13 @@ class MomentumModel(nn.Module):
         text_hidden: Tensor,
         text_feat: Tensor,
     ) -> Tensor:
-        """ITM over B positives, B (text, hard-negative image) and B (image, hard-negative
-        text) pairs; negatives are drawn from the batch of every rank."""
-        b = input_ids.shape[0]
+        """ITM over positives and hard negatives drawn from the batch of every rank."""
         with torch.no_grad():
-            image_feat_world, text_feat_world = gather_no_grad(image_feat), gather_no_grad(text_feat)
-            positive = index[:, None] == gather_no_grad(index)[None, :]  # (B, world B)
             temp = self.temp.detach()
-            negative_image = sample_hard_negatives(text_feat @ image_feat_world.T / temp, positive)  # (B,)
-            negative_text = sample_hard_negatives(image_feat @ text_feat_world.T / temp, positive)  # (B,)
-            ids_world = gather_padded(input_ids, value=0)
-            mask_world = gather_padded(attention_mask, value=0)
-        image_tokens_world = gather_with_grad(image_tokens)  # (world B, N, Dv)
-        same_text = self.itm_logits(
-            input_ids.repeat(2, 1), attention_mask.repeat(2, 1),
-            torch.cat([image_tokens, image_tokens_world[negative_image]]), text_hidden.repeat(2, 1, 1),
-        )  # (2B, 2): positives, then negative images
-        other_text = self.itm_logits(ids_world[negative_text], mask_world[negative_text], image_tokens)  # (B, 2)
-        return itm_loss(torch.cat([same_text, other_text]), num_positive=b)
+            sim_t2i = text_feat @ gather_no_grad(image_feat).T / temp  # (B, world B)
+            sim_i2t = image_feat @ gather_no_grad(text_feat).T / temp
+        return itm_with_hard_negatives(self.itm_logits, input_ids, attention_mask, index, image_tokens,
+                                       sim_t2i, sim_i2t, text_hidden)
 
     # ------------------------------------------------- once per optimizer step
     @torch.no_grad()

@@ -99,6 +99,10 @@ class VLTask(L.LightningModule):
         """Strings -> (T, D) normalised embeddings, batched."""
         raise NotImplementedError
 
+    def itc_similarity(self, image_embeds: Tensor, text_embeds: Tensor) -> Tensor:
+        """(N, ...) image and (T, D) text embeddings -> (N, T) similarity. Default: cosine."""
+        return image_embeds @ text_embeds.T
+
     def score_pairs(self, images: dict[str, Tensor], rows: Tensor, texts: list[str]) -> Tensor:
         """Match score of image ``rows[i]`` with ``texts[i]`` -> (P,). Default: cosine."""
         return (images["embeds"][rows] * self.embed_texts(texts)).sum(-1)
@@ -136,8 +140,9 @@ class VLTask(L.LightningModule):
             return
         images = {k: v.to(self.device) for k, v in self._gathered_image_outputs().items()}
         ann: EvalAnnotations = self.trainer.datamodule.annotations(stage)
-        if len(ann.captions) != len(images["embeds"]):
-            raise RuntimeError(f"{stage}: {len(images['embeds'])} images embedded, {len(ann.captions)} annotated")
+        count = len(next(iter(images.values())))
+        if len(ann.captions) != count:
+            raise RuntimeError(f"{stage}: {count} images evaluated, {len(ann.captions)} annotated")
         metrics = self.evaluate(images, ann)
         self.log_dict({f"{stage}/{k}": v for k, v in metrics.items()}, sync_dist=False)
 
@@ -146,7 +151,7 @@ class VLTask(L.LightningModule):
         """Retrieval, compositional and zero-shot metrics from per-image outputs."""
         index = CaptionIndex.build(ann.captions)
         text_embeds = self.embed_texts(index.texts)  # (T, D)
-        metrics = recall_at_k((images["embeds"] @ text_embeds.T).float().cpu(), index)
+        metrics = recall_at_k(self.itc_similarity(images["embeds"], text_embeds).float().cpu(), index)
         metrics["compositional_acc"] = self._compositional(images, ann)
         if ann.zeroshot_classes:
             metrics["zeroshot_acc"] = self._zeroshot(images["embeds"], ann)
@@ -176,7 +181,7 @@ class VLTask(L.LightningModule):
         class_embeds = F.normalize(class_embeds.mean(1), dim=-1)  # (C, D)
         rows = torch.tensor([i for i, _ in labelled], device=image_embeds.device)
         labels = torch.tensor([y for _, y in labelled], device=image_embeds.device)
-        predictions = (image_embeds[rows] @ class_embeds.T).argmax(-1)
+        predictions = self.itc_similarity(image_embeds[rows], class_embeds).argmax(-1)
         return (predictions == labels).float().mean().item()
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:  # noqa: D102

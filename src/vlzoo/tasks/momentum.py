@@ -4,6 +4,7 @@ two-stage (ITC, then ITM) retrieval evaluation, caption metrics for BLIP."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from vlzoo.backbones import build_text_encoder, build_vision_encoder
@@ -70,9 +71,86 @@ def prompt_prefix(tokenizer: Tokenizer, prompt: str) -> list[int]:
     return [tokenizer.info.dec_id] + ids[1:]
 
 
-class MomentumTask(VLTask):
-    """Shared by ALBEF and BLIP: alpha ramp, EMA and enqueue once per optimizer step,
-    two-stage retrieval (ITC top-k reranked by ITM) and ITM-scored compositional accuracy."""
+class TwoStageRetrievalTask(VLTask):
+    """Evaluation of the families with an ITM head (ALBEF, BLIP, BLIP-2): ITC similarity
+    for all pairs, the top k reranked by ITM, ITM-scored compositional accuracy.
+
+    ``self.model`` provides ``image_tokens_and_feat``-style outputs through
+    :meth:`eval_image_outputs` and ``itm_logits(ids, mask, image_tokens)``.
+    """
+
+    def embed_images(self, pixel_values: Tensor) -> Tensor:
+        return self.model.encode_image(pixel_values)
+
+    def image_tokens_and_embeds(self, pixel_values: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, 3, H, W) -> the tokens ITM reads (B, N, Dv) and the ITC embeddings."""
+        return self.model.image_tokens_and_feat(pixel_values)
+
+    def eval_image_outputs(self, pixel_values: Tensor) -> dict[str, Tensor]:
+        tokens, embeds = self.image_tokens_and_embeds(pixel_values)
+        return {"embeds": embeds, "tokens": tokens}
+
+    def embed_texts(self, texts: list[str]) -> Tensor:
+        size = self.eval_config.text_batch_size
+        chunks = [self.model.encode_text(**self._tokenize(texts[i : i + size])) for i in range(0, len(texts), size)]
+        return torch.cat(chunks)
+
+    def _itm_scores(self, images: dict[str, Tensor], rows: Tensor, tokens: dict[str, Tensor], cols: Tensor) -> Tensor:
+        """(P,) ITM match logit minus no-match logit of image rows[p] with text cols[p]."""
+        logits = self.model.itm_logits(tokens["input_ids"][cols], tokens["attention_mask"][cols],
+                                       images["tokens"][rows])
+        return logits[:, 1] - logits[:, 0]
+
+    def score_pairs(self, images: dict[str, Tensor], rows: Tensor, texts: list[str]) -> Tensor:
+        size = self.eval_config.itm_batch_size
+        scores = []
+        for s in range(0, len(texts), size):
+            tokens = self._tokenize(texts[s : s + size])
+            cols = torch.arange(len(tokens["input_ids"]), device=self.device)
+            scores.append(self._itm_scores(images, rows[s : s + size], tokens, cols))
+        return torch.cat(scores)
+
+    @torch.no_grad()
+    def evaluate(self, images: dict[str, Tensor], ann: EvalAnnotations) -> dict[str, float]:
+        index = CaptionIndex.build(ann.captions)
+        texts, of_text = unique_texts(index.texts)
+        tokens = self._tokenize(texts)
+        similarity = self.itc_similarity(images["embeds"], self.embed_texts(texts))  # (N, U) ITC
+        metrics = {f"itc_{k}": v for k, v in recall_at_k(similarity[:, of_text].float().cpu(), index).items()
+                   if k.startswith("r1_")}
+        k, batch = self.eval_config.rerank_k, self.eval_config.itm_batch_size
+        i2t = rerank_top_k(similarity, k, lambda q, c: self._itm_scores(images, q, tokens, c), batch)
+        t2i = rerank_top_k(similarity.T, k, lambda q, c: self._itm_scores(images, c, tokens, q), batch)
+        metrics.update({m: v for m, v in recall_at_k(i2t[:, of_text].cpu(), index).items() if m.endswith("i2t")})
+        metrics.update({m: v for m, v in recall_at_k(t2i.T[:, of_text].cpu(), index).items() if m.endswith("t2i")})
+        metrics["compositional_acc"] = self._compositional(images, ann)
+        if ann.zeroshot_classes:
+            metrics["zeroshot_acc"] = self._zeroshot(images["embeds"], ann)
+        return metrics
+
+
+class CaptionEvalMixin:
+    """For captioners (BLIP, BLIP-2): evaluation captions every image from the image
+    tokens already computed (``self.model.generate_from_tokens``, decoding
+    ``self.generation``) and adds ``bleu4``/``cider`` against all references."""
+
+    def eval_image_outputs(self, pixel_values: Tensor) -> dict[str, Tensor]:
+        outputs = super().eval_image_outputs(pixel_values)
+        ids = self.model.generate_from_tokens(outputs["tokens"], config=self.generation)
+        width = self.generation.max_length  # one width, so batches concatenate
+        outputs["caption_ids"] = F.pad(ids, (0, width - ids.shape[1]), value=self.tokenizer.info.pad_id)
+        return outputs
+
+    @torch.no_grad()
+    def evaluate(self, images: dict[str, Tensor], ann: EvalAnnotations) -> dict[str, float]:
+        metrics = super().evaluate(images, ann)
+        predictions = [self.tokenizer.decode(row).strip() for row in images["caption_ids"].long()]
+        metrics.update(caption_metrics(predictions, ann.captions))
+        return metrics
+
+
+class MomentumTask(TwoStageRetrievalTask):
+    """Shared by ALBEF and BLIP: alpha ramp, EMA and enqueue once per optimizer step."""
 
     config: MomentumConfig
 
@@ -108,52 +186,6 @@ class MomentumTask(VLTask):
             self.model.enqueue(image_feat, text_feat, index)
         self._pending.clear()
 
-    # ---------------------------------------------------------------- evaluation
-    def embed_images(self, pixel_values: Tensor) -> Tensor:
-        return self.model.encode_image(pixel_values)
-
-    def eval_image_outputs(self, pixel_values: Tensor) -> dict[str, Tensor]:
-        tokens, feat = self.model.image_tokens_and_feat(pixel_values)
-        return {"embeds": feat, "tokens": tokens}
-
-    def embed_texts(self, texts: list[str]) -> Tensor:
-        size = self.eval_config.text_batch_size
-        chunks = [self.model.encode_text(**self._tokenize(texts[i : i + size])) for i in range(0, len(texts), size)]
-        return torch.cat(chunks)
-
-    def _itm_scores(self, images: dict[str, Tensor], rows: Tensor, tokens: dict[str, Tensor], cols: Tensor) -> Tensor:
-        """(P,) ITM match logit minus no-match logit of image rows[p] with text cols[p]."""
-        logits = self.model.itm_logits(tokens["input_ids"][cols], tokens["attention_mask"][cols],
-                                       images["tokens"][rows])
-        return logits[:, 1] - logits[:, 0]
-
-    def score_pairs(self, images: dict[str, Tensor], rows: Tensor, texts: list[str]) -> Tensor:
-        size = self.eval_config.itm_batch_size
-        scores = []
-        for s in range(0, len(texts), size):
-            tokens = self._tokenize(texts[s : s + size])
-            cols = torch.arange(len(tokens["input_ids"]), device=self.device)
-            scores.append(self._itm_scores(images, rows[s : s + size], tokens, cols))
-        return torch.cat(scores)
-
-    @torch.no_grad()
-    def evaluate(self, images: dict[str, Tensor], ann: EvalAnnotations) -> dict[str, float]:
-        index = CaptionIndex.build(ann.captions)
-        texts, of_text = unique_texts(index.texts)
-        tokens = self._tokenize(texts)
-        similarity = images["embeds"] @ self.embed_texts(texts).T  # (N, U) ITC
-        metrics = {f"itc_{k}": v for k, v in recall_at_k(similarity[:, of_text].float().cpu(), index).items()
-                   if k.startswith("r1_")}
-        k, batch = self.eval_config.rerank_k, self.eval_config.itm_batch_size
-        i2t = rerank_top_k(similarity, k, lambda q, c: self._itm_scores(images, q, tokens, c), batch)
-        t2i = rerank_top_k(similarity.T, k, lambda q, c: self._itm_scores(images, c, tokens, q), batch)
-        metrics.update({m: v for m, v in recall_at_k(i2t[:, of_text].cpu(), index).items() if m.endswith("i2t")})
-        metrics.update({m: v for m, v in recall_at_k(t2i.T[:, of_text].cpu(), index).items() if m.endswith("t2i")})
-        metrics["compositional_acc"] = self._compositional(images, ann)
-        if ann.zeroshot_classes:
-            metrics["zeroshot_acc"] = self._zeroshot(images["embeds"], ann)
-        return metrics
-
 
 class ALBEFTask(MomentumTask):
     """Trains :class:`~vlzoo.models.ALBEF` with ITC + ITM + MLM."""
@@ -171,7 +203,7 @@ class ALBEFTask(MomentumTask):
         self.preprocess_config = model.vision
 
 
-class BLIPTask(MomentumTask):
+class BLIPTask(CaptionEvalMixin, MomentumTask):
     """Trains :class:`~vlzoo.models.BLIP` with ITC + ITM + LM; evaluation adds
     ``{stage}/bleu4`` and ``{stage}/cider`` of generated captions.
 
@@ -208,16 +240,3 @@ class BLIPTask(MomentumTask):
         """Captions for (B, 3, H, W) images (the prompt is not repeated in the output)."""
         return [self.tokenizer.decode(row).strip() for row in self.generate_ids(pixel_values, prompt, config)]
 
-    def eval_image_outputs(self, pixel_values: Tensor) -> dict[str, Tensor]:
-        outputs = super().eval_image_outputs(pixel_values)
-        ids = self.model.generate_from_tokens(outputs["tokens"], config=self.generation)  # tokens computed once
-        width = self.generation.max_length  # one width, so batches concatenate
-        outputs["caption_ids"] = torch.nn.functional.pad(ids, (0, width - ids.shape[1]), value=self.tokenizer.info.pad_id)
-        return outputs
-
-    @torch.no_grad()
-    def evaluate(self, images: dict[str, Tensor], ann: EvalAnnotations) -> dict[str, float]:
-        metrics = super().evaluate(images, ann)
-        predictions = [self.tokenizer.decode(row).strip() for row in images["caption_ids"].long()]
-        metrics.update(caption_metrics(predictions, ann.captions))
-        return metrics

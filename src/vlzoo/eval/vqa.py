@@ -1,0 +1,33 @@
+"""VQA accuracy: exact match after normalisation, and the answer-prior baseline."""
+
+from __future__ import annotations
+
+import re
+import string
+
+ARTICLES = {"a", "an", "the"}
+_PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
+
+
+def normalize_answer(text: str) -> str:
+    """Lower case, punctuation and articles removed, whitespace collapsed
+    ("The Red." -> "red")."""
+    words = _PUNCTUATION.sub(" ", text.lower()).split()
+    return " ".join(w for w in words if w not in ARTICLES)
+
+
+def vqa_accuracy(predictions: list[str], answers: list[str]) -> float:
+    """Fraction of predictions equal to their answer after :func:`normalize_answer`."""
+    if len(predictions) != len(answers):
+        raise ValueError(f"{len(predictions)} predictions for {len(answers)} answers")
+    if not answers:
+        return float("nan")
+    hits = sum(normalize_answer(p) == normalize_answer(a) for p, a in zip(predictions, answers, strict=True))
+    return hits / len(answers)
+
+
+def majority_accuracy(qa: list[dict[str, str]], answer_prior: dict[str, str]) -> float:
+    """Accuracy of always answering the most common training answer of the question's
+    type (``answer_prior``: type -> answer); the baseline a VQA model must beat."""
+    predictions = [answer_prior.get(q["type"], "") for q in qa]
+    return vqa_accuracy(predictions, [q["answer"] for q in qa])

@@ -1,0 +1,189 @@
+"""Zoo artefacts: models one config refers to by name, trained by vlzoo on first use.
+
+A config field may name another zoo model as ``zoo:FAMILY/VARIANT`` (for example the
+frozen image encoder of BLIP-2 shapes is ``zoo:clip/shapes-tiny``, the vision tower of
+the CLIP trained by ``zoo_configs/models/clip/shapes-tiny.yaml``). :func:`resolve_artefact`
+returns a directory holding that model; when it is missing, vlzoo trains it with its
+own config (``vlzoo fit`` in a subprocess, progress shown) and caches it under
+``$VLZOO_HOME/artefacts/FAMILY-VARIANT-KEY``, KEY a hash of the config and of every
+artefact it refers to in turn, so a changed config trains anew and an unchanged one
+is reused. Concurrent processes (DDP ranks, two runs) wait on one lock; the directory
+appears by an atomic rename only once complete.
+
+An artefact directory holds ``model.ckpt`` (the best checkpoint of that run),
+``config.yaml``, ``metrics.json`` and, for models with a Hugging Face form (the
+shapes causal LM), ``hf/`` (``save_pretrained`` layout).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from vlzoo.utils import vlzoo_home
+
+ZOO_PREFIX = "zoo:"
+CHECKPOINT_NAME = "model.ckpt"
+HF_DIR_NAME = "hf"
+
+
+def is_zoo_reference(value: object) -> bool:
+    return isinstance(value, str) and value.startswith(ZOO_PREFIX)
+
+
+def zoo_config_roots() -> list[Path]:
+    """Where ``zoo:NAME`` configs are looked up, in order: ``$VLZOO_CONFIGS`` (a
+    ``zoo_configs``-style directory), the repository's ``zoo_configs``, ``./zoo_configs``."""
+    roots = [Path(p) for p in os.environ.get("VLZOO_CONFIGS", "").split(os.pathsep) if p]
+    roots += [Path(__file__).resolve().parents[3] / "zoo_configs", Path.cwd() / "zoo_configs"]
+    return roots
+
+
+def zoo_config_path(reference: str) -> Path:
+    """``zoo:clip/shapes-tiny`` -> ``.../zoo_configs/models/clip/shapes-tiny.yaml``."""
+    name = reference.removeprefix(ZOO_PREFIX)
+    if not name or ".." in Path(name).parts:
+        raise ValueError(f"{reference!r}: expected zoo:FAMILY/VARIANT (a file under zoo_configs/models)")
+    for root in zoo_config_roots():
+        path = root / "models" / f"{name}.yaml"
+        if path.is_file():
+            return path
+    searched = ", ".join(str(r / "models" / f"{name}.yaml") for r in zoo_config_roots())
+    raise FileNotFoundError(f"{reference}: no zoo config found (searched {searched})")
+
+
+def _references(node: object) -> list[str]:
+    """Every ``zoo:`` string anywhere in a plain config tree."""
+    if isinstance(node, dict):
+        return [r for v in node.values() for r in _references(v)]
+    if isinstance(node, list):
+        return [r for v in node for r in _references(v)]
+    return [node] if is_zoo_reference(node) else []
+
+
+def artefact_key(reference: str, _seen: tuple[str, ...] = ()) -> str:
+    """sha256 (hex, 16 chars) of the config's canonical YAML and of the keys of the
+    artefacts it refers to (a cycle is an error)."""
+    if reference in _seen:
+        raise ValueError(f"zoo artefacts refer to each other in a cycle: {' -> '.join((*_seen, reference))}")
+    tree = OmegaConf.to_container(OmegaConf.load(zoo_config_path(reference)), resolve=False)
+    tree.get("trainer", {}).pop("default_root_dir", None)  # where it ran does not change the model
+    digest = hashlib.sha256(OmegaConf.to_yaml(OmegaConf.create(tree), sort_keys=True).encode())
+    for ref in sorted(set(_references(tree))):
+        digest.update(f"{ref}={artefact_key(ref, (*_seen, reference))}".encode())
+    return digest.hexdigest()[:16]
+
+
+def artefact_dir(reference: str) -> Path:
+    """Cache directory of ``reference`` (it may not exist yet)."""
+    name = reference.removeprefix(ZOO_PREFIX).replace("/", "-")
+    return vlzoo_home() / "artefacts" / f"{name}-{artefact_key(reference)}"
+
+
+@contextmanager
+def _file_lock(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def resolve_artefact(reference: str) -> Path:
+    """The directory of a model: ``zoo:NAME`` from the cache (trained first when
+    missing), or a local checkpoint file / directory as given."""
+    if not is_zoo_reference(reference):
+        path = Path(reference).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"{reference}: no such checkpoint file or directory")
+        return path
+    target = artefact_dir(reference)
+    if (target / CHECKPOINT_NAME).is_file():
+        return target
+    with _file_lock(target.with_name(target.name + ".lock")):
+        if not (target / CHECKPOINT_NAME).is_file():  # another process may have built it meanwhile
+            _train_artefact(reference, target)
+    return target
+
+
+def artefact_checkpoint(reference: str) -> Path:
+    """The checkpoint file behind ``reference`` (``zoo:NAME``, a file, or a directory
+    holding ``model.ckpt``)."""
+    path = resolve_artefact(reference)
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{reference}: {path} is not a checkpoint file")
+    return path
+
+
+def artefact_hf_dir(reference: str) -> Path:
+    """The Hugging Face directory behind ``reference``: ``zoo:NAME`` (its ``hf/``) or a
+    local directory with a ``config.json``; any other string is returned for
+    ``from_pretrained`` to resolve (a hub name)."""
+    if not is_zoo_reference(reference):
+        return Path(reference).expanduser() if Path(reference).expanduser().exists() else reference
+    path = resolve_artefact(reference) / HF_DIR_NAME
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{reference}: the artefact has no Hugging Face export at {path}")
+    return path
+
+
+def _train_artefact(reference: str, target: Path) -> None:
+    """Run ``vlzoo fit`` on the artefact's config into a temporary run directory, then
+    move the best checkpoint (and exports) into ``target`` atomically."""
+    config = zoo_config_path(reference)
+    print(f"[vlzoo] {reference} is not cached: training it with {config} (once; cached at {target})",
+          file=sys.stderr, flush=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        run_dir = staging / "run"
+        command = [sys.executable, "-m", "vlzoo.cli", "fit", "--config", str(config),
+                   "--trainer.default_root_dir", str(run_dir)]
+        result = subprocess.run(command, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        if result.returncode:
+            raise RuntimeError(f"{reference}: training with {config} failed (exit {result.returncode}); "
+                               f"command: {' '.join(command)}")
+        out = staging / "artefact"
+        out.mkdir()
+        shutil.copy2(_best_checkpoint(run_dir), out / CHECKPOINT_NAME)
+        for name in ("config.yaml", "metrics.json"):
+            if (run_dir / name).is_file():
+                shutil.copy2(run_dir / name, out / name)
+        _export_hf(out)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(out, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _best_checkpoint(run_dir: Path) -> Path:
+    best = sorted((run_dir / "checkpoints").glob("best-*.ckpt"))
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if best:
+        return best[-1]
+    if last.is_file():
+        return last
+    raise FileNotFoundError(f"{run_dir}: the run wrote no checkpoint")
+
+
+def _export_hf(artefact: Path) -> None:
+    """Write ``hf/`` for tasks that have a Hugging Face form (``export_pretrained``)."""
+    from vlzoo.tasks.loading import load_task
+
+    task = load_task(artefact / CHECKPOINT_NAME)
+    if hasattr(task, "export_pretrained"):
+        task.export_pretrained(artefact / HF_DIR_NAME)

@@ -1,0 +1,332 @@
+"""BLIP-2 stage 1 (Li et al., 2023): a Q-Former learns to read a frozen image encoder.
+
+The image encoder is frozen (no gradients, eval mode, optionally bf16/fp16); its
+tokens pass a trainable LayerNorm (``ln_vision``) and are read by the Q-Former's
+learned queries. Three losses share the Q-Former:
+
+- ITC: similarity of an image and a text = max over the queries of
+  query . text feature; in-batch negatives gathered (with gradient) from all ranks;
+- ITM: queries and text see each other; score = mean over queries of the ITM head;
+  hard negatives as in ALBEF;
+- ITG: the text, [DEC] first, is generated from the queries alone (text sees the
+  queries and earlier text). After stage 1 the Q-Former captions on its own
+  (:meth:`BLIP2.generate`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vlzoo.backbones import VisionEncoder
+from vlzoo.backbones.text import pool_tokens
+from vlzoo.distributed import gather_no_grad, gather_with_grad
+from vlzoo.layers.transformer import LMHead
+from vlzoo.losses import IGNORE, caption_lm_loss, positive_targets
+from vlzoo.losses.momentum import soft_cross_entropy
+from vlzoo.models.generation import GenerationConfig, generate
+from vlzoo.models.itm import itm_with_hard_negatives
+from vlzoo.models.qformer import QFormer
+
+FROZEN_DTYPES = {None: None, "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class BLIP2Output:
+    """losses: name -> scalar (``itc``, ``itm``, ``itg``)."""
+
+    losses: dict[str, Tensor]
+
+    @property
+    def loss(self) -> Tensor:
+        return sum(self.losses.values())
+
+
+def max_query_similarity(query_feats: Tensor, text_feats: Tensor) -> Tensor:
+    """(B, Q, E) image query features, (T, E) text features -> (B, T): for each pair
+    the largest query . text similarity."""
+    return torch.einsum("bqe,te->bqt", query_feats, text_feats).amax(dim=1)
+
+
+class FrozenImageEncoder(nn.Module):
+    """A vision encoder that never trains: no gradients, eval mode, optionally cast to
+    bf16/fp16 (``dtype``); outputs (B, N, Dv) tokens in float32."""
+
+    def __init__(self, encoder: VisionEncoder, dtype: str | None = None):
+        super().__init__()
+        if dtype not in FROZEN_DTYPES:
+            raise ValueError(f"frozen precision must be one of {[k for k in FROZEN_DTYPES if k]}, got {dtype!r}")
+        encoder.lock()
+        self.encoder = encoder
+        self.dtype = FROZEN_DTYPES[dtype]
+        if self.dtype is not None:
+            encoder.to(self.dtype)
+
+    @property
+    def width(self) -> int:
+        return self.encoder.width
+
+    def train(self, mode: bool = True) -> FrozenImageEncoder:
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, pixel_values: Tensor) -> Tensor:
+        """(B, 3, H, W) -> (B, N, Dv) float32 tokens."""
+        x = pixel_values if self.dtype is None else pixel_values.to(self.dtype)
+        return self.encoder(x).tokens.float()
+
+
+class BLIP2(nn.Module):
+    """Stage 1: frozen image encoder, ``ln_vision``, Q-Former, ITC/ITM/ITG heads.
+
+    Args:
+        vision: the frozen image encoder (typically its penultimate layer).
+        qformer: the Q-Former (its cross-attention width = ``vision.width``).
+        embed_dim: ITC space (256).
+        dec_id, pad_id, eos_id: [DEC] (replaces [CLS] for ITG), padding, end of text.
+        temperature: initial ITC temperature, learnable, clamped to
+            [min_temperature, max_temperature] after each step.
+        text_pooling: ``cls`` (the paper) or ``mean``: the text feature for ITC.
+        label_smoothing: of the ITG loss.
+        frozen_precision: run the frozen encoder in ``bf16``/``fp16`` (None: fp32).
+    """
+
+    def __init__(
+        self,
+        vision: VisionEncoder,
+        qformer: QFormer,
+        dec_id: int,
+        pad_id: int,
+        eos_id: int,
+        embed_dim: int = 256,
+        temperature: float = 0.07,
+        min_temperature: float = 0.001,
+        max_temperature: float = 0.5,
+        text_pooling: str = "cls",
+        label_smoothing: float = 0.1,
+        frozen_precision: str | None = None,
+    ):
+        super().__init__()
+        self.vision = FrozenImageEncoder(vision, frozen_precision)
+        self.ln_vision = nn.LayerNorm(vision.width)
+        self.qformer = qformer
+        self.vision_proj = nn.Linear(qformer.width, embed_dim)
+        self.text_proj = nn.Linear(qformer.width, embed_dim)
+        self.itm_head = nn.Linear(qformer.width, 2)
+        self.lm_head = LMHead(qformer.config, qformer.embeddings.word_embeddings)
+        self.temp = nn.Parameter(torch.tensor(float(temperature)))
+        self.temperature_range = (min_temperature, max_temperature)
+        self.text_pooling = text_pooling
+        self.dec_id, self.pad_id, self.eos_id = dec_id, pad_id, eos_id
+        self.label_smoothing = label_smoothing
+        for layer in (self.vision_proj, self.text_proj, self.itm_head):
+            nn.init.normal_(layer.weight, std=qformer.config.initializer_range)
+            nn.init.zeros_(layer.bias)
+
+    # ---------------------------------------------------------------- features
+    def image_tokens(self, pixel_values: Tensor) -> Tensor:
+        """(B, 3, H, W) -> (B, N, Dv): frozen encoder tokens after ``ln_vision``."""
+        return self.ln_vision(self.vision(pixel_values))
+
+    def query_features(self, image_tokens: Tensor) -> Tensor:
+        """(B, N, Dv) -> (B, Q, E) normalised ITC features of the queries."""
+        return F.normalize(self.vision_proj(self.qformer(image_tokens).queries), dim=-1)
+
+    def text_features(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """(B, L) -> (B, E) normalised ITC feature of the text alone."""
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        hidden = self.qformer(None, input_ids, mask).text
+        return F.normalize(self.text_proj(pool_tokens(hidden, mask, self.text_pooling)), dim=-1)
+
+    def encode_image(self, pixel_values: Tensor) -> Tensor:
+        """(B, 3, H, W) -> (B, Q, E): one normalised embedding per query."""
+        return self.query_features(self.image_tokens(pixel_values))
+
+    def encode_text(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """(B, L) -> (B, E) normalised embedding."""
+        return self.text_features(input_ids, attention_mask)
+
+    def itm_logits(
+        self, input_ids: Tensor, attention_mask: Tensor, image_tokens: Tensor, text_hidden: Tensor | None = None
+    ) -> Tensor:
+        """(P, 2) no-match / match logits: the ITM head averaged over the queries of a
+        joint (all-see-all) pass. ``text_hidden`` is unused (the signature of
+        :data:`~vlzoo.models.itm.ITMLogits`)."""
+        queries = self.qformer(image_tokens, input_ids, attention_mask, "bidirectional").queries
+        return self.itm_head(queries).mean(dim=1)
+
+    def itm_score(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """(B,) probability that image i matches text i."""
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        return self.itm_logits(input_ids, mask, self.image_tokens(pixel_values)).softmax(-1)[:, 1]
+
+    # ---------------------------------------------------------------- training
+    def forward(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor, index: Tensor) -> BLIP2Output:
+        """Losses ``itc``, ``itm``, ``itg`` of (B, 3, H, W) images and (B, L) captions
+        ([CLS] first); index: (B,) sample ids (equal ids are positives)."""
+        return self.forward_frozen(self.vision(pixel_values), input_ids, attention_mask, index)
+
+    def forward_frozen(self, frozen_tokens: Tensor, input_ids: Tensor, attention_mask: Tensor, index: Tensor
+                       ) -> BLIP2Output:
+        """As :meth:`forward`, from the frozen encoder's tokens (B, N, Dv) (e.g. cached)."""
+        image_tokens = self.ln_vision(frozen_tokens)  # (B, N, Dv)
+        query_feats = self.query_features(image_tokens)  # (B, Q, E)
+        text_feats = self.text_features(input_ids, attention_mask)  # (B, E)
+        loss_itc, sim_t2i, sim_i2t = self.itc(query_feats, text_feats, index)
+        loss_itm = itm_with_hard_negatives(self.itm_logits, input_ids, attention_mask, index, image_tokens,
+                                           sim_t2i, sim_i2t)
+        loss_itg = self.itg_loss(image_tokens, input_ids, attention_mask)
+        return BLIP2Output({"itc": loss_itc, "itm": loss_itm, "itg": loss_itg})
+
+    def itc(self, query_feats: Tensor, text_feats: Tensor, index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """ITC against every rank's batch (gathered with gradient, local-loss form).
+        Returns the loss and the (B, W) similarities text->images and image->texts."""
+        queries_world, texts_world = gather_with_grad(query_feats), gather_with_grad(text_feats)
+        sim_i2t = max_query_similarity(query_feats, texts_world) / self.temp  # (B, W)
+        sim_t2i = max_query_similarity(queries_world, text_feats).T / self.temp  # (B, W)
+        targets = positive_targets(index, gather_no_grad(index))
+        loss = (soft_cross_entropy(sim_i2t, targets) + soft_cross_entropy(sim_t2i, targets)) / 2
+        return loss, sim_t2i, sim_i2t
+
+    def decoder_inputs(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Captions ([CLS] first) -> ITG inputs with [DEC] first, and LM labels (pad -> -100)."""
+        ids = input_ids.clone()
+        ids[:, 0] = self.dec_id
+        return ids, ids.masked_fill(attention_mask == 0, IGNORE)
+
+    def decoder_logits(self, image_tokens: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """(B, L) ids ([DEC] first) read from the queries -> (B, L, V) next-token logits."""
+        return self.lm_head(self.qformer(image_tokens, input_ids, attention_mask, "causal").text)
+
+    def itg_loss(self, image_tokens: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        ids, labels = self.decoder_inputs(input_ids, attention_mask)
+        return caption_lm_loss(self.decoder_logits(image_tokens, ids, attention_mask), labels, self.label_smoothing)
+
+    @torch.no_grad()
+    def clamp_temperature(self) -> None:
+        self.temp.clamp_(*self.temperature_range)
+
+    # --------------------------------------------------------------- generation
+    @torch.no_grad()
+    def generate_from_tokens(
+        self, image_tokens: Tensor, config: GenerationConfig = GenerationConfig()  # noqa: B008
+    ) -> Tensor:
+        """Q-Former-only captions of image tokens (B, N, Dv) (after ``ln_vision``):
+        (B, T) new token ids after [DEC], right-padded."""
+        prefix = torch.full((len(image_tokens), 1), self.dec_id, dtype=torch.long, device=image_tokens.device)
+
+        def next_logits(ids: Tensor, rows: Tensor) -> Tensor:
+            return self.decoder_logits(image_tokens[rows], ids, torch.ones_like(ids))[:, -1]
+
+        return generate(next_logits, prefix, self.eos_id, self.pad_id, config)
+
+    @torch.no_grad()
+    def generate(self, pixel_values: Tensor, config: GenerationConfig = GenerationConfig()) -> Tensor:  # noqa: B008
+        """Q-Former-only captions of (B, 3, H, W) images: (B, T) token ids."""
+        return self.generate_from_tokens(self.image_tokens(pixel_values), config)
+
+    def no_weight_decay(self) -> set[str]:
+        names = {"temp"} | {f"qformer.{n}" for n in self.qformer.no_weight_decay()}
+        return names | {n for n, p in self.named_parameters() if n.startswith("ln_vision")}
+
+
+LLM_KINDS = ("causal", "seq2seq")
+
+
+class BLIP2LLM(nn.Module):
+    """Stage 2: the Q-Former's query outputs, projected to the LLM's width
+    (``llm_proj``), are a soft visual prompt before the text of a frozen LLM.
+
+    Args:
+        vision: the frozen image encoder (as in stage 1).
+        qformer: the stage-1 Q-Former (trains on).
+        llm: a transformers ``PreTrainedModel`` (``AutoModelForCausalLM`` or
+            ``AutoModelForSeq2SeqLM``); frozen here, in ``llm_precision`` when given.
+        frozen_precision: of the image encoder.
+    Only ``ln_vision``, the Q-Former (with its queries) and ``llm_proj`` train.
+    """
+
+    def __init__(
+        self,
+        vision: VisionEncoder,
+        qformer: QFormer,
+        llm: nn.Module,
+        frozen_precision: str | None = None,
+        llm_precision: str | None = None,
+    ):
+        super().__init__()
+        if llm_precision not in FROZEN_DTYPES:
+            raise ValueError(f"llm_precision must be one of {[k for k in FROZEN_DTYPES if k]}, got {llm_precision!r}")
+        self.vision = FrozenImageEncoder(vision, frozen_precision)
+        self.ln_vision = nn.LayerNorm(vision.width)
+        self.qformer = qformer
+        self.llm = llm
+        self.llm.requires_grad_(False)
+        if FROZEN_DTYPES[llm_precision] is not None:
+            self.llm.to(FROZEN_DTYPES[llm_precision])
+        self.llm_proj = nn.Linear(qformer.width, llm.config.hidden_size)
+        self.is_encoder_decoder = bool(getattr(llm.config, "is_encoder_decoder", False))
+
+    def train(self, mode: bool = True) -> BLIP2LLM:
+        super().train(mode)
+        self.llm.eval()  # frozen: no dropout
+        return self
+
+    def image_tokens(self, pixel_values: Tensor) -> Tensor:
+        """(B, 3, H, W) -> (B, N, Dv) frozen tokens after ``ln_vision``."""
+        return self.ln_vision(self.vision(pixel_values))
+
+    def soft_prompt(self, image_tokens: Tensor, instruction_ids: Tensor | None = None,
+                    instruction_mask: Tensor | None = None) -> Tensor:
+        """(B, N, Dv) image tokens -> (B, Q, H) LLM input embeddings. With an instruction
+        (B, L) (InstructBLIP), queries and instruction share self-attention."""
+        if instruction_ids is None:
+            queries = self.qformer(image_tokens).queries
+        else:
+            queries = self.qformer(image_tokens, instruction_ids, instruction_mask, "bidirectional").queries
+        embeds = self.llm_proj(queries)
+        return embeds.to(self.llm.get_input_embeddings().weight.dtype)
+
+    def _with_soft_prompt(self, soft: Tensor, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """[soft prompt; embedded ids] (B, Q + L, H) and its mask (B, Q + L)."""
+        embeds = torch.cat([soft, self.llm.get_input_embeddings()(input_ids)], dim=1)
+        mask = torch.cat([torch.ones(soft.shape[:2], dtype=attention_mask.dtype, device=soft.device), attention_mask],
+                         dim=1)
+        return embeds, mask
+
+    def lm_loss(self, soft: Tensor, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
+        """LM loss of text after the soft prompt (B, Q, H).
+
+        Decoder-only: input_ids/attention_mask/labels (B, L) are prompt + target (labels
+        -100 on prompt and padding; the soft prompt is never a label). Encoder-decoder:
+        input_ids/attention_mask are the encoder's prompt, labels the decoder's target."""
+        embeds, mask = self._with_soft_prompt(soft, input_ids, attention_mask)
+        if not self.is_encoder_decoder:
+            ignore = torch.full(soft.shape[:2], IGNORE, dtype=labels.dtype, device=labels.device)
+            labels = torch.cat([ignore, labels], dim=1)
+        return self.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss.float()
+
+    @torch.no_grad()
+    def generate(self, soft: Tensor, prompt_ids: Tensor, prompt_mask: Tensor,
+                 config: GenerationConfig = GenerationConfig(), eos_token_id: int | None = None) -> Tensor:  # noqa: B008
+        """Text after the soft prompt (B, Q, H) and a prompt (B, P) (left-padded for a
+        decoder-only LLM): (B, T) new token ids, through the LLM's own ``generate``."""
+        embeds, mask = self._with_soft_prompt(soft, prompt_ids, prompt_mask)
+        if not self.is_encoder_decoder:  # left padding stays in front of the soft prompt
+            order = torch.argsort(mask, dim=1, stable=True)
+            embeds = torch.gather(embeds, 1, order[..., None].expand_as(embeds))
+            mask = torch.gather(mask, 1, order)
+        kwargs = dict(max_new_tokens=config.max_length, min_new_tokens=config.min_length,
+                      repetition_penalty=config.repetition_penalty, length_penalty=config.length_penalty,
+                      num_beams=config.num_beams if config.method == "beam" else 1,
+                      do_sample=config.method == "nucleus")
+        if config.method == "nucleus":
+            kwargs.update(top_p=config.top_p, temperature=config.temperature)
+        eos = eos_token_id if eos_token_id is not None else self.llm.config.eos_token_id
+        pad = self.llm.config.pad_token_id if self.llm.config.pad_token_id is not None else eos
+        out = self.llm.generate(inputs_embeds=embeds, attention_mask=mask, eos_token_id=eos, pad_token_id=pad,
+                                **kwargs)
+        return out[:, 1:] if self.is_encoder_decoder else out  # drop the decoder's start token

@@ -1,0 +1,56 @@
+"""ITM with hard negatives, shared by ALBEF, BLIP and the BLIP-2 Q-Former.
+
+For every image one negative text and for every text one negative image, drawn in
+proportion to softmax(similarity) with positives excluded, from the batch of every
+rank; the model is reached through an ``itm_logits`` callable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from vlzoo.distributed import gather_no_grad, gather_padded, gather_with_grad
+from vlzoo.losses import itm_loss, sample_hard_negatives
+
+ITMLogits = Callable[[Tensor, Tensor, Tensor, "Tensor | None"], Tensor]
+"""itm_logits(input_ids (P, L), attention_mask (P, L), image_tokens (P, N, Dv),
+text_hidden (P, L, D) or None) -> (P, 2) no-match / match logits."""
+
+
+def itm_with_hard_negatives(
+    itm_logits: ITMLogits,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    index: Tensor,
+    image_tokens: Tensor,
+    sim_t2i: Tensor,
+    sim_i2t: Tensor,
+    text_hidden: Tensor | None = None,
+) -> Tensor:
+    """ITM loss over B positives, B (text, hard-negative image) and B (image,
+    hard-negative text) pairs.
+
+    input_ids, attention_mask: (B, L) this rank's texts; index: (B,) sample ids;
+    image_tokens: (B, N, Dv) this rank's images (gathered with gradient);
+    sim_t2i: (B, W) this rank's texts vs every rank's images, sim_i2t: (B, W) this
+    rank's images vs every rank's texts (W = world batch, no gradient needed);
+    text_hidden: (B, L, D) a unimodal text pass the model may reuse for the positives.
+    """
+    b = input_ids.shape[0]
+    with torch.no_grad():
+        positive = index[:, None] == gather_no_grad(index)[None, :]  # (B, W)
+        negative_image = sample_hard_negatives(sim_t2i.detach(), positive)  # (B,)
+        negative_text = sample_hard_negatives(sim_i2t.detach(), positive)  # (B,)
+        ids_world = gather_padded(input_ids, value=0)
+        mask_world = gather_padded(attention_mask, value=0)
+    image_tokens_world = gather_with_grad(image_tokens)  # (W, N, Dv)
+    same_text = itm_logits(
+        input_ids.repeat(2, 1), attention_mask.repeat(2, 1),
+        torch.cat([image_tokens, image_tokens_world[negative_image]]),
+        None if text_hidden is None else text_hidden.repeat(2, 1, 1),
+    )  # (2B, 2): positives, then negative images
+    other_text = itm_logits(ids_world[negative_text], mask_world[negative_text], image_tokens, None)  # (B, 2)
+    return itm_loss(torch.cat([same_text, other_text]), num_positive=b)

@@ -1,0 +1,112 @@
+"""The BLIP-2 Q-Former on vlzoo's shared transformer block.
+
+Learned queries and text share the self-attention of one BERT-style stack; every
+``cross_attention_every``-th block (0, 2, 4, ...) lets the queries (only) attend to
+the frozen image tokens; queries have a feed-forward of their own (``*_query``).
+Which of queries and text see each other is the task's mask
+(:func:`~vlzoo.layers.transformer.qformer_mask`): ``unimodal`` (ITC),
+``bidirectional`` (ITM) or ``causal`` (ITG, [DEC] first).
+Parameter names follow BERT/LAVIS (``embeddings.*``, ``encoder.layer.{i}.*``,
+``query_tokens``), so a BERT checkpoint initialises it (:meth:`QFormer.from_bert`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from vlzoo.layers.transformer import (
+    BertConfig,
+    BertEmbeddings,
+    TransformerStack,
+    init_bert_weights,
+    padding_mask,
+    qformer_mask,
+)
+
+
+@dataclass
+class QFormerOutput:
+    """queries: (B, Q, D) query outputs or None; text: (B, L, D) text outputs or None."""
+
+    queries: Tensor | None
+    text: Tensor | None
+
+
+class QFormer(nn.Module):
+    """Args:
+    config: sizes of the BERT-style stack.
+    vision_width: width of the image tokens the queries cross-attend to.
+    num_queries: Q learned queries (32 in BLIP-2).
+    cross_attention_every: blocks 0, k, 2k, ... carry cross-attention (BLIP-2: k = 2).
+    """
+
+    def __init__(self, config: BertConfig, vision_width: int, num_queries: int = 32, cross_attention_every: int = 2):
+        super().__init__()
+        if num_queries < 1 or cross_attention_every < 1:
+            raise ValueError(f"num_queries ({num_queries}) and cross_attention_every ({cross_attention_every}) "
+                             "must be >= 1")
+        self.config = config
+        self.num_queries = num_queries
+        self.embeddings = BertEmbeddings(config)
+        cross = range(0, config.num_hidden_layers, cross_attention_every)
+        self.encoder = TransformerStack(config, vision_width, cross, query_ffn=True)
+        self.query_tokens = nn.Parameter(torch.zeros(1, num_queries, config.hidden_size))
+        self.apply(partial(init_bert_weights, std=config.initializer_range))
+        nn.init.normal_(self.query_tokens, std=config.initializer_range)
+
+    @property
+    def width(self) -> int:
+        return self.config.hidden_size
+
+    def forward(
+        self,
+        image_tokens: Tensor | None = None,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        mask_kind: str = "unimodal",
+    ) -> QFormerOutput:
+        """image_tokens (B, N, Dv) -> query outputs; input_ids/attention_mask (B, L) ->
+        text outputs; both -> one joint pass under ``mask_kind``."""
+        if input_ids is not None and attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if image_tokens is None:
+            if input_ids is None:
+                raise ValueError("QFormer needs image tokens, text, or both")
+            x = self.encoder(self.embeddings(input_ids), padding_mask(attention_mask))
+            return QFormerOutput(None, x)
+        queries = self.query_tokens.expand(image_tokens.shape[0], -1, -1)
+        q = self.num_queries
+        if input_ids is None:
+            x = self.encoder(self.embeddings(None, prefix=queries), None, image_tokens, query_length=q)
+            return QFormerOutput(x, None)
+        x = self.embeddings(input_ids, prefix=queries)
+        x = self.encoder(x, qformer_mask(q, attention_mask, mask_kind), image_tokens, query_length=q)
+        return QFormerOutput(x[:, :q], x[:, q:])
+
+    def no_weight_decay(self) -> set[str]:
+        return {n for n, p in self.named_parameters() if p.ndim <= 1 or "embeddings" in n or n == "query_tokens"}
+
+    @classmethod
+    def from_bert(cls, directory: str | Path, vision_width: int, num_queries: int = 32,
+                  cross_attention_every: int = 2) -> QFormer:
+        """A Q-Former initialised from a Hugging Face BERT directory, strictly: every BERT
+        weight is used; the queries' feed-forward starts as a copy of the text's; the
+        cross-attention and queries stay random (as in BLIP-2)."""
+        from vlzoo.backbones.text import bert_config_from_json, bert_state_dict
+        from vlzoo.hub.weights import load_strict
+
+        directory = Path(directory)
+        qformer = cls(bert_config_from_json(directory / "config.json"), vision_width, num_queries,
+                      cross_attention_every)
+        state = bert_state_dict(directory)
+        for key in list(state):
+            for part in (".intermediate.", ".output."):
+                if part in key and "attention" not in key:
+                    state[key.replace(part, part.rstrip(".") + "_query.")] = state[key].clone()
+        load_strict(qformer, state, source=str(directory), allow_missing=("crossattention.", "query_tokens"))
+        return qformer

@@ -1,0 +1,358 @@
+"""BLIP-2 stage 1 as a LightningModule: ITC + ITM + ITG on a frozen image encoder,
+with an optional cache of the frozen encoder's outputs."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import Tensor
+
+from vlzoo.backbones import build_vision_encoder, resolve_vision_config
+from vlzoo.backbones.text import resize_token_embeddings
+from vlzoo.config import (
+    BLIP2Config,
+    BLIP2LLMConfig,
+    EvalConfig,
+    OptimConfig,
+    TextConfig,
+    VisionConfig,
+)
+from vlzoo.data.datamodule import EvalAnnotations
+from vlzoo.data.llm_text import causal_lm_batch, left_padded_prompts, seq2seq_batch
+from vlzoo.data.tokenizers import Tokenizer, build_tokenizer
+from vlzoo.eval.captioning import caption_metrics
+from vlzoo.eval.vqa import majority_accuracy, vqa_accuracy
+from vlzoo.hub.weights import load_strict
+from vlzoo.layers.transformer import BertConfig
+from vlzoo.models.blip2 import BLIP2, BLIP2LLM, FROZEN_DTYPES, LLM_KINDS, max_query_similarity
+from vlzoo.models.generation import GenerationConfig
+from vlzoo.models.qformer import QFormer
+from vlzoo.tasks.base import VLTask
+from vlzoo.tasks.momentum import CaptionEvalMixin, TwoStageRetrievalTask
+
+
+def build_qformer(cfg: BLIP2Config, tokenizer: Tokenizer, vision_width: int) -> QFormer:
+    """The Q-Former of ``cfg.qformer``: from a BERT directory (``pretrained``) or sized
+    by ``kwargs`` (BertConfig fields); word embeddings grown for [DEC] when needed."""
+    q = cfg.qformer
+    if q.impl != "bert":
+        raise ValueError(f"qformer.impl must be 'bert' (the Q-Former is BERT-style), got {q.impl!r}")
+    if q.pretrained:
+        qformer = QFormer.from_bert(q.pretrained, vision_width, cfg.num_queries, cfg.cross_attention_every)
+        if tokenizer.vocab_size > qformer.config.vocab_size:
+            resize_token_embeddings(qformer, tokenizer.vocab_size)
+    else:
+        kwargs = {"vocab_size": tokenizer.vocab_size, "pad_token_id": tokenizer.info.pad_id, **q.kwargs}
+        unknown = set(kwargs) - {f.name for f in dataclasses.fields(BertConfig)}
+        if unknown:
+            raise ValueError(f"qformer.kwargs: unknown BertConfig fields {sorted(unknown)}")
+        qformer = QFormer(BertConfig(**kwargs), vision_width, cfg.num_queries, cfg.cross_attention_every)
+    if q.context_length > qformer.config.max_position_embeddings:
+        raise ValueError(f"qformer.context_length {q.context_length} exceeds max_position_embeddings "
+                         f"{qformer.config.max_position_embeddings}")
+    return qformer
+
+
+def build_blip2(cfg: BLIP2Config) -> tuple[BLIP2, Tokenizer, VisionConfig]:
+    """(BLIP2, tokenizer, the frozen tower's concrete vision config) from a config; a
+    ``zoo:``/checkpoint vision reference is resolved (trained and cached if missing)."""
+    tokenizer = build_tokenizer(cfg.qformer.tokenizer, cfg.qformer.context_length, blip_tokens=True)
+    vision_cfg, state = resolve_vision_config(cfg.vision)
+    vision = build_vision_encoder(vision_cfg, cfg.embed_dim)
+    if state is not None:
+        load_strict(vision, state, source=f"vision tower of {cfg.vision.name}")
+    info = tokenizer.info
+    model = BLIP2(
+        vision, build_qformer(cfg, tokenizer, vision.width), dec_id=info.dec_id, pad_id=info.pad_id,
+        eos_id=info.eos_id, embed_dim=cfg.embed_dim, temperature=cfg.temperature,
+        min_temperature=cfg.min_temperature, max_temperature=cfg.max_temperature,
+        text_pooling=cfg.qformer.pooling or "cls", label_smoothing=cfg.label_smoothing,
+        frozen_precision=cfg.frozen_precision,
+    )
+    return model, tokenizer, vision_cfg
+
+
+class FrozenFeatureCache:
+    """The frozen encoder's output (N, Dv) per training sample id, kept in host memory;
+    only correct when an image is preprocessed the same way every epoch."""
+
+    def __init__(self) -> None:
+        self.features: dict[int, Tensor] = {}
+        self.hits = self.misses = 0
+
+    def get(self, index: Tensor, pixel_values: Tensor, encode) -> Tensor:
+        """(B,) ids, (B, 3, H, W) images -> (B, N, Dv), encoding only the ids not cached."""
+        ids = index.tolist()
+        missing = [i for i, sample in enumerate(ids) if sample not in self.features]
+        if missing:
+            encoded = encode(pixel_values[missing]).cpu()
+            for row, i in enumerate(missing):
+                self.features[ids[i]] = encoded[row]
+        self.misses += len(missing)
+        self.hits += len(ids) - len(missing)
+        return torch.stack([self.features[i] for i in ids]).to(pixel_values.device)
+
+
+class FrozenFeaturesMixin:
+    """Frozen image-encoder outputs of a training batch, through a
+    :class:`FrozenFeatureCache` when ``self.feature_cache`` is set."""
+
+    feature_cache: FrozenFeatureCache | None = None
+
+    def on_fit_start(self) -> None:
+        if self.feature_cache is not None and getattr(self.trainer.datamodule, "random_augmentation", False):
+            raise ValueError("model.cache_image_features needs deterministic preprocessing; "
+                             "the data module applies random augmentation")
+
+    def frozen_tokens(self, batch: dict[str, Tensor]) -> Tensor:
+        """(B, N, Dv) frozen encoder outputs of the batch, from the cache when enabled."""
+        if self.feature_cache is None:
+            return self.model.vision(batch["pixel_values"])
+        return self.feature_cache.get(batch["index"], batch["pixel_values"], self.model.vision)
+
+
+def concrete_qformer_config(qformer_cfg: TextConfig, qformer: QFormer) -> TextConfig:
+    """The Q-Former's text config with its actual sizes and no ``pretrained`` path: what a
+    checkpoint records (its weights are in the state dict)."""
+    return dataclasses.replace(qformer_cfg, pretrained=None, kwargs=dataclasses.asdict(qformer.config))
+
+
+class BLIP2Task(FrozenFeaturesMixin, CaptionEvalMixin, TwoStageRetrievalTask):
+    """Trains BLIP-2 stage 1; evaluation: two-stage retrieval (ITC max over queries,
+    ITM rerank), compositional accuracy, zero-shot, and Q-Former-only captions
+    (``bleu4``, ``cider``)."""
+
+    def __init__(
+        self,
+        model: BLIP2Config = BLIP2Config(),  # noqa: B008
+        optim: OptimConfig = OptimConfig(),  # noqa: B008
+        eval: EvalConfig = EvalConfig(),  # noqa: B008
+        generation: GenerationConfig = GenerationConfig(),  # noqa: B008
+    ):
+        super().__init__(optim, eval)
+        self.save_hyperparameters()
+        self.config = model
+        self.generation = generation
+        self.model, self.tokenizer, self.preprocess_config = build_blip2(model)
+        # the checkpoint records the concrete tower and Q-Former (weights in the state dict), not references
+        self.hparams["model"] = dataclasses.replace(
+            model, vision=self.preprocess_config, qformer=concrete_qformer_config(model.qformer, self.model.qformer))
+        self.feature_cache = FrozenFeatureCache() if model.cache_image_features else None
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        out = self.model.forward_frozen(self.frozen_tokens(batch), batch["input_ids"], batch["attention_mask"],
+                                        batch["index"])
+        self.log("train/loss", out.loss, prog_bar=True)
+        self.log_dict({f"train/loss_{k}": v.detach() for k, v in out.losses.items()})
+        self.log("train/temperature", self.model.temp.detach())
+        return out.loss
+
+    def after_optimizer_step(self) -> None:
+        self.model.clamp_temperature()
+
+    @torch.no_grad()
+    def caption(self, pixel_values: Tensor, config: GenerationConfig | None = None) -> list[str]:
+        """Q-Former-only captions of (B, 3, H, W) images (decoding ``generation``)."""
+        ids = self.model.generate(pixel_values, config or self.generation)
+        return [self.tokenizer.decode(row).strip() for row in ids]
+
+    # ---------------------------------------------------------------- evaluation
+    def image_tokens_and_embeds(self, pixel_values: Tensor) -> tuple[Tensor, Tensor]:
+        """-> image tokens after ``ln_vision`` (B, N, Dv) and query embeddings (B, Q, E)."""
+        tokens = self.model.image_tokens(pixel_values)
+        return tokens, self.model.query_features(tokens)
+
+    def itc_similarity(self, image_embeds: Tensor, text_embeds: Tensor, chunk: int = 64) -> Tensor:
+        """(N, Q, E), (T, E) -> (N, T) max over queries, in chunks of images (bounded memory)."""
+        parts = [max_query_similarity(image_embeds[i : i + chunk], text_embeds)
+                 for i in range(0, len(image_embeds), chunk)]
+        return torch.cat(parts)
+
+
+# ----------------------------------------------------------------------------- stage 2
+
+
+def load_llm(reference: str, kind: str | None = None, precision: str | None = None):
+    """(model, tokenizer, kind) of a Hugging Face LLM: a hub name, a local directory or
+    ``zoo:lm/...``; ``kind`` ``causal`` or ``seq2seq`` (None: from its config)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    from vlzoo.data.llm_text import load_lm_tokenizer
+    from vlzoo.hub.artefacts import artefact_hf_dir
+
+    source = str(artefact_hf_dir(reference))
+    config = AutoConfig.from_pretrained(source)
+    kind = kind or ("seq2seq" if getattr(config, "is_encoder_decoder", False) else "causal")
+    if kind not in LLM_KINDS:
+        raise ValueError(f"llm_kind must be one of {LLM_KINDS}, got {kind!r}")
+    auto = AutoModelForSeq2SeqLM if kind == "seq2seq" else AutoModelForCausalLM
+    dtype = FROZEN_DTYPES.get(precision) or torch.float32
+    return auto.from_pretrained(source, dtype=dtype), load_lm_tokenizer(source), kind
+
+
+def stage1_parts(reference: str) -> tuple[BLIP2Config, dict[str, Tensor]]:
+    """The config and weights of a stage-1 checkpoint (``zoo:`` or a path)."""
+    from vlzoo.hub.artefacts import artefact_checkpoint
+    from vlzoo.tasks.loading import as_config, read_checkpoint
+
+    path = artefact_checkpoint(reference)
+    checkpoint = read_checkpoint(path)
+    if not str(checkpoint.get("vlzoo_task", "")).endswith(".BLIP2Task"):
+        raise ValueError(f"stage1 {reference}: {path} is not a BLIP-2 stage-1 checkpoint "
+                         f"(written by {checkpoint.get('vlzoo_task')})")
+    stage1 = as_config(checkpoint["hyper_parameters"]["model"], BLIP2Config, f"{path}: model")
+    return stage1, checkpoint["state_dict"]
+
+
+def build_blip2_llm(cfg: BLIP2LLMConfig):
+    """(BLIP2LLM, Q-Former tokenizer, LLM tokenizer, concrete config) from a config; with
+    ``stage1`` the frozen encoder, ``ln_vision`` and Q-Former come from that checkpoint."""
+    state = None
+    if cfg.stage1:
+        stage1, state = stage1_parts(cfg.stage1)
+        cfg = dataclasses.replace(cfg, stage1=None, vision=stage1.vision, qformer=stage1.qformer,
+                                  num_queries=stage1.num_queries, cross_attention_every=stage1.cross_attention_every)
+    tokenizer = build_tokenizer(cfg.qformer.tokenizer, cfg.qformer.context_length, blip_tokens=True)
+    vision_cfg, vision_state = resolve_vision_config(cfg.vision)
+    vision = build_vision_encoder(vision_cfg, 1)
+    if vision_state is not None:
+        load_strict(vision, vision_state, source=f"vision tower of {cfg.vision.name}")
+    qformer = build_qformer(cfg, tokenizer, vision.width)
+    llm, llm_tokenizer, kind = load_llm(cfg.llm, cfg.llm_kind, cfg.llm_precision)
+    model = BLIP2LLM(vision, qformer, llm, cfg.frozen_precision, cfg.llm_precision)
+    if state is not None:
+        for part in ("vision", "ln_vision", "qformer"):
+            prefix = f"model.{part}."
+            load_strict(getattr(model, part), {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)},
+                        source=f"stage1 {part}")
+    concrete = dataclasses.replace(cfg, vision=vision_cfg, qformer=concrete_qformer_config(cfg.qformer, qformer),
+                                   llm_kind=kind)
+    return model, tokenizer, llm_tokenizer, concrete
+
+
+class BLIP2LLMTask(FrozenFeaturesMixin, VLTask):
+    """Trains BLIP-2 stage 2: LM loss of each image's caption after ``caption_prompt``
+    and (``train_vqa``) of one answer after ``vqa_prompt``, through the frozen LLM.
+    Evaluation: ``bleu4``/``cider`` of generated captions, ``vqa_acc`` on every QA pair
+    of the split and ``vqa_majority_acc`` of the majority-answer baseline."""
+
+    monitor = "val/cider"
+
+    def __init__(
+        self,
+        model: BLIP2LLMConfig = BLIP2LLMConfig(),  # noqa: B008
+        optim: OptimConfig = OptimConfig(),  # noqa: B008
+        eval: EvalConfig = EvalConfig(),  # noqa: B008
+        generation: GenerationConfig = GenerationConfig(),  # noqa: B008
+        vqa_generation: GenerationConfig = GenerationConfig(method="greedy", max_length=5, min_length=1),  # noqa: B008
+    ):
+        super().__init__(optim, eval)
+        self.save_hyperparameters()
+        self.model, self.tokenizer, self.llm_tokenizer, concrete = build_blip2_llm(model)
+        self.config = concrete
+        self.hparams["model"] = concrete  # references resolved: a checkpoint does not need the stage-1 artefact
+        self.preprocess_config = concrete.vision
+        self.generation, self.vqa_generation = generation, vqa_generation
+        self.uses_qa = model.train_vqa
+        self.feature_cache = None
+
+    # ------------------------------------------------------------------ text
+    def _text_batch(self, prompts: list[str], targets: list[str]) -> dict[str, Tensor]:
+        build = seq2seq_batch if self.model.is_encoder_decoder else causal_lm_batch
+        batch = build(self.llm_tokenizer, prompts, targets, self.config.max_text_length)
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def _prompt_batch(self, prompts: list[str]) -> dict[str, Tensor]:
+        if self.model.is_encoder_decoder:
+            batch = seq2seq_batch(self.llm_tokenizer, prompts, [""] * len(prompts), self.config.max_text_length)
+            batch.pop("labels")
+        else:
+            batch = left_padded_prompts(self.llm_tokenizer, prompts, self.config.max_text_length)
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def _soft_prompt(self, image_tokens: Tensor, questions: list[str] | None = None) -> Tensor:
+        if questions is None or not self.config.instruction_aware:
+            return self.model.soft_prompt(image_tokens)
+        instruction = self._tokenize(questions)
+        return self.model.soft_prompt(image_tokens, instruction["input_ids"], instruction["attention_mask"])
+
+    def _vqa_prompts(self, questions: list[str]) -> list[str]:
+        return [self.config.vqa_prompt.format(q) for q in questions]
+
+    # -------------------------------------------------------------- training
+    def losses(self, batch: dict) -> dict[str, Tensor]:
+        """``caption`` (and ``vqa``) LM losses of a training batch."""
+        image_tokens = self.model.ln_vision(self.frozen_tokens(batch))
+        captions = batch["captions"]
+        text = self._text_batch([self.config.caption_prompt] * len(captions), captions)
+        losses = {"caption": self.model.lm_loss(self._soft_prompt(image_tokens), **text)}
+        if self.config.train_vqa and "questions" in batch:
+            text = self._text_batch(self._vqa_prompts(batch["questions"]), batch["answers"])
+            losses["vqa"] = self.model.lm_loss(self._soft_prompt(image_tokens, batch["questions"]), **text)
+        return losses
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        losses = self.losses(batch)
+        loss = sum(losses.values())
+        self.log("train/loss", loss, prog_bar=True)
+        self.log_dict({f"train/loss_{k}": v.detach() for k, v in losses.items()})
+        return loss
+
+    # ------------------------------------------------------------ generation
+    @torch.no_grad()
+    def answer(self, image_tokens: Tensor, prompts: list[str], questions: list[str] | None = None,
+               config: GenerationConfig | None = None) -> list[str]:
+        """Generated text after each prompt, for image tokens (B, N, Dv) after ``ln_vision``."""
+        prompt = self._prompt_batch(prompts)
+        ids = self.model.generate(self._soft_prompt(image_tokens, questions), prompt["input_ids"],
+                                  prompt["attention_mask"], config or self.generation,
+                                  eos_token_id=self.llm_tokenizer.eos_token_id)
+        return [t.strip() for t in self.llm_tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+    @torch.no_grad()
+    def caption(self, pixel_values: Tensor, prompt: str | None = None) -> list[str]:
+        """Captions of (B, 3, H, W) images after ``prompt`` (default ``caption_prompt``)."""
+        prompt = self.config.caption_prompt if prompt is None else prompt
+        return self.answer(self.model.image_tokens(pixel_values), [prompt] * len(pixel_values))
+
+    @torch.no_grad()
+    def vqa(self, pixel_values: Tensor, questions: list[str]) -> list[str]:
+        """Answers to one question per image."""
+        return self.answer(self.model.image_tokens(pixel_values), self._vqa_prompts(questions), questions,
+                           self.vqa_generation)
+
+    # ------------------------------------------------------------ evaluation
+    def eval_image_outputs(self, pixel_values: Tensor) -> dict[str, Tensor]:
+        return {"tokens": self.model.image_tokens(pixel_values)}
+
+    @torch.no_grad()
+    def evaluate(self, images: dict[str, Tensor], ann: EvalAnnotations) -> dict[str, float]:
+        tokens, size = images["tokens"], self.eval_config.itm_batch_size
+        captions = []
+        for s in range(0, len(tokens), size):
+            captions += self.answer(tokens[s : s + size], [self.config.caption_prompt] * len(tokens[s : s + size]))
+        metrics = caption_metrics(captions, ann.captions)
+        pairs = [(i, q) for i, qa in enumerate(ann.qa) for q in qa]
+        if pairs:
+            predictions = []
+            for s in range(0, len(pairs), size):
+                chunk = pairs[s : s + size]
+                rows = torch.tensor([i for i, _ in chunk], device=tokens.device)
+                questions = [q["question"] for _, q in chunk]
+                predictions += self.answer(tokens[rows], self._vqa_prompts(questions), questions, self.vqa_generation)
+            metrics["vqa_acc"] = vqa_accuracy(predictions, [q["answer"] for _, q in pairs])
+            metrics["vqa_majority_acc"] = majority_accuracy([q for _, q in pairs], ann.answer_prior)
+        return metrics
+
+    # ----------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if not self.config.checkpoint_llm:  # the frozen LLM is reloaded from config.llm
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
+                                        if not k.startswith("model.llm.")}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint["state_dict"]
+        if not any(k.startswith("model.llm.") for k in state):
+            state.update({f"model.llm.{k}": v for k, v in self.model.llm.state_dict().items()})

@@ -1,0 +1,161 @@
+"""BLIP-2 tasks on tiny shapes: stage 1 fits and evaluates (with and without the
+frozen-feature cache), the causal LM trains and exports, stage 2 fits from a stage-1
+checkpoint with GPT-2 and T5 LLMs and reloads strictly."""
+
+import lightning as L
+import pytest
+import torch
+from tiny_configs import tiny_blip2_config as tiny_config
+
+from vlzoo.config import BLIP2LLMConfig, CausalLMConfig, EvalConfig, OptimConfig
+from vlzoo.data.datamodule import ShapesConfig, VLDataModule
+from vlzoo.data.llm_text import shapes_lm_tokenizer
+from vlzoo.models.generation import GenerationConfig
+from vlzoo.tasks import BLIP2LLMTask, BLIP2Task, CausalLMTask
+from vlzoo.tasks.loading import load_task
+
+OPTIM = OptimConfig(lr=2e-3, warmup_steps=5, weight_decay=0.05)
+GREEDY = GenerationConfig(method="greedy", max_length=6, min_length=1)
+
+
+def data(batch_size: int = 16) -> VLDataModule:
+    return VLDataModule(shapes=ShapesConfig(image_size=16, train_size=128, val_size=16, test_size=16),
+                        batch_size=batch_size, eval_batch_size=16)
+
+
+def trainer(tmp_path, steps: int, **kwargs) -> L.Trainer:
+    return L.Trainer(default_root_dir=tmp_path, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                     num_sanity_val_steps=0, max_steps=steps, val_check_interval=steps, check_val_every_n_epoch=None,
+                     **kwargs)
+
+
+class LossRecorder(L.Callback):
+    def __init__(self):
+        self.losses = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))
+
+
+def stage1_task(**overrides) -> BLIP2Task:
+    return BLIP2Task(tiny_config(**overrides), OPTIM, EvalConfig(rerank_k=4, itm_batch_size=32), GREEDY)
+
+
+def test_stage1_fit_lowers_loss_reports_metrics_and_reloads(tmp_path):
+    L.seed_everything(0)
+    task, recorder = stage1_task(), LossRecorder()
+    fit = trainer(tmp_path, 30, callbacks=[recorder])
+    fit.fit(task, datamodule=data())
+    assert sum(recorder.losses[-5:]) < sum(recorder.losses[:5])
+    metrics = fit.callback_metrics
+    for name in ("r1_t2i", "itc_r1_t2i", "r1_i2t", "compositional_acc", "zeroshot_acc", "bleu4", "cider"):
+        assert torch.isfinite(metrics[f"val/{name}"]), name
+    loaded = load_task(fit.checkpoint_callback.best_model_path)
+    assert isinstance(loaded, BLIP2Task)
+    for key, value in task.model.state_dict().items():
+        torch.testing.assert_close(loaded.model.state_dict()[key], value)
+    captions = loaded.caption(next(iter(fit.datamodule.val_dataloader()))["pixel_values"][:2])
+    assert len(captions) == 2 and all(isinstance(c, str) for c in captions)
+
+
+def test_frozen_feature_cache_gives_the_same_training(tmp_path):
+    runs = {}
+    for cached in (False, True):
+        L.seed_everything(0)
+        task, recorder = stage1_task(cache_image_features=cached), LossRecorder()
+        trainer(tmp_path / str(cached), 2 * 128 // 16, limit_val_batches=0).fit(task, datamodule=data())
+        runs[cached] = (recorder.losses, task)
+    torch.testing.assert_close(torch.tensor(runs[True][0]), torch.tensor(runs[False][0]), atol=1e-4, rtol=1e-4)
+    cache = runs[True][1].feature_cache
+    assert cache.misses == 128 and cache.hits == 128  # second epoch read entirely from the cache
+
+
+def test_cache_refuses_random_augmentation(tmp_path):
+    module = data()
+    module.random_augmentation = True
+    with pytest.raises(ValueError, match="random augmentation"):
+        trainer(tmp_path, 2).fit(stage1_task(cache_image_features=True), datamodule=module)
+
+
+@pytest.fixture(scope="module")
+def lm_dir(tmp_path_factory):
+    """A tiny GPT-2 trained by CausalLMTask for a few steps, exported to HF form."""
+    L.seed_everything(0)
+    task = CausalLMTask(CausalLMConfig(kwargs=dict(n_embd=32, n_layer=2, n_head=2, n_positions=64)),
+                        OptimConfig(lr=3e-3, warmup_steps=2))
+    root = tmp_path_factory.mktemp("lm")
+    recorder = LossRecorder()
+    fit = trainer(root, 60, callbacks=[recorder])
+    fit.fit(task, datamodule=data())
+    assert recorder.losses[-1] < recorder.losses[0]
+    assert torch.isfinite(fit.callback_metrics["val/perplexity"])
+    task.export_pretrained(root / "hf")
+    return root / "hf"
+
+
+def test_causal_lm_export_loads_with_transformers(lm_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(lm_dir)
+    tok = AutoTokenizer.from_pretrained(lm_dir)
+    ids = tok("a red circle")["input_ids"]
+    assert ids[0] == tok.bos_token_id and ids[-1] != tok.eos_token_id
+    assert model(torch.tensor([ids])).logits.shape == (1, len(ids), len(tok))
+
+
+@pytest.fixture(scope="module")
+def stage1_checkpoint(tmp_path_factory):
+    L.seed_everything(0)
+    root = tmp_path_factory.mktemp("stage1")
+    fit = trainer(root, 10)
+    fit.fit(stage1_task(), datamodule=data())
+    return fit.checkpoint_callback.best_model_path
+
+
+def _t5_dir(root):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    tok = shapes_lm_tokenizer()
+    T5ForConditionalGeneration(T5Config(
+        vocab_size=len(tok), d_model=32, d_ff=64, d_kv=16, num_layers=2, num_heads=2, dropout_rate=0.0,
+        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, decoder_start_token_id=tok.pad_token_id,
+    )).save_pretrained(root)
+    tok.save_pretrained(root)
+    return root
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "t5"])
+def test_stage2_from_stage1_checkpoint_trains_evaluates_and_reloads(tmp_path, kind, lm_dir, stage1_checkpoint):
+    llm = str(lm_dir) if kind == "gpt2" else str(_t5_dir(tmp_path / "t5"))
+    cfg = BLIP2LLMConfig(stage1=stage1_checkpoint, llm=llm, caption_prompt="", instruction_aware=kind == "t5")
+    L.seed_everything(0)
+    task = BLIP2LLMTask(cfg, OptimConfig(lr=5e-3, warmup_steps=2), EvalConfig(itm_batch_size=64), GREEDY, GREEDY)
+    stage1 = load_task(stage1_checkpoint)
+    torch.testing.assert_close(task.model.qformer.query_tokens, stage1.model.qformer.query_tokens)
+    llm_before = {k: v.clone() for k, v in task.model.llm.state_dict().items()}
+    module = data(batch_size=64)
+    module.attach(task.tokenizer, 16, (0.5,) * 3, (0.5,) * 3)
+    module.with_qa = True
+    probe = next(iter(module.train_dataloader()))  # one fixed batch, scored before and after training
+    with torch.no_grad():
+        before = {k: float(v) for k, v in task.losses(probe).items()}
+    fit = trainer(tmp_path / "run", 32)
+    fit.fit(task, datamodule=data())
+    with torch.no_grad():
+        after = {k: float(v) for k, v in task.losses(probe).items()}
+    assert set(before) == {"caption", "vqa"}
+    assert sum(after.values()) < sum(before.values()) - 0.1, (before, after)
+    assert all(torch.equal(v, llm_before[k]) for k, v in task.model.llm.state_dict().items())
+    metrics = fit.callback_metrics
+    for name in ("bleu4", "cider", "vqa_acc", "vqa_majority_acc"):
+        assert 0.0 <= float(metrics[f"val/{name}"]) <= 10.0, name
+    path = fit.checkpoint_callback.best_model_path
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    assert not any(k.startswith("model.llm.") for k in saved["state_dict"])  # reloaded from cfg.llm instead
+    assert saved["hyper_parameters"]["model"].stage1 is None  # no dependency on the stage-1 artefact
+    loaded = load_task(path)
+    for key, value in task.model.state_dict().items():
+        torch.testing.assert_close(loaded.model.state_dict()[key], value)
+    images = next(iter(fit.datamodule.val_dataloader()))["pixel_values"][:2]
+    assert len(loaded.caption(images)) == 2 and len(loaded.vqa(images, ["how many shapes are there?"] * 2)) == 2
