@@ -183,7 +183,9 @@ class BLIP2LLMConfig:
 @dataclass
 class CausalLMConfig:
     """A small causal LM trained by vlzoo on the training text (each image's captions
-    and ``vqa_prompt``-formatted QA pairs): the frozen LM of the shapes BLIP-2.
+    and ``vqa_prompt``-formatted QA pairs, after a caption of the same image when
+    ``qa_context``): the frozen LM of the shapes BLIP-2. Answering from a preceding
+    description is what lets stage 2 put a soft visual prompt in its place.
 
     ``architecture``: a transformers model type (``gpt2``, ``opt``, ``llama``, ...);
     ``kwargs``: its config fields (sizes); ``tokenizer``: ``shapes`` or a Hugging Face name.
@@ -194,6 +196,8 @@ class CausalLMConfig:
     tokenizer: str = "shapes"
     vqa_prompt: str = "Question: {} Answer:"
     max_text_length: int = 48
+    qa_context: bool = True  # a QA pair follows a caption of its image: the LM learns to answer from context
+    add_bos: bool = True  # the shapes tokenizer: start each text with [CLS] (GPT-2 style: no BOS)
 
 
 @dataclass

@@ -92,6 +92,13 @@ def _llm(kind: str):
     torch.manual_seed(0)
     tok = shapes_lm_tokenizer()
     ids = dict(pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    if kind == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                          bos_token_id=tok.bos_token_id, **ids)
+        return LlamaForCausalLM(cfg), tok
     if kind == "opt":
         cfg = OPTConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=2,
                         max_position_embeddings=64, word_embed_proj_dim=32, bos_token_id=tok.bos_token_id,
@@ -108,7 +115,7 @@ def _stage2(kind: str):
     return BLIP2LLM(stage1.vision.encoder, stage1.qformer, llm), tok
 
 
-@pytest.mark.parametrize("kind", ["opt", "t5"])
+@pytest.mark.parametrize("kind", ["opt", "llama", "t5"])
 def test_stage2_trains_only_qformer_queries_and_projection(kind):
     model, tok = _stage2(kind)
     frozen = {k: v.clone() for k, v in model.llm.state_dict().items()}
@@ -152,7 +159,7 @@ def test_stage2_decoder_only_labels_skip_the_soft_prompt_and_the_prompt():
     torch.testing.assert_close(model.lm_loss(soft, **text), expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["opt", "t5"])
+@pytest.mark.parametrize("kind", ["opt", "llama", "t5"])
 def test_stage2_batched_generation_equals_one_by_one(kind):
     model, tok = _stage2(kind)
     model.eval()

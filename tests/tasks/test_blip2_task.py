@@ -153,9 +153,38 @@ def test_stage2_from_stage1_checkpoint_trains_evaluates_and_reloads(tmp_path, ki
     path = fit.checkpoint_callback.best_model_path
     saved = torch.load(path, map_location="cpu", weights_only=True)
     assert not any(k.startswith("model.llm.") for k in saved["state_dict"])  # reloaded from cfg.llm instead
-    assert saved["hyper_parameters"]["model"].stage1 is None  # no dependency on the stage-1 artefact
+    assert saved["hyper_parameters"]["model"]["stage1"] is None  # no dependency on the stage-1 artefact
     loaded = load_task(path)
     for key, value in task.model.state_dict().items():
         torch.testing.assert_close(loaded.model.state_dict()[key], value)
     images = next(iter(fit.datamodule.val_dataloader()))["pixel_values"][:2]
     assert len(loaded.caption(images)) == 2 and len(loaded.vqa(images, ["how many shapes are there?"] * 2)) == 2
+
+
+def test_cli_written_stage1_checkpoint_reloads(tmp_path):
+    """LightningCLI records hyper-parameters its own way: the checkpoint still loads."""
+    from vlzoo.cli import main
+
+    config = tmp_path / "stage1.yaml"
+    config.write_text(f"""
+trainer: {{max_steps: 4, val_check_interval: 4, check_val_every_n_epoch: null, num_sanity_val_steps: 0,
+          enable_progress_bar: false, logger: false, default_root_dir: {tmp_path / "run"}}}
+model:
+  class_path: vlzoo.tasks.BLIP2Task
+  init_args:
+    model:
+      embed_dim: 16
+      num_queries: 4
+      vision: {{impl: timm, name: vit_tiny_patch16_224, image_size: 16, output_layer: -2,
+               kwargs: {{patch_size: 8, embed_dim: 24, depth: 2, num_heads: 2}}}}
+      qformer: {{impl: bert, tokenizer: shapes, context_length: 24, pooling: mean,
+                kwargs: {{hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 2, intermediate_size: 64,
+                         max_position_embeddings: 32}}}}
+    eval: {{rerank_k: 4}}
+    generation: {{method: greedy, max_length: 4, min_length: 1}}
+data: {{batch_size: 16, eval_batch_size: 16, shapes: {{image_size: 16, train_size: 64, val_size: 16, test_size: 16}}}}
+""")
+    assert main(["fit", "--config", str(config)]) == 0
+    loaded = load_task(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert isinstance(loaded, BLIP2Task) and loaded.config.qformer.tokenizer == "shapes"
+    assert loaded.config.qformer.pooling == "mean" and loaded.model.qformer.num_queries == 4

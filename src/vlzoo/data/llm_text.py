@@ -20,25 +20,26 @@ from torch import Tensor
 from vlzoo.losses import IGNORE
 
 
-def shapes_lm_tokenizer():
+def shapes_lm_tokenizer(add_bos: bool = True):
     """The shapes word-level vocabulary as a ``PreTrainedTokenizerFast`` for a causal LM:
-    BOS ([CLS]) prepended, no EOS appended; pad [PAD], eos [SEP]."""
+    BOS ([CLS]) prepended when ``add_bos``, no EOS appended; pad [PAD], eos [SEP]."""
     from tokenizers import Tokenizer, processors
     from transformers import PreTrainedTokenizerFast
 
     from vlzoo.data.tokenizers import _train_shapes_tokenizer
 
     tok = Tokenizer.from_str(_train_shapes_tokenizer().to_str())
-    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A", special_tokens=[("[CLS]", tok.token_to_id("[CLS]"))])
+    bos = [("[CLS]", tok.token_to_id("[CLS]"))]
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A" if add_bos else "$A", special_tokens=bos)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="[CLS]", eos_token="[SEP]", pad_token="[PAD]",
                                    unk_token="[UNK]", mask_token="[MASK]")
 
 
-def load_lm_tokenizer(name_or_path: str):
-    """``shapes`` (:func:`shapes_lm_tokenizer`) or a Hugging Face name/directory; a
-    tokenizer without a pad token pads with its EOS."""
+def load_lm_tokenizer(name_or_path: str, add_bos: bool = True):
+    """``shapes`` (:func:`shapes_lm_tokenizer`, ``add_bos`` applies) or a Hugging Face
+    name/directory; a tokenizer without a pad token pads with its EOS."""
     if name_or_path == "shapes":
-        return shapes_lm_tokenizer()
+        return shapes_lm_tokenizer(add_bos)
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(name_or_path)

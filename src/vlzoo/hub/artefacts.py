@@ -182,8 +182,8 @@ def _best_checkpoint(run_dir: Path) -> Path:
 
 def _export_hf(artefact: Path) -> None:
     """Write ``hf/`` for tasks that have a Hugging Face form (``export_pretrained``)."""
-    from vlzoo.tasks.loading import load_task
+    from vlzoo.tasks.loading import load_task, read_checkpoint, task_class
 
-    task = load_task(artefact / CHECKPOINT_NAME)
-    if hasattr(task, "export_pretrained"):
-        task.export_pretrained(artefact / HF_DIR_NAME)
+    path = artefact / CHECKPOINT_NAME
+    if hasattr(task_class(read_checkpoint(path, mmap=True), path), "export_pretrained"):
+        load_task(path).export_pretrained(artefact / HF_DIR_NAME)

@@ -29,6 +29,7 @@ from vlzoo.models.blip2 import BLIP2, BLIP2LLM, FROZEN_DTYPES, LLM_KINDS, max_qu
 from vlzoo.models.generation import GenerationConfig
 from vlzoo.models.qformer import QFormer
 from vlzoo.tasks.base import VLTask
+from vlzoo.tasks.loading import as_config
 from vlzoo.tasks.momentum import CaptionEvalMixin, TwoStageRetrievalTask
 
 
@@ -132,12 +133,13 @@ class BLIP2Task(FrozenFeaturesMixin, CaptionEvalMixin, TwoStageRetrievalTask):
     ):
         super().__init__(optim, eval)
         self.save_hyperparameters()
+        model = as_config(model, BLIP2Config, "model")
         self.config = model
         self.generation = generation
         self.model, self.tokenizer, self.preprocess_config = build_blip2(model)
         # the checkpoint records the concrete tower and Q-Former (weights in the state dict), not references
-        self.hparams["model"] = dataclasses.replace(
-            model, vision=self.preprocess_config, qformer=concrete_qformer_config(model.qformer, self.model.qformer))
+        self.hparams["model"] = dataclasses.asdict(dataclasses.replace(
+            model, vision=self.preprocess_config, qformer=concrete_qformer_config(model.qformer, self.model.qformer)))
         self.feature_cache = FrozenFeatureCache() if model.cache_image_features else None
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
@@ -194,7 +196,7 @@ def load_llm(reference: str, kind: str | None = None, precision: str | None = No
 def stage1_parts(reference: str) -> tuple[BLIP2Config, dict[str, Tensor]]:
     """The config and weights of a stage-1 checkpoint (``zoo:`` or a path)."""
     from vlzoo.hub.artefacts import artefact_checkpoint
-    from vlzoo.tasks.loading import as_config, read_checkpoint
+    from vlzoo.tasks.loading import read_checkpoint
 
     path = artefact_checkpoint(reference)
     checkpoint = read_checkpoint(path)
@@ -249,9 +251,11 @@ class BLIP2LLMTask(FrozenFeaturesMixin, VLTask):
     ):
         super().__init__(optim, eval)
         self.save_hyperparameters()
+        model = as_config(model, BLIP2LLMConfig, "model")
         self.model, self.tokenizer, self.llm_tokenizer, concrete = build_blip2_llm(model)
         self.config = concrete
-        self.hparams["model"] = concrete  # references resolved: a checkpoint does not need the stage-1 artefact
+        # references resolved: a checkpoint does not need the stage-1 artefact
+        self.hparams["model"] = dataclasses.asdict(concrete)
         self.preprocess_config = concrete.vision
         self.generation, self.vqa_generation = generation, vqa_generation
         self.uses_qa = model.train_vqa

@@ -45,7 +45,7 @@ class CausalLMTask(VLTask):
         super().__init__(optim, eval)
         self.save_hyperparameters()
         self.config = model
-        self.lm_tokenizer = load_lm_tokenizer(model.tokenizer)
+        self.lm_tokenizer = load_lm_tokenizer(model.tokenizer, model.add_bos)
         self.model = build_causal_lm(model, self.lm_tokenizer)
         self.tokenizer = build_tokenizer(model.tokenizer, model.max_text_length)  # the data module's collator
         self.preprocess_config = VisionConfig(image_size=64)  # images are not used
@@ -62,14 +62,18 @@ class CausalLMTask(VLTask):
         tokens = int((batch["labels"][:, 1:] != -100).sum())
         return self.model(**batch).loss, tokens
 
-    def _prompts_and_targets(self, captions: list[str], qa: list[dict[str, str]]) -> tuple[list[str], list[str]]:
-        prompts = [""] * len(captions) + [self.config.vqa_prompt.format(q["question"]) for q in qa]
-        return prompts, list(captions) + [q["answer"] for q in qa]
+    def _prompts_and_targets(self, captions: list[str], qa: list[dict[str, str]], contexts: list[str]
+                             ) -> tuple[list[str], list[str]]:
+        """Captions alone, then each QA pair after its image's caption (``qa_context``)."""
+        questions = [self.config.vqa_prompt.format(q["question"]) for q in qa]
+        if self.config.qa_context:
+            questions = [f"{c.strip()} {q}" for c, q in zip(contexts, questions, strict=True)]
+        return [""] * len(captions) + questions, list(captions) + [q["answer"] for q in qa]
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         qa = [{"question": q, "answer": a} for q, a in zip(batch.get("questions", []), batch.get("answers", []),
                                                             strict=True)]
-        loss, _ = self.texts_loss(*self._prompts_and_targets(batch["captions"], qa))
+        loss, _ = self.texts_loss(*self._prompts_and_targets(batch["captions"], qa, batch["captions"][: len(qa)]))
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
@@ -79,8 +83,9 @@ class CausalLMTask(VLTask):
         ann = self.trainer.datamodule.annotations(stage)
         rows = batch["index"].tolist()
         captions = [c for i in rows for c in ann.captions[i]]
-        qa = [q for i in rows for q in ann.qa[i]] if ann.qa else []
-        loss, tokens = self.texts_loss(*self._prompts_and_targets(captions, qa))
+        pairs = [(ann.captions[i][0], q) for i in rows for q in (ann.qa[i] if ann.qa else [])]
+        loss, tokens = self.texts_loss(*self._prompts_and_targets(captions, [q for _, q in pairs],
+                                                                  [c for c, _ in pairs]))
         self._eval_sums.append((float(loss) * tokens, tokens))
 
     def _finish_eval(self, stage: str) -> None:
