@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
 
 import lightning as L
@@ -56,10 +57,11 @@ def samples_per_second(args, cached: bool) -> list[float]:
                         batch_size=args.batch_size)
     epoch = args.train_size // args.batch_size
     timer = StepTimer(skip=epoch)
-    trainer = L.Trainer(max_steps=epoch + args.steps * args.repeats, limit_val_batches=0, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[timer])
-    trainer.fit(BLIP2Task(config(args, cached), OptimConfig(lr=1e-4), EvalConfig()), datamodule=data)
+    with tempfile.TemporaryDirectory() as root:
+        trainer = L.Trainer(max_steps=epoch + args.steps * args.repeats, limit_val_batches=0, logger=False,
+                            default_root_dir=root, enable_progress_bar=False, enable_model_summary=False,
+                            callbacks=[timer])
+        trainer.fit(BLIP2Task(config(args, cached), OptimConfig(lr=1e-4), EvalConfig()), datamodule=data)
     windows = [timer.times[i * args.steps : (i + 1) * args.steps] for i in range(args.repeats)]
     return [args.batch_size * len(w) / sum(w) for w in windows if w]
 
