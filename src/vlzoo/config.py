@@ -178,6 +178,7 @@ class BLIP2LLMConfig:
     llm_precision: str | None = None
     checkpoint_llm: bool = False
     train_vqa: bool = True  # add the LM loss of one QA pair per image when the data has them
+    cache_image_features: bool = False  # as BLIP2Config
 
 
 @dataclass

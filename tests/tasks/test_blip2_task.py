@@ -128,7 +128,8 @@ def _t5_dir(root):
 @pytest.mark.parametrize("kind", ["gpt2", "t5"])
 def test_stage2_from_stage1_checkpoint_trains_evaluates_and_reloads(tmp_path, kind, lm_dir, stage1_checkpoint):
     llm = str(lm_dir) if kind == "gpt2" else str(_t5_dir(tmp_path / "t5"))
-    cfg = BLIP2LLMConfig(stage1=stage1_checkpoint, llm=llm, caption_prompt="", instruction_aware=kind == "t5")
+    cfg = BLIP2LLMConfig(stage1=stage1_checkpoint, llm=llm, caption_prompt="", instruction_aware=kind == "t5",
+                         cache_image_features=kind == "gpt2")
     L.seed_everything(0)
     task = BLIP2LLMTask(cfg, OptimConfig(lr=5e-3, warmup_steps=2), EvalConfig(itm_batch_size=64), GREEDY, GREEDY)
     stage1 = load_task(stage1_checkpoint)
@@ -142,6 +143,8 @@ def test_stage2_from_stage1_checkpoint_trains_evaluates_and_reloads(tmp_path, ki
         before = {k: float(v) for k, v in task.losses(probe).items()}
     fit = trainer(tmp_path / "run", 32)
     fit.fit(task, datamodule=data())
+    if kind == "gpt2":  # each of the 128 images is encoded once; the probe (64) and 32 steps x 16 read the cache
+        assert task.feature_cache.misses == 128 and task.feature_cache.hits == 64 + 32 * 16 - 128
     with torch.no_grad():
         after = {k: float(v) for k, v in task.losses(probe).items()}
     assert set(before) == {"caption", "vqa"}

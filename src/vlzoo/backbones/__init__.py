@@ -32,18 +32,26 @@ def resolve_vision_config(cfg: VisionConfig) -> tuple[VisionConfig, dict | None]
     return resolved, state
 
 
+def build_vision_tower(cfg: VisionConfig, embed_dim: int) -> tuple[VisionEncoder, VisionConfig]:
+    """A vision encoder and its concrete config (the one whose image size, mean and std
+    preprocess its inputs): impl ``vlzoo`` builds the tower of a vlzoo checkpoint and
+    loads its weights strictly; any other impl is built from ``cfg`` itself."""
+    resolved, state = resolve_vision_config(cfg)
+    if state is None:
+        return build_vision_encoder(resolved, embed_dim), resolved
+    from vlzoo.hub.weights import load_strict
+
+    encoder = build_vision_encoder(resolved, embed_dim)
+    load_strict(encoder, state, source=f"vision tower of {cfg.name}")
+    return encoder, resolved
+
+
 def build_vision_encoder(cfg: VisionConfig, embed_dim: int) -> VisionEncoder:
     """A vision encoder from its config; ``embed_dim`` sizes open_clip's own projection.
-    impl ``vlzoo`` builds the tower of a vlzoo checkpoint and loads its weights strictly
-    (pass the config through :func:`resolve_vision_config` first to keep its
-    preprocessing)."""
+    impl ``vlzoo``: see :func:`build_vision_tower` (which also returns the tower's own
+    preprocessing config)."""
     if cfg.impl == "vlzoo":
-        from vlzoo.hub.weights import load_strict
-
-        resolved, state = resolve_vision_config(cfg)
-        encoder = build_vision_encoder(resolved, embed_dim)
-        load_strict(encoder, state, source=f"vision tower of {cfg.name}")
-        return encoder
+        return build_vision_tower(cfg, embed_dim)[0]
     common = dict(image_size=cfg.image_size, output_layer=cfg.output_layer, patch_dropout=cfg.patch_dropout)
     if cfg.impl == "timm":
         if not cfg.name:
@@ -85,19 +93,28 @@ def build_text_encoder(
             if tokenizer.vocab_size > encoder.config.vocab_size:  # e.g. BLIP's [DEC]/[ENC]
                 resize_token_embeddings(encoder, tokenizer.vocab_size)
         else:
-            names = {f.name for f in fields(BertConfig)}
-            unknown = set(cfg.kwargs) - names
-            if unknown:
-                raise ValueError(f"text.kwargs: unknown BertConfig fields {sorted(unknown)}")
-            kwargs = {"vocab_size": tokenizer.vocab_size, "pad_token_id": tokenizer.info.pad_id, **cfg.kwargs}
-            encoder = BertTextEncoder(BertConfig(**kwargs), **cross)
-        if cfg.context_length > encoder.config.max_position_embeddings:
-            raise ValueError(f"text.context_length {cfg.context_length} exceeds the encoder's "
-                             f"max_position_embeddings {encoder.config.max_position_embeddings}")
+            encoder = BertTextEncoder(bert_config_from_kwargs(cfg, tokenizer), **cross)
+        check_context_length(cfg, encoder.config)
     else:
         raise ValueError(f"text.impl must be one of {TEXT_IMPLS}, got {cfg.impl!r}")
     _apply_common(encoder, cfg.grad_checkpointing, cfg.locked)
     return encoder
+
+
+def bert_config_from_kwargs(cfg: TextConfig, tokenizer: Tokenizer, where: str = "text") -> BertConfig:
+    """A BERT-style stack sized by ``cfg.kwargs`` (BertConfig fields; an unknown one is an
+    error naming ``where``), with the tokenizer's vocabulary and padding id by default."""
+    unknown = set(cfg.kwargs) - {f.name for f in fields(BertConfig)}
+    if unknown:
+        raise ValueError(f"{where}.kwargs: unknown BertConfig fields {sorted(unknown)}")
+    return BertConfig(**{"vocab_size": tokenizer.vocab_size, "pad_token_id": tokenizer.info.pad_id, **cfg.kwargs})
+
+
+def check_context_length(cfg: TextConfig, config: BertConfig, where: str = "text") -> None:
+    """A clear error when ``cfg.context_length`` exceeds the stack's position embeddings."""
+    if cfg.context_length > config.max_position_embeddings:
+        raise ValueError(f"{where}.context_length {cfg.context_length} exceeds the encoder's "
+                         f"max_position_embeddings {config.max_position_embeddings}")
 
 
 def _apply_common(encoder, grad_checkpointing: bool, locked: bool) -> None:
@@ -110,4 +127,5 @@ def _apply_common(encoder, grad_checkpointing: bool, locked: bool) -> None:
 __all__ = [
     "EncoderOutput", "VisionEncoder", "TextEncoder", "TimmVisionEncoder", "OpenCLIPVisionEncoder",
     "OpenCLIPTextEncoder", "BertTextEncoder", "build_vision_encoder", "build_text_encoder", "resolve_vision_config",
+    "build_vision_tower", "bert_config_from_kwargs", "check_context_length",
 ]

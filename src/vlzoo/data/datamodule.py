@@ -39,7 +39,7 @@ class EvalAnnotations:
     captions: per image, all reference captions; negatives: per image, hard-negative
     captions (each to be scored against ``captions[i][0]``); zeroshot_labels: per
     image a class index or None; zeroshot_classes: class names; qa: per image, its
-    question/answer pairs; answer_prior: the majority training answer per question type.
+    question/answer pairs.
     """
 
     captions: list[list[str]]
@@ -47,7 +47,6 @@ class EvalAnnotations:
     zeroshot_labels: list[int | None] = field(default_factory=list)
     zeroshot_classes: list[str] = field(default_factory=list)
     qa: list[list[dict[str, str]]] = field(default_factory=list)  # per image: question, answer, type
-    answer_prior: dict[str, str] = field(default_factory=dict)  # question type -> most common training answer
 
 
 class ShapesDataset(Dataset):
@@ -149,6 +148,7 @@ class VLDataModule(L.LightningDataModule):
         self._splits: dict[str, shapes_data.ShapesSplit] = {}
         self.collator: ImageTextCollator | None = None
         self.with_qa = False
+        self._annotations: dict[str, EvalAnnotations] = {}
         self._answer_prior: dict[str, str] | None = None
 
     def attach(self, tokenizer: Tokenizer, image_size: int, mean: Sequence[float], std: Sequence[float]) -> None:
@@ -201,19 +201,23 @@ class VLDataModule(L.LightningDataModule):
         return self._loader("test", train=False)
 
     def annotations(self, stage: str) -> EvalAnnotations:
-        """Captions, hard negatives and zero-shot labels of the split behind ``stage``."""
-        records = self._split(SPLIT_OF_STAGE[stage]).records
-        return EvalAnnotations(
-            captions=[r["captions"] for r in records],
-            negatives=[[n["caption"] for n in r["negatives"]] for r in records],
-            zeroshot_labels=[shapes_data.zeroshot_label(r) for r in records],
-            zeroshot_classes=shapes_data.zeroshot_classes(),
-            qa=[r["qa"] for r in records],
-            answer_prior=self.answer_prior(),
-        )
+        """Captions, hard negatives, zero-shot labels and QA pairs of the split behind
+        ``stage``; built once per split (callers must not modify them)."""
+        split = SPLIT_OF_STAGE[stage]
+        if split not in self._annotations:
+            records = self._split(split).records
+            self._annotations[split] = EvalAnnotations(
+                captions=[r["captions"] for r in records],
+                negatives=[[n["caption"] for n in r["negatives"]] for r in records],
+                zeroshot_labels=[shapes_data.zeroshot_label(r) for r in records],
+                zeroshot_classes=shapes_data.zeroshot_classes(),
+                qa=[r["qa"] for r in records],
+            )
+        return self._annotations[split]
 
     def answer_prior(self) -> dict[str, str]:
-        """Question type -> the most common answer of that type in the training split."""
+        """Question type -> the most common answer of that type in the training split
+        (the VQA baseline; computed on first use, so other families never read it)."""
         if self._answer_prior is None:
             counts: dict[str, Counter] = {}
             for record in self._split("train").records:

@@ -79,7 +79,22 @@ class FrozenImageEncoder(nn.Module):
         return self.encoder(x).tokens.float()
 
 
-class BLIP2(nn.Module):
+class QFormerOverFrozenVision(nn.Module):
+    """What both BLIP-2 stages share: the frozen image encoder, the trainable
+    ``ln_vision`` on its tokens, and the Q-Former that reads them."""
+
+    def __init__(self, vision: VisionEncoder, qformer: QFormer, frozen_precision: str | None = None):
+        super().__init__()
+        self.vision = FrozenImageEncoder(vision, frozen_precision)
+        self.ln_vision = nn.LayerNorm(vision.width)
+        self.qformer = qformer
+
+    def image_tokens(self, pixel_values: Tensor) -> Tensor:
+        """(B, 3, H, W) -> (B, N, Dv): frozen encoder tokens after ``ln_vision``."""
+        return self.ln_vision(self.vision(pixel_values))
+
+
+class BLIP2(QFormerOverFrozenVision):
     """Stage 1: frozen image encoder, ``ln_vision``, Q-Former, ITC/ITM/ITG heads.
 
     Args:
@@ -109,10 +124,7 @@ class BLIP2(nn.Module):
         label_smoothing: float = 0.1,
         frozen_precision: str | None = None,
     ):
-        super().__init__()
-        self.vision = FrozenImageEncoder(vision, frozen_precision)
-        self.ln_vision = nn.LayerNorm(vision.width)
-        self.qformer = qformer
+        super().__init__(vision, qformer, frozen_precision)
         self.vision_proj = nn.Linear(qformer.width, embed_dim)
         self.text_proj = nn.Linear(qformer.width, embed_dim)
         self.itm_head = nn.Linear(qformer.width, 2)
@@ -127,10 +139,6 @@ class BLIP2(nn.Module):
             nn.init.zeros_(layer.bias)
 
     # ---------------------------------------------------------------- features
-    def image_tokens(self, pixel_values: Tensor) -> Tensor:
-        """(B, 3, H, W) -> (B, N, Dv): frozen encoder tokens after ``ln_vision``."""
-        return self.ln_vision(self.vision(pixel_values))
-
     def query_features(self, image_tokens: Tensor) -> Tensor:
         """(B, N, Dv) -> (B, Q, E) normalised ITC features of the queries."""
         return F.normalize(self.vision_proj(self.qformer(image_tokens).queries), dim=-1)
@@ -236,7 +244,7 @@ class BLIP2(nn.Module):
 LLM_KINDS = ("causal", "seq2seq")
 
 
-class BLIP2LLM(nn.Module):
+class BLIP2LLM(QFormerOverFrozenVision):
     """Stage 2: the Q-Former's query outputs, projected to the LLM's width
     (``llm_proj``), are a soft visual prompt before the text of a frozen LLM.
 
@@ -257,12 +265,9 @@ class BLIP2LLM(nn.Module):
         frozen_precision: str | None = None,
         llm_precision: str | None = None,
     ):
-        super().__init__()
         if llm_precision not in FROZEN_DTYPES:
             raise ValueError(f"llm_precision must be one of {[k for k in FROZEN_DTYPES if k]}, got {llm_precision!r}")
-        self.vision = FrozenImageEncoder(vision, frozen_precision)
-        self.ln_vision = nn.LayerNorm(vision.width)
-        self.qformer = qformer
+        super().__init__(vision, qformer, frozen_precision)
         self.llm = llm
         self.llm.requires_grad_(False)
         if FROZEN_DTYPES[llm_precision] is not None:
@@ -274,10 +279,6 @@ class BLIP2LLM(nn.Module):
         super().train(mode)
         self.llm.eval()  # frozen: no dropout
         return self
-
-    def image_tokens(self, pixel_values: Tensor) -> Tensor:
-        """(B, 3, H, W) -> (B, N, Dv) frozen tokens after ``ln_vision``."""
-        return self.ln_vision(self.vision(pixel_values))
 
     def soft_prompt(self, image_tokens: Tensor, instruction_ids: Tensor | None = None,
                     instruction_mask: Tensor | None = None) -> Tensor:

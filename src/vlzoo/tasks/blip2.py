@@ -8,7 +8,7 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from vlzoo.backbones import build_vision_encoder, resolve_vision_config
+from vlzoo.backbones import bert_config_from_kwargs, build_vision_tower, check_context_length
 from vlzoo.backbones.text import resize_token_embeddings
 from vlzoo.config import (
     BLIP2Config,
@@ -24,7 +24,6 @@ from vlzoo.data.tokenizers import Tokenizer, build_tokenizer
 from vlzoo.eval.captioning import caption_metrics
 from vlzoo.eval.vqa import majority_accuracy, vqa_accuracy
 from vlzoo.hub.weights import load_strict
-from vlzoo.layers.transformer import BertConfig
 from vlzoo.models.blip2 import BLIP2, BLIP2LLM, FROZEN_DTYPES, LLM_KINDS, max_query_similarity
 from vlzoo.models.generation import GenerationConfig
 from vlzoo.models.qformer import QFormer
@@ -44,14 +43,9 @@ def build_qformer(cfg: BLIP2Config, tokenizer: Tokenizer, vision_width: int) -> 
         if tokenizer.vocab_size > qformer.config.vocab_size:
             resize_token_embeddings(qformer, tokenizer.vocab_size)
     else:
-        kwargs = {"vocab_size": tokenizer.vocab_size, "pad_token_id": tokenizer.info.pad_id, **q.kwargs}
-        unknown = set(kwargs) - {f.name for f in dataclasses.fields(BertConfig)}
-        if unknown:
-            raise ValueError(f"qformer.kwargs: unknown BertConfig fields {sorted(unknown)}")
-        qformer = QFormer(BertConfig(**kwargs), vision_width, cfg.num_queries, cfg.cross_attention_every)
-    if q.context_length > qformer.config.max_position_embeddings:
-        raise ValueError(f"qformer.context_length {q.context_length} exceeds max_position_embeddings "
-                         f"{qformer.config.max_position_embeddings}")
+        qformer = QFormer(bert_config_from_kwargs(q, tokenizer, "qformer"), vision_width, cfg.num_queries,
+                          cfg.cross_attention_every)
+    check_context_length(q, qformer.config, "qformer")
     return qformer
 
 
@@ -59,10 +53,7 @@ def build_blip2(cfg: BLIP2Config) -> tuple[BLIP2, Tokenizer, VisionConfig]:
     """(BLIP2, tokenizer, the frozen tower's concrete vision config) from a config; a
     ``zoo:``/checkpoint vision reference is resolved (trained and cached if missing)."""
     tokenizer = build_tokenizer(cfg.qformer.tokenizer, cfg.qformer.context_length, blip_tokens=True)
-    vision_cfg, state = resolve_vision_config(cfg.vision)
-    vision = build_vision_encoder(vision_cfg, cfg.embed_dim)
-    if state is not None:
-        load_strict(vision, state, source=f"vision tower of {cfg.vision.name}")
+    vision, vision_cfg = build_vision_tower(cfg.vision, cfg.embed_dim)
     info = tokenizer.info
     model = BLIP2(
         vision, build_qformer(cfg, tokenizer, vision.width), dec_id=info.dec_id, pad_id=info.pad_id,
@@ -216,10 +207,7 @@ def build_blip2_llm(cfg: BLIP2LLMConfig):
         cfg = dataclasses.replace(cfg, stage1=None, vision=stage1.vision, qformer=stage1.qformer,
                                   num_queries=stage1.num_queries, cross_attention_every=stage1.cross_attention_every)
     tokenizer = build_tokenizer(cfg.qformer.tokenizer, cfg.qformer.context_length, blip_tokens=True)
-    vision_cfg, vision_state = resolve_vision_config(cfg.vision)
-    vision = build_vision_encoder(vision_cfg, 1)
-    if vision_state is not None:
-        load_strict(vision, vision_state, source=f"vision tower of {cfg.vision.name}")
+    vision, vision_cfg = build_vision_tower(cfg.vision, 1)  # no projection of its own is used
     qformer = build_qformer(cfg, tokenizer, vision.width)
     llm, llm_tokenizer, kind = load_llm(cfg.llm, cfg.llm_kind, cfg.llm_precision)
     model = BLIP2LLM(vision, qformer, llm, cfg.frozen_precision, cfg.llm_precision)
@@ -259,7 +247,7 @@ class BLIP2LLMTask(FrozenFeaturesMixin, VLTask):
         self.preprocess_config = concrete.vision
         self.generation, self.vqa_generation = generation, vqa_generation
         self.uses_qa = model.train_vqa
-        self.feature_cache = None
+        self.feature_cache = FrozenFeatureCache() if model.cache_image_features else None
 
     # ------------------------------------------------------------------ text
     def _text_batch(self, prompts: list[str], targets: list[str]) -> dict[str, Tensor]:
@@ -275,9 +263,15 @@ class BLIP2LLMTask(FrozenFeaturesMixin, VLTask):
             batch = left_padded_prompts(self.llm_tokenizer, prompts, self.config.max_text_length)
         return {k: v.to(self.device) for k, v in batch.items()}
 
-    def _soft_prompt(self, image_tokens: Tensor, questions: list[str] | None = None) -> Tensor:
-        if questions is None or not self.config.instruction_aware:
-            return self.model.soft_prompt(image_tokens)
+    def _soft_prompt(self, image_tokens: Tensor) -> Tensor:
+        """(B, N, Dv) image tokens -> (B, Q, H) soft prompt (no instruction)."""
+        return self.model.soft_prompt(image_tokens)
+
+    def _question_soft_prompt(self, image_tokens: Tensor, questions: list[str], soft: Tensor | None = None) -> Tensor:
+        """The soft prompt for questions: read with the question when ``instruction_aware``,
+        otherwise the plain one (``soft`` when already computed for these images)."""
+        if not self.config.instruction_aware:
+            return self._soft_prompt(image_tokens) if soft is None else soft
         instruction = self._tokenize(questions)
         return self.model.soft_prompt(image_tokens, instruction["input_ids"], instruction["attention_mask"])
 
@@ -289,11 +283,13 @@ class BLIP2LLMTask(FrozenFeaturesMixin, VLTask):
         """``caption`` (and ``vqa``) LM losses of a training batch."""
         image_tokens = self.model.ln_vision(self.frozen_tokens(batch))
         captions = batch["captions"]
+        soft = self._soft_prompt(image_tokens)  # one Q-Former pass serves both losses unless instruction-aware
         text = self._text_batch([self.config.caption_prompt] * len(captions), captions)
-        losses = {"caption": self.model.lm_loss(self._soft_prompt(image_tokens), **text)}
+        losses = {"caption": self.model.lm_loss(soft, **text)}
         if self.config.train_vqa and "questions" in batch:
             text = self._text_batch(self._vqa_prompts(batch["questions"]), batch["answers"])
-            losses["vqa"] = self.model.lm_loss(self._soft_prompt(image_tokens, batch["questions"]), **text)
+            losses["vqa"] = self.model.lm_loss(self._question_soft_prompt(image_tokens, batch["questions"], soft),
+                                               **text)
         return losses
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
@@ -305,12 +301,10 @@ class BLIP2LLMTask(FrozenFeaturesMixin, VLTask):
 
     # ------------------------------------------------------------ generation
     @torch.no_grad()
-    def answer(self, image_tokens: Tensor, prompts: list[str], questions: list[str] | None = None,
-               config: GenerationConfig | None = None) -> list[str]:
-        """Generated text after each prompt, for image tokens (B, N, Dv) after ``ln_vision``."""
+    def answer(self, soft: Tensor, prompts: list[str], config: GenerationConfig | None = None) -> list[str]:
+        """Generated text after a soft prompt (B, Q, H) and each text prompt."""
         prompt = self._prompt_batch(prompts)
-        ids = self.model.generate(self._soft_prompt(image_tokens, questions), prompt["input_ids"],
-                                  prompt["attention_mask"], config or self.generation,
+        ids = self.model.generate(soft, prompt["input_ids"], prompt["attention_mask"], config or self.generation,
                                   eos_token_id=self.llm_tokenizer.eos_token_id)
         return [t.strip() for t in self.llm_tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
@@ -318,13 +312,13 @@ class BLIP2LLMTask(FrozenFeaturesMixin, VLTask):
     def caption(self, pixel_values: Tensor, prompt: str | None = None) -> list[str]:
         """Captions of (B, 3, H, W) images after ``prompt`` (default ``caption_prompt``)."""
         prompt = self.config.caption_prompt if prompt is None else prompt
-        return self.answer(self.model.image_tokens(pixel_values), [prompt] * len(pixel_values))
+        return self.answer(self._soft_prompt(self.model.image_tokens(pixel_values)), [prompt] * len(pixel_values))
 
     @torch.no_grad()
     def vqa(self, pixel_values: Tensor, questions: list[str]) -> list[str]:
         """Answers to one question per image."""
-        return self.answer(self.model.image_tokens(pixel_values), self._vqa_prompts(questions), questions,
-                           self.vqa_generation)
+        soft = self._question_soft_prompt(self.model.image_tokens(pixel_values), questions)
+        return self.answer(soft, self._vqa_prompts(questions), self.vqa_generation)
 
     # ------------------------------------------------------------ evaluation
     def eval_image_outputs(self, pixel_values: Tensor) -> dict[str, Tensor]:
@@ -333,9 +327,10 @@ class BLIP2LLMTask(FrozenFeaturesMixin, VLTask):
     @torch.no_grad()
     def evaluate(self, images: dict[str, Tensor], ann: EvalAnnotations) -> dict[str, float]:
         tokens, size = images["tokens"], self.eval_config.itm_batch_size
+        soft = torch.cat([self._soft_prompt(tokens[s : s + size]) for s in range(0, len(tokens), size)])  # per image
         captions = []
         for s in range(0, len(tokens), size):
-            captions += self.answer(tokens[s : s + size], [self.config.caption_prompt] * len(tokens[s : s + size]))
+            captions += self.answer(soft[s : s + size], [self.config.caption_prompt] * len(soft[s : s + size]))
         metrics = caption_metrics(captions, ann.captions)
         pairs = [(i, q) for i, qa in enumerate(ann.qa) for q in qa]
         if pairs:
@@ -344,9 +339,11 @@ class BLIP2LLMTask(FrozenFeaturesMixin, VLTask):
                 chunk = pairs[s : s + size]
                 rows = torch.tensor([i for i, _ in chunk], device=tokens.device)
                 questions = [q["question"] for _, q in chunk]
-                predictions += self.answer(tokens[rows], self._vqa_prompts(questions), questions, self.vqa_generation)
+                question_soft = self._question_soft_prompt(tokens[rows], questions, soft[rows])
+                predictions += self.answer(question_soft, self._vqa_prompts(questions), self.vqa_generation)
             metrics["vqa_acc"] = vqa_accuracy(predictions, [q["answer"] for _, q in pairs])
-            metrics["vqa_majority_acc"] = majority_accuracy([q for _, q in pairs], ann.answer_prior)
+            prior = self.trainer.datamodule.answer_prior()
+            metrics["vqa_majority_acc"] = majority_accuracy([q for _, q in pairs], prior)
         return metrics
 
     # ----------------------------------------------------------- checkpoints
