@@ -1,3 +1,18 @@
-"""vlzoo: a PyTorch Lightning model zoo for CLIP -> ALBEF -> BLIP -> BLIP-2."""
+"""vlzoo: a PyTorch Lightning model zoo for CLIP -> ALBEF -> BLIP -> BLIP-2.
+
+From Python: ``vlzoo.list_models()``, ``vlzoo.create_model(name)``, ``vlzoo.load(ref)``.
+"""
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # the zoo API, imported on first use (keeps ``import vlzoo`` light)
+    if name in ("list_models", "create_model", "load", "ZooModel"):
+        from vlzoo import zoo
+
+        return getattr(zoo, name)
+    raise AttributeError(f"module 'vlzoo' has no attribute {name!r}")
+
+
+__all__ = ["list_models", "create_model", "load", "ZooModel", "__version__"]

@@ -139,6 +139,71 @@ def _capfilt(args: argparse.Namespace) -> None:
     print(f"wrote {Path(args.out) / 'captions.jsonl'} and {Path(args.out) / 'capfilt_report.json'}")
 
 
+def _list(args: argparse.Namespace) -> None:
+    from vlzoo.hub.manifest import load_manifest
+    from vlzoo.zoo import list_models
+
+    entries = load_manifest()
+    names = list_models(args.filter)
+    if args.json:
+        print(json.dumps([{"name": n, "family": entries[n].family, "source": entries[n].source_description,
+                           "metric": entries[n].metric} for n in names], indent=2))
+        return
+    width = max((len(n) for n in names), default=4)
+    for n in names:
+        e = entries[n]
+        m = e.metric
+        print(f"{n:<{width}}  {e.family:<9}  {m['dataset']} {m['name']} {m['value']}")
+    print(f"{len(names)} checkpoints (details: vlzoo list --json)")
+
+
+def _download(args: argparse.Namespace) -> None:
+    from vlzoo.hub.download import fetch, fetch_hf_repo
+    from vlzoo.hub.manifest import get_entry
+
+    for name in args.names:
+        if name.startswith("hf://"):
+            path = fetch_hf_repo(name.removeprefix("hf://"))
+        else:
+            entry = get_entry(name)
+            path = fetch(entry.name, entry.source, entry.sha256)
+        print(f"{name}: {path}")
+
+
+def _export_model(args: argparse.Namespace) -> None:
+    from vlzoo.hub.export import export_parts, export_to_hf
+    from vlzoo.hub.loaders import load_parts
+
+    parts = load_parts(args.model)
+    if args.head and args.to != "hf":
+        raise SystemExit("vlzoo export: --head applies to --to hf")
+    out = export_to_hf(parts, args.out, args.head) if args.to == "hf" else export_parts(parts, args.out)
+    print(f"exported {args.model} ({parts.family}) to {out}")
+
+
+def _add_zoo_commands(commands) -> None:
+    listing = commands.add_parser("list", help="list the pretrained checkpoints of the manifest",
+                                  epilog="example: vlzoo list blip-")
+    listing.add_argument("filter", nargs="?", default=None, help="a substring or pattern (blip2-*)")
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+    listing.set_defaults(run=_list)
+    download = commands.add_parser("download", help="fetch checkpoints into the cache (sha256 verified)",
+                                   epilog="example: vlzoo download clip-vit-b32-openai blip-itm-base-coco")
+    download.add_argument("names", nargs="+", help="manifest names or hf://org/repo")
+    download.set_defaults(run=_download)
+    export = commands.add_parser("export", help="save a model as safetensors + config (or as a transformers model)",
+                                 epilog="example: vlzoo export runs/blip-shapes-tiny --out blip-shapes "
+                                        "(then: vlzoo.load('blip-shapes'))")
+    export.add_argument("model", help="manifest name, checkpoint, run directory or model directory")
+    export.add_argument("--out", required=True, help="output directory (replaced atomically)")
+    export.add_argument("--to", choices=["vlzoo", "hf"], default="vlzoo",
+                        help="vlzoo: model.safetensors + vlzoo_config.yaml; hf: a transformers directory "
+                             "(BLIP and BLIP-2)")
+    export.add_argument("--head", choices=["retrieval", "captioning"], default=None,
+                        help="--to hf of a BLIP with both: which transformers class (default retrieval)")
+    export.set_defaults(run=_export_model)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from vlzoo import __version__
 
@@ -184,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     capfilt.add_argument("--limit", type=int, default=1000, help="images of a shapes source")
     capfilt.add_argument("--seed", type=int, default=0)
     capfilt.set_defaults(run=_capfilt)
+    _add_zoo_commands(commands)
     return parser
 
 

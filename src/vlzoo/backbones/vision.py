@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
@@ -20,12 +21,17 @@ class TimmVisionEncoder(VisionEncoder):
         image_size: int = 224,
         output_layer: int = -1,
         patch_dropout: float = 0.0,
+        norm_eps: float | None = None,
         **kwargs: Any,
     ):
+        """``norm_eps``: epsilon of every LayerNorm (timm's default is 1e-6; BLIP's
+        and CLIP's towers use 1e-5). Other ``kwargs`` go to ``timm.create_model``."""
         super().__init__()
         import timm
 
         kwargs.setdefault("pretrained", False)
+        if norm_eps is not None:
+            kwargs["norm_layer"] = partial(torch.nn.LayerNorm, eps=norm_eps)
         if patch_dropout:
             kwargs["patch_drop_rate"] = patch_dropout
         self.model = timm.create_model(name, num_classes=0, img_size=image_size, **kwargs)
@@ -33,6 +39,7 @@ class TimmVisionEncoder(VisionEncoder):
             raise ValueError(f"timm model {name!r} is not a ViT/EVA-style model with .blocks")
         self.image_size = image_size
         self.output_layer = output_layer
+        self.norm_eps = norm_eps
         self.width = self.pooled_width = self.model.num_features
         self._blocks_to_run = resolve_layer(output_layer, len(self.model.blocks))
 

@@ -17,19 +17,17 @@ shapes causal LM), ``hf/`` (``save_pretrained`` layout).
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from vlzoo.utils import vlzoo_home
+from vlzoo.utils import file_lock, vlzoo_home
 
 ZOO_PREFIX = "zoo:"
 CHECKPOINT_NAME = "model.ckpt"
@@ -89,15 +87,6 @@ def artefact_dir(reference: str) -> Path:
     return vlzoo_home() / "artefacts" / f"{name}-{artefact_key(reference)}"
 
 
-@contextmanager
-def _file_lock(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def resolve_artefact(reference: str) -> Path:
@@ -111,7 +100,7 @@ def resolve_artefact(reference: str) -> Path:
     target = artefact_dir(reference)
     if (target / CHECKPOINT_NAME).is_file():
         return target
-    with _file_lock(target.with_name(target.name + ".lock")):
+    with file_lock(target.with_name(target.name + ".lock")):
         if not (target / CHECKPOINT_NAME).is_file():  # another process may have built it meanwhile
             _train_artefact(reference, target)
     return target

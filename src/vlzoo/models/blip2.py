@@ -81,12 +81,13 @@ class FrozenImageEncoder(nn.Module):
 
 class QFormerOverFrozenVision(nn.Module):
     """What both BLIP-2 stages share: the frozen image encoder, the trainable
-    ``ln_vision`` on its tokens, and the Q-Former that reads them."""
+    ``ln_vision`` on its tokens (its epsilon the tower's ``norm_eps`` when set, else
+    1e-5), and the Q-Former that reads them."""
 
     def __init__(self, vision: VisionEncoder, qformer: QFormer, frozen_precision: str | None = None):
         super().__init__()
         self.vision = FrozenImageEncoder(vision, frozen_precision)
-        self.ln_vision = nn.LayerNorm(vision.width)
+        self.ln_vision = nn.LayerNorm(vision.width, eps=getattr(vision, "norm_eps", None) or 1e-5)
         self.qformer = qformer
 
     def image_tokens(self, pixel_values: Tensor) -> Tensor:

@@ -221,6 +221,28 @@ def build_blip2_llm(cfg: BLIP2LLMConfig):
     return model, tokenizer, llm_tokenizer, concrete
 
 
+def llm_prompt_batch(model: BLIP2LLM, llm_tokenizer, prompts: list[str], max_length: int) -> dict[str, Tensor]:
+    """Text prompts (B,) for generation through ``model``'s LLM: the encoder's input for
+    an encoder-decoder LLM, left-padded ids for a decoder-only one; each (B, P)."""
+    if model.is_encoder_decoder:
+        batch = seq2seq_batch(llm_tokenizer, prompts, [""] * len(prompts), max_length)
+        batch.pop("labels")
+    else:
+        batch = left_padded_prompts(llm_tokenizer, prompts, max_length)
+    device = model.llm_proj.weight.device
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def llm_answer(model: BLIP2LLM, llm_tokenizer, soft: Tensor, prompts: list[str], config: GenerationConfig,
+               max_length: int = 64) -> list[str]:
+    """Text generated after a soft prompt (B, Q, H) and each text prompt, decoded."""
+    prompt = llm_prompt_batch(model, llm_tokenizer, prompts, max_length)
+    ids = model.generate(soft, prompt["input_ids"], prompt["attention_mask"], config,
+                         eos_token_id=llm_tokenizer.eos_token_id)
+    return [t.strip() for t in llm_tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+
 class BLIP2LLMTask(FrozenFeaturesMixin, VLTask):
     """Trains BLIP-2 stage 2: LM loss of each image's caption after ``caption_prompt``
     and (``train_vqa``) of one answer after ``vqa_prompt``, through the frozen LLM.
@@ -253,14 +275,6 @@ class BLIP2LLMTask(FrozenFeaturesMixin, VLTask):
     def _text_batch(self, prompts: list[str], targets: list[str]) -> dict[str, Tensor]:
         build = seq2seq_batch if self.model.is_encoder_decoder else causal_lm_batch
         batch = build(self.llm_tokenizer, prompts, targets, self.config.max_text_length)
-        return {k: v.to(self.device) for k, v in batch.items()}
-
-    def _prompt_batch(self, prompts: list[str]) -> dict[str, Tensor]:
-        if self.model.is_encoder_decoder:
-            batch = seq2seq_batch(self.llm_tokenizer, prompts, [""] * len(prompts), self.config.max_text_length)
-            batch.pop("labels")
-        else:
-            batch = left_padded_prompts(self.llm_tokenizer, prompts, self.config.max_text_length)
         return {k: v.to(self.device) for k, v in batch.items()}
 
     def _soft_prompt(self, image_tokens: Tensor) -> Tensor:
@@ -303,10 +317,8 @@ class BLIP2LLMTask(FrozenFeaturesMixin, VLTask):
     @torch.no_grad()
     def answer(self, soft: Tensor, prompts: list[str], config: GenerationConfig | None = None) -> list[str]:
         """Generated text after a soft prompt (B, Q, H) and each text prompt."""
-        prompt = self._prompt_batch(prompts)
-        ids = self.model.generate(soft, prompt["input_ids"], prompt["attention_mask"], config or self.generation,
-                                  eos_token_id=self.llm_tokenizer.eos_token_id)
-        return [t.strip() for t in self.llm_tokenizer.batch_decode(ids, skip_special_tokens=True)]
+        return llm_answer(self.model, self.llm_tokenizer, soft, prompts, config or self.generation,
+                          self.config.max_text_length)
 
     @torch.no_grad()
     def caption(self, pixel_values: Tensor, prompt: str | None = None) -> list[str]:

@@ -1,0 +1,165 @@
+"""From a reference (manifest name, checkpoint, directory, ``hf://``) to
+:class:`~vlzoo.hub.convert.LoadedParts`: the dispatch behind ``vlzoo.load``."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+from typing import Any
+
+from vlzoo.hub.convert import LoadedParts
+
+TASK_FAMILIES = {"CLIPTask": "clip", "ALBEFTask": "albef", "BLIPTask": "blip", "BLIP2Task": "blip2",
+                 "BLIP2LLMTask": "blip2_llm"}
+FAMILY_CAPABILITIES = {
+    "clip": {"encode"}, "albef": {"encode", "itm"}, "blip": {"encode", "itm", "generate"},
+    "blip2": {"encode", "itm", "generate"}, "blip2_llm": {"generate", "vqa"}, "blip_vqa": {"vqa"},
+}
+EXPORT_CONFIG = "vlzoo_config.yaml"
+EXPORT_WEIGHTS = "model.safetensors"
+
+
+def parts_from_task(task, source: str) -> LoadedParts:
+    """The model of a vlzoo task (LightningModule) with its tokenizer and preprocessing."""
+    family = TASK_FAMILIES.get(type(task).__name__)
+    if family is None:
+        raise ValueError(f"{source}: a {type(task).__name__} is not a vision-language zoo model "
+                         f"(expected one of {sorted(TASK_FAMILIES)})")
+    extra: dict[str, Any] = {"generation": getattr(task, "generation", None),
+                             "vqa_generation": getattr(task, "vqa_generation", None), "task_class": type(task)}
+    if family == "blip2_llm":
+        extra["llm_tokenizer"] = task.llm_tokenizer
+    return LoadedParts(family, task.model.eval(), task.config, task.preprocess_config, task.tokenizer,
+                       frozenset(FAMILY_CAPABILITIES[family]), source, extra)
+
+
+def task_from_zoo_config(path: str | Path):
+    """The task a zoo config YAML (a ``vlzoo fit`` config) describes, randomly initialised."""
+    import importlib
+
+    import yaml
+
+    from vlzoo.tasks.loading import as_config
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"zoo config {path} does not exist")
+    model = (yaml.safe_load(path.read_text()) or {}).get("model")
+    if not isinstance(model, dict) or "class_path" not in model:
+        raise ValueError(f"{path}: expected a 'model:' section with 'class_path' and 'init_args'")
+    module, _, name = model["class_path"].rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    hints = typing.get_type_hints(cls.__init__)
+    init_args = {}
+    for key, value in (model.get("init_args") or {}).items():
+        schema = hints.get(key)
+        is_dataclass = isinstance(schema, type) and hasattr(schema, "__dataclass_fields__")
+        init_args[key] = as_config(value, schema, f"{path}: model.init_args.{key}") if is_dataclass else value
+    return cls(**init_args)
+
+
+def parts_from_zoo_config(path: str | Path, family: str | None = None) -> LoadedParts:
+    """The randomly initialised model a zoo config describes. ``family`` ``blip_vqa``
+    builds BLIP's VQA architecture (question encoder + answer decoder) from the BLIP
+    config of a BLIPTask zoo config (vlzoo has no VQA training task yet)."""
+    task = task_from_zoo_config(path)
+    if family != "blip_vqa":
+        return parts_from_task(task, str(path))
+    from vlzoo.hub.convert.hf_blip import BlipTokenIds, build_blip_vqa
+
+    info = task.tokenizer.info
+    ids = BlipTokenIds(enc=info.enc_id, dec=info.dec_id, pad=info.pad_id, eos=info.eos_id)
+    text = dataclasses.replace(task.config.text, pretrained=None, kwargs=dataclasses.asdict(task.model.text.config))
+    config = dataclasses.replace(task.config, text=text)
+    model = build_blip_vqa(config, ids).eval()
+    return LoadedParts("blip_vqa", model, config, task.preprocess_config, task.tokenizer,
+                       frozenset(FAMILY_CAPABILITIES["blip_vqa"]), str(path))
+
+
+# ------------------------------------------------------------------ references
+def load_parts(ref: str | Path) -> LoadedParts:
+    """Resolve ``ref``: ``hf://org/repo``, an existing file or directory, or a manifest name."""
+    text = str(ref)
+    if text.startswith("hf://"):
+        from vlzoo.hub.download import fetch_hf_repo
+
+        return load_path(fetch_hf_repo(text.removeprefix("hf://")))
+    path = Path(text).expanduser()
+    if path.exists():
+        return load_path(path)
+    from vlzoo.hub.manifest import get_entry
+
+    try:
+        entry = get_entry(text)
+    except (KeyError, FileNotFoundError) as err:
+        raise FileNotFoundError(f"{text!r} is neither a file or directory nor a manifest name: {err.args[0]}") from None
+    return load_entry(entry)
+
+
+def load_path(path: Path) -> LoadedParts:
+    """A local checkpoint file or model directory."""
+    if path.is_file():
+        from vlzoo.tasks.loading import load_task
+
+        return parts_from_task(load_task(path), str(path))
+    if (path / EXPORT_CONFIG).is_file():
+        from vlzoo.hub.export import load_export
+
+        return load_export(path)
+    if (path / "config.json").is_file():
+        from vlzoo.hub.convert.hf import load_hf_dir
+
+        return load_hf_dir(path)
+    if (path / "open_clip_config.json").is_file():
+        from vlzoo.hub.convert.clip import load_open_clip_dir
+
+        return load_open_clip_dir(path)
+    checkpoints = path / "checkpoints"
+    if checkpoints.is_dir():  # a `vlzoo fit` run directory: its best checkpoint, else last
+        best = sorted(checkpoints.glob("best*.ckpt"), key=lambda p: p.stat().st_mtime)
+        chosen = best[-1] if best else checkpoints / "last.ckpt"
+        if chosen.is_file():
+            return load_path(chosen)
+    raise ValueError(f"{path}: not a model directory vlzoo can read (expected {EXPORT_CONFIG} from `vlzoo export`, "
+                     "a Hugging Face config.json, an open_clip_config.json, or a run directory with checkpoints/)")
+
+
+def load_entry(entry) -> LoadedParts:
+    """Fetch (or find in the cache) a manifest entry's weights and convert them."""
+    import dataclasses
+
+    from vlzoo.hub.download import fetch
+
+    local = Path(fetch(entry.name, entry.source, entry.sha256))
+    if entry.format == "open_clip":
+        parts = _load_open_clip_entry(entry, local)
+    elif entry.format in ("hf", "vlzoo"):
+        parts = load_path(local)
+    else:
+        from vlzoo.hub.convert.original import load_original
+
+        parts = load_original(entry, local)
+    if parts.family != entry.family:
+        raise ValueError(f"manifest entry {entry.name!r} says family {entry.family!r}, "
+                         f"but its weights load as {parts.family!r}")
+    return dataclasses.replace(parts, source=entry.name)
+
+
+def _load_open_clip_entry(entry, local: Path) -> LoadedParts:
+    """open_clip weights: a hub snapshot directory (``open_clip_config.json`` optional)
+    or a single file; the architecture from the snapshot's config or open_clip's own."""
+    import json
+
+    from vlzoo.hub.convert.clip import OPEN_CLIP_WEIGHT_FILES, load_open_clip_file
+
+    preprocess = {k: entry.preprocess[k] for k in ("mean", "std", "interpolation")}
+    source, model_cfg = entry.source["open_clip"], None
+    if local.is_dir():
+        if (local / "open_clip_config.json").is_file():
+            model_cfg = json.loads((local / "open_clip_config.json").read_text()).get("model_cfg")
+        weights = next((local / f for f in OPEN_CLIP_WEIGHT_FILES if (local / f).is_file()), None)
+        if weights is None:
+            raise FileNotFoundError(f"{entry.name}: {local} holds none of {OPEN_CLIP_WEIGHT_FILES}")
+        local = weights
+    return load_open_clip_file(local, source["name"], preprocess, source["tag"], model_cfg)

@@ -1,0 +1,101 @@
+"""BLIP's visual question answering model (Li et al., 2022, section 5.3).
+
+Three parts, no weights shared between the two text models:
+
+- the image encoder (a ViT);
+- the question encoder: the image-grounded text encoder (``[ENC]`` replaces the first
+  token; cross-attention to the image tokens in every block);
+- the answer decoder: a causal BERT-style stack whose cross-attention reads the question
+  encoder's outputs, plus an LM head tied to the decoder's word embeddings.
+
+Built from vlzoo's shared block (:class:`~vlzoo.backbones.BertTextEncoder`,
+:class:`~vlzoo.layers.transformer.LMHead`); answers are decoded by
+:func:`vlzoo.models.generation.generate`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from vlzoo.backbones import BertTextEncoder, VisionEncoder
+from vlzoo.layers.transformer import LMHead, padding_mask
+from vlzoo.models.generation import GenerationConfig, generate
+
+
+class BLIPVQA(nn.Module):
+    """Image encoder, question encoder, answer decoder with LM head.
+
+    Args:
+        vision: image encoder; its tokens (B, N, Dv) feed the question encoder.
+        question_encoder: BERT-style encoder with cross-attention (width Dv) in every block.
+        answer_decoder: BERT-style stack with cross-attention (width Dt, the question
+            encoder's) in every block, run causally.
+        enc_id: [ENC], which replaces the question's first token.
+        dec_id: [DEC], the first token of every answer.
+        pad_id, eos_id: padding and end-of-answer ids.
+    """
+
+    def __init__(
+        self,
+        vision: VisionEncoder,
+        question_encoder: BertTextEncoder,
+        answer_decoder: BertTextEncoder,
+        enc_id: int,
+        dec_id: int,
+        pad_id: int,
+        eos_id: int,
+    ):
+        super().__init__()
+        _check_cross_attention(question_encoder, "question encoder")
+        _check_cross_attention(answer_decoder, "answer decoder")
+        self.vision = vision
+        self.text = question_encoder
+        self.answer_decoder = answer_decoder
+        self.lm_head = LMHead(answer_decoder.config, answer_decoder.embeddings.word_embeddings)
+        self.enc_id, self.dec_id, self.pad_id, self.eos_id = enc_id, dec_id, pad_id, eos_id
+
+    def encode_question(self, pixel_values: Tensor, question_ids: Tensor, question_mask: Tensor) -> Tensor:
+        """Images (B, 3, H, W) and questions (B, Lq) -> question states (B, Lq, Dt);
+        ``[ENC]`` replaces each question's first token."""
+        image_tokens = self.vision(pixel_values).tokens
+        ids = question_ids.clone()
+        ids[:, 0] = self.enc_id
+        return self.text(ids, question_mask, context=image_tokens).tokens
+
+    def decode(self, answer_ids: Tensor, answer_mask: Tensor, question_states: Tensor, question_mask: Tensor
+               ) -> Tensor:
+        """Answers (B, La) starting with [DEC] -> (B, La, V) next-token logits, reading
+        question states (B, Lq, Dt) where ``question_mask`` (B, Lq) is 1."""
+        hidden = self.answer_decoder(answer_ids, answer_mask, context=question_states,
+                                     context_mask=padding_mask(question_mask), causal=True).tokens
+        return self.lm_head(hidden)
+
+    def answer_logits(
+        self, pixel_values: Tensor, question_ids: Tensor, question_mask: Tensor, answer_ids: Tensor,
+        answer_mask: Tensor,
+    ) -> Tensor:
+        """(B, La, V) logits of answers (B, La) ([DEC] first) to questions (B, Lq) about
+        images (B, 3, H, W); position t predicts answer token t + 1."""
+        states = self.encode_question(pixel_values, question_ids, question_mask)
+        return self.decode(answer_ids, answer_mask, states, question_mask)
+
+    @torch.no_grad()
+    def answer(
+        self, pixel_values: Tensor, question_ids: Tensor, question_mask: Tensor,
+        config: GenerationConfig = GenerationConfig(),  # noqa: B008
+    ) -> Tensor:
+        """Answer ids (B, T) generated after [DEC], each row ending at its EOS and
+        right-padded with ``pad_id``. The decoder never attends to question padding."""
+        states = self.encode_question(pixel_values, question_ids, question_mask)
+        prefix = torch.full((len(states), 1), self.dec_id, dtype=torch.long, device=states.device)
+
+        def next_logits(ids: Tensor, rows: Tensor) -> Tensor:
+            return self.decode(ids, torch.ones_like(ids), states[rows], question_mask[rows])[:, -1]
+
+        return generate(next_logits, prefix, self.eos_id, self.pad_id, config)
+
+
+def _check_cross_attention(encoder: BertTextEncoder, what: str) -> None:
+    if not all(block.has_cross_attention for block in encoder.encoder.layer):
+        raise ValueError(f"BLIP VQA's {what} needs cross-attention in every layer")

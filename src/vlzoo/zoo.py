@@ -1,0 +1,193 @@
+"""The pretrained zoo from Python: ``vlzoo.list_models``, ``vlzoo.create_model``,
+``vlzoo.load``, and :class:`ZooModel`, the one interface every loaded model has.
+
+``vlzoo.load(ref)`` accepts a manifest name (``clip-vit-b32-openai``), a vlzoo
+checkpoint (a ``vlzoo fit`` ``.ckpt``, a run directory, or a ``vlzoo export``
+directory), a local Hugging Face directory (``config.json`` with model_type ``clip``,
+``blip`` or ``blip-2``), a local open_clip hub directory (``open_clip_config.json``),
+or ``hf://org/repo`` (fetched through huggingface_hub).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from vlzoo.config import VisionConfig
+from vlzoo.hub.convert import LoadedParts
+
+
+class CapabilityError(NotImplementedError):
+    """The loaded model's family (or checkpoint) cannot do what was asked."""
+
+
+def build_preprocess(cfg: VisionConfig):
+    """PIL image -> (3, S, S) float tensor: RGB, resize the shorter side to S with the
+    config's interpolation, centre crop, scale to [0, 1], normalise with mean/std."""
+    from torchvision.transforms import v2
+
+    mode = {"bicubic": v2.InterpolationMode.BICUBIC, "bilinear": v2.InterpolationMode.BILINEAR}[cfg.interpolation]
+    transform = v2.Compose([
+        v2.ToImage(), v2.Resize(cfg.image_size, interpolation=mode, antialias=True), v2.CenterCrop(cfg.image_size),
+        v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(cfg.mean), list(cfg.std)),
+    ])
+
+    def preprocess(image) -> Tensor:
+        return transform(image.convert("RGB") if hasattr(image, "convert") else image)
+
+    return preprocess
+
+
+class ZooModel(nn.Module):
+    """A loaded model with its preprocessing and tokenizer, and the methods its family can do.
+
+    Attributes: ``model`` (the vlzoo ``nn.Module``), ``family``, ``capabilities``,
+    ``config`` (the vlzoo model config), ``preprocess`` (PIL -> (3, S, S) tensor),
+    ``tokenizer`` (texts -> ``input_ids``/``attention_mask``), ``source``.
+    """
+
+    def __init__(self, parts: LoadedParts):
+        super().__init__()
+        self.model = parts.model
+        self.family, self.capabilities, self.config = parts.family, parts.capabilities, parts.config
+        self.preprocess_config = parts.preprocess
+        self.preprocess = build_preprocess(parts.preprocess)
+        self.tokenizer = parts.tokenizer
+        self.source = parts.source
+        self.extra = parts.extra
+        self.eval()
+
+    def __repr__(self) -> str:
+        return f"ZooModel(family={self.family!r}, capabilities={sorted(self.capabilities)}, source={self.source!r})"
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _require(self, capability: str, what: str) -> None:
+        if capability not in self.capabilities:
+            raise CapabilityError(f"{self.source or self.family}: a {self.family} model loaded from this checkpoint "
+                                  f"cannot {what} (it can: {', '.join(sorted(self.capabilities)) or 'nothing'})")
+
+    # ----------------------------------------------------------------- inputs
+    def pixel_values(self, images) -> Tensor:
+        """A (B, 3, S, S) tensor as is, or PIL images (one or a list) preprocessed."""
+        if isinstance(images, Tensor):
+            return images.to(self.device)
+        images = images if isinstance(images, Sequence) else [images]
+        return torch.stack([self.preprocess(im) for im in images]).to(self.device)
+
+    def tokenize(self, texts: str | Sequence[str] | Tensor, attention_mask: Tensor | None = None
+                 ) -> tuple[Tensor, Tensor]:
+        """(input_ids, attention_mask), each (B, L), from strings or ids."""
+        if isinstance(texts, Tensor):
+            mask = torch.ones_like(texts) if attention_mask is None else attention_mask
+            return texts.to(self.device), mask.to(self.device)
+        if self.tokenizer is None:
+            raise ValueError("this model was loaded without a tokenizer: pass input_ids")
+        batch = self.tokenizer([texts] if isinstance(texts, str) else list(texts))
+        return batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+
+    # ---------------------------------------------------------------- methods
+    @torch.no_grad()
+    def encode_image(self, pixel_values) -> Tensor:
+        """Images -> (B, D) normalised embeddings; BLIP-2: (B, Q, D), one per query."""
+        self._require("encode", "embed images")
+        return self.model.encode_image(self.pixel_values(pixel_values))
+
+    @torch.no_grad()
+    def encode_text(self, texts: str | Sequence[str] | Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Texts (strings or (B, L) ids) -> (B, D) normalised embeddings."""
+        self._require("encode", "embed texts")
+        return self.model.encode_text(*self.tokenize(texts, attention_mask))
+
+    @torch.no_grad()
+    def similarity(self, images, texts) -> Tensor:
+        """(N_images, N_texts) cosine similarity of the contrastive embeddings; BLIP-2:
+        the maximum over its queries, as its ITC."""
+        image, text = self.encode_image(images), self.encode_text(texts)
+        if image.ndim == 3:  # (N, Q, D) queries
+            return torch.einsum("iqd,td->itq", image, text).amax(-1)
+        return image @ text.t()
+
+    @torch.no_grad()
+    def itm_score(self, pixel_values, input_ids: str | Sequence[str] | Tensor,
+                  attention_mask: Tensor | None = None) -> Tensor:
+        """(B,) probability that image i and text i match (ALBEF, BLIP, BLIP-2)."""
+        self._require("itm", "score image-text matches")
+        return self.model.itm_score(self.pixel_values(pixel_values), *self.tokenize(input_ids, attention_mask))
+
+    @torch.no_grad()
+    def generate(self, pixel_values, prompt: str | None = None, **kwargs: Any) -> list[str]:
+        """Captions (or text after ``prompt``) for images; ``kwargs`` are
+        :class:`~vlzoo.models.generation.GenerationConfig` fields (method, num_beams,
+        max_length, min_length, top_p, ...)."""
+        self._require("generate", "generate text")
+        from vlzoo.hub.generation import generate_text
+
+        return generate_text(self, self.pixel_values(pixel_values), prompt, **kwargs)
+
+    @torch.no_grad()
+    def vqa(self, pixel_values, questions: str | Sequence[str], **kwargs: Any) -> list[str]:
+        """One answer per (image, question) pair."""
+        self._require("vqa", "answer questions")
+        from vlzoo.hub.generation import answer_questions
+
+        questions = [questions] if isinstance(questions, str) else list(questions)
+        return answer_questions(self, self.pixel_values(pixel_values), questions, **kwargs)
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+
+# ------------------------------------------------------------------- the API
+def list_models(filter: str | None = None) -> list[str]:  # noqa: A002 - the documented name
+    """Names in the checkpoints manifest, sorted; ``filter``: a substring or a
+    shell-style pattern (``blip-*``)."""
+    import fnmatch
+
+    from vlzoo.hub.manifest import load_manifest
+
+    names = sorted(load_manifest())
+    if not filter:
+        return names
+    pattern = filter if any(c in filter for c in "*?[") else f"*{filter}*"
+    return [n for n in names if fnmatch.fnmatch(n, pattern)]
+
+
+def create_model(name_or_config: str | Path, pretrained: bool = False) -> ZooModel:
+    """A model from a manifest name or a zoo config YAML; ``pretrained`` loads the
+    manifest's weights (as :func:`load`), otherwise the architecture is randomly
+    initialised from the entry's zoo config."""
+    from vlzoo.hub.manifest import config_path, load_manifest
+
+    ref = str(name_or_config)
+    entries = load_manifest()
+    family = None
+    if ref in entries:
+        if pretrained:
+            return load(ref)
+        path, family = config_path(entries[ref]), entries[ref].family
+    else:
+        if pretrained:
+            raise ValueError(f"{ref}: pretrained=True needs a manifest name (see vlzoo.list_models())")
+        path = Path(ref)
+    from vlzoo.hub.loaders import parts_from_zoo_config
+
+    parts = parts_from_zoo_config(path, family)
+    if family is not None and parts.family != family:
+        raise ValueError(f"{ref}: the manifest says family {family!r}, its config {path} builds {parts.family!r}")
+    return ZooModel(parts)
+
+
+def load(ref: str | Path, device: str | torch.device | None = None) -> ZooModel:
+    """A pretrained model in eval mode, with ``.preprocess`` and ``.tokenizer``. See the
+    module docstring for what ``ref`` may be."""
+    from vlzoo.hub.loaders import load_parts
+
+    model = ZooModel(load_parts(ref))
+    return model.to(device) if device is not None else model

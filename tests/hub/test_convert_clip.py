@@ -1,0 +1,137 @@
+"""CLIP converters against the reference implementations: open_clip ``CLIP`` (ViT and
+ModifiedResNet towers) and transformers ``CLIPModel``, at tiny random sizes."""
+
+import json
+
+import open_clip
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from vlzoo.hub.convert.clip import (
+    build_converted_clip,
+    clip_config_from_open_clip,
+    convert_open_clip_state,
+    hf_clip_to_open_clip,
+    load_open_clip_dir,
+    open_clip_config_from_hf,
+)
+from vlzoo.hub.convert.hf import load_hf_dir
+from vlzoo.hub.weights import CheckpointKeyError
+
+VIT_CFG = {"embed_dim": 32, "quick_gelu": True,
+           "vision_cfg": {"image_size": 32, "layers": 2, "width": 48, "patch_size": 8, "head_width": 16},
+           "text_cfg": {"context_length": 16, "vocab_size": 100, "width": 32, "heads": 4, "layers": 2}}
+RN_CFG = {"embed_dim": 32,
+          "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 16, "head_width": 16},
+          "text_cfg": {"context_length": 16, "vocab_size": 100, "width": 32, "heads": 4, "layers": 2}}
+
+
+def _open_clip_model(cfg: dict) -> open_clip.CLIP:
+    torch.manual_seed(0)
+    kwargs = {k: v for k, v in cfg.items() if k not in ("vision_cfg", "text_cfg")}
+    model = open_clip.CLIP(vision_cfg=cfg["vision_cfg"], text_cfg=cfg["text_cfg"], **kwargs).eval()
+    with torch.no_grad():  # non-trivial values everywhere (open_clip inits some to zero/one)
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model
+
+
+def _texts(vocab: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ids whose end-of-text token (the highest id) ends each row, padded with 0."""
+    ids = torch.randint(1, vocab - 1, (3, length))
+    mask = torch.ones_like(ids)
+    for row, end in enumerate((length - 1, 5, 2)):
+        ids[row, end] = vocab - 1
+        ids[row, end + 1:] = 0
+        mask[row, end + 1:] = 0
+    return ids, mask
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+@pytest.mark.parametrize("cfg", [VIT_CFG, RN_CFG], ids=["vit", "modified_resnet"])
+def test_open_clip_parity(cfg):
+    ref = _open_clip_model(cfg)
+    parts = build_converted_clip(clip_config_from_open_clip(cfg), convert_open_clip_state(ref.state_dict()),
+                                 "test", tokenizer=False)
+    size = cfg["vision_cfg"]["image_size"]
+    images = torch.randn(2, 3, size, size)
+    ids, mask = _texts(100, 16)
+    with torch.no_grad():
+        ref_img, ref_txt = ref.encode_image(images, normalize=True), ref.encode_text(ids, normalize=True)
+        ours = parts.model
+        assert _max_diff(ours.encode_image(images), ref_img) <= 1e-5
+        assert _max_diff(ours.encode_text(ids, mask), ref_txt) <= 1e-5
+        assert _max_diff(ours.encode_text(ids), ref_txt) <= 1e-5  # no mask: argmax (EOT) pooling
+        assert torch.equal(ours.logit_scale, ref.logit_scale)
+
+
+def test_open_clip_hub_directory(tmp_path):
+    ref = _open_clip_model(VIT_CFG)
+    save_file(ref.state_dict(), tmp_path / "open_clip_model.safetensors")
+    preprocess = {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "interpolation": "bilinear"}
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": VIT_CFG, "preprocess_cfg": preprocess}))
+    parts = load_open_clip_dir(tmp_path)
+    assert parts.preprocess.mean == (0.5, 0.5, 0.5) and parts.preprocess.interpolation == "bilinear"
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert _max_diff(parts.model.encode_image(images), ref.encode_image(images, normalize=True)) <= 1e-5
+
+
+def test_open_clip_missing_and_unexpected_keys_are_named():
+    ref = _open_clip_model(VIT_CFG)
+    state = convert_open_clip_state(ref.state_dict())
+    state.pop("vision.tower.ln_post.weight")
+    state["vision.tower.extra"] = torch.zeros(1)
+    with pytest.raises(CheckpointKeyError, match=r"vision\.tower\.ln_post\.weight.*vision\.tower\.extra"):
+        build_converted_clip(clip_config_from_open_clip(VIT_CFG), state, "test", tokenizer=False)
+    with pytest.raises(KeyError, match="no conversion rule.*surprise"):
+        convert_open_clip_state({**ref.state_dict(), "surprise.weight": torch.zeros(1)})
+
+
+def _hf_clip(act: str = "quick_gelu"):
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(0)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=16, hidden_act=act, eos_token_id=2),
+        vision_config=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=3,
+                           image_size=32, patch_size=8, hidden_act=act),
+        projection_dim=32,
+    )
+    return CLIPModel(config).eval()
+
+
+@pytest.mark.parametrize("act", ["quick_gelu", "gelu"])
+def test_transformers_clip_parity(act):
+    ref = _hf_clip(act)
+    cfg = open_clip_config_from_hf(ref.config.to_dict())
+    parts = build_converted_clip(clip_config_from_open_clip(cfg),
+                                 convert_open_clip_state(hf_clip_to_open_clip(ref.state_dict())), "test",
+                                 tokenizer=False)
+    images = torch.randn(2, 3, 32, 32)
+    ids, mask = _texts(100, 16)
+    with torch.no_grad():
+        out = ref(input_ids=ids, attention_mask=mask, pixel_values=images)
+        img, txt = parts.model.encode_image(images), parts.model.encode_text(ids, mask)
+        assert _max_diff(img, out.image_embeds) <= 1e-5
+        assert _max_diff(txt, out.text_embeds) <= 1e-5
+        assert _max_diff(parts.model.logit_scale.exp() * img @ txt.t(), out.logits_per_image) <= 1e-4
+
+
+def test_transformers_clip_directory(tmp_path):
+    ref = _hf_clip()
+    ref.save_pretrained(tmp_path)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(
+        {"image_mean": [0.1, 0.2, 0.3], "image_std": [0.5, 0.5, 0.5], "resample": 3}))
+    parts = load_hf_dir(tmp_path)
+    assert parts.family == "clip" and parts.preprocess.mean == (0.1, 0.2, 0.3)
+    images = torch.randn(2, 3, 32, 32)
+    ids, mask = _texts(100, 16)
+    with torch.no_grad():
+        out = ref(input_ids=ids, attention_mask=mask, pixel_values=images)
+        assert _max_diff(parts.model.encode_image(images), out.image_embeds) <= 1e-5
