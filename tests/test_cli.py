@@ -37,7 +37,7 @@ def test_fit_writes_the_run_directory(tmp_path):
     ])
     metrics = json.loads((run / "metrics.json").read_text())
     for key in ("train/loss", "val/r1_t2i", "test/r1_t2i", "test/r10_i2t", "test/compositional_acc",
-                "test/zeroshot_acc"):
+                "test/zeroshot_acc", "train/samples_per_s", "params_total", "params_trainable", "peak_memory_mb"):
         assert key in metrics, key
     assert (run / "loss.png").stat().st_size > 1000
     assert (run / "metrics.csv").exists()

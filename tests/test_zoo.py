@@ -132,3 +132,61 @@ def test_create_model_builds_blip_vqa_for_a_vqa_entry(tmp_path, monkeypatch):
     model = vlzoo.create_model("blip-tiny-vqa")
     assert model.family == "blip_vqa" and type(model.model).__name__ == "BLIPVQA"
     assert len(model.vqa(torch.randn(2, 3, 16, 16), ["how many shapes are there?", "what colour?"], max_length=3)) == 2
+
+
+def test_ids_without_a_mask_pool_like_open_clip(tmp_path):
+    """encode_text(ids) with no mask: open_clip's own pooling (EOT = argmax id), even with
+    padding after it, as open_clip.tokenize pads."""
+    import json
+
+    import open_clip
+    from safetensors.torch import save_file
+
+    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16},
+           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    torch.manual_seed(0)
+    reference = open_clip.CLIP(**cfg).eval()
+    save_file(reference.state_dict(), tmp_path / "open_clip_model.safetensors")
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}))
+    model = vlzoo.load(tmp_path)
+    ids = open_clip.tokenize(["a photo of a cat", "a red circle left of a blue square"])  # zero-padded to 77
+    with torch.no_grad():
+        expected = reference.encode_text(ids, normalize=True)
+        assert (model.encode_text(ids) - expected).abs().max() <= 1e-5
+        assert (model.encode_text(["a photo of a cat", "a red circle left of a blue square"]) - expected
+                ).abs().max() <= 1e-5
+
+
+def test_squash_preprocessing_matches_blips_image_processor():
+    """BLIP-family checkpoints resize to S x S (no crop), as transformers' BlipImageProcessor."""
+    from transformers import BlipImageProcessor
+
+    from vlzoo.config import VisionConfig
+    from vlzoo.zoo import build_preprocess
+
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (48, 96, 3), dtype=np.uint8))
+    processor = BlipImageProcessor(size={"height": 32, "width": 32})
+    expected = torch.as_tensor(processor(image, return_tensors="np")["pixel_values"][0])
+    squash = build_preprocess(VisionConfig(image_size=32, resize_mode="squash"))(image)
+    crop = build_preprocess(VisionConfig(image_size=32, resize_mode="shortest"))(image)
+    assert (squash - expected).abs().mean() < 0.05  # interpolation kernels differ slightly (PIL vs torchvision)
+    assert (crop - expected).abs().mean() > 4 * (squash - expected).abs().mean()
+
+
+def test_export_keeps_decoding_settings_and_refuses_foreign_directories(checkpoints, tmp_path, monkeypatch):
+    from vlzoo.cli import main
+
+    blip_task, blip_path = checkpoints["blip"]
+    out = tmp_path / "blip"
+    assert main(["export", str(blip_path), "--out", str(out)]) == 0
+    images = torch.randn(2, 3, 16, 16)
+    assert vlzoo.load(out).generate(images) == blip_task.caption(images)  # greedy, 6 tokens: the task's settings
+    assert main(["export", str(blip_path), "--out", str(out)]) == 0  # an earlier export is replaced
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "keep.txt").write_text("keep")
+    with pytest.raises(ValueError, match="not an earlier vlzoo export"):
+        main(["export", str(blip_path), "--out", str(tmp_path / "notes")])
+    monkeypatch.chdir(tmp_path / "notes")
+    with pytest.raises(ValueError, match="refusing to export over the working directory"):
+        main(["export", str(blip_path), "--out", "."])
+    assert (tmp_path / "notes" / "keep.txt").read_text() == "keep"

@@ -35,6 +35,7 @@ def _lightning_cli(args: list[str] | None) -> None:
             trainer = self.trainer
             summary = {"train/loss": _metric(trainer.callback_metrics.get("train/loss"))}
             summary.update(_stage_metrics(trainer.callback_metrics, "val/"))
+            summary.update(run_stats(trainer, self.model))  # before test: testing attaches fresh callbacks
             best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
             trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best" if best else None)
             summary.update(_stage_metrics(trainer.callback_metrics, "test/"))
@@ -72,6 +73,14 @@ def default_loggers(root: str) -> list:
     except ImportError:
         pass
     return loggers
+
+
+def run_stats(trainer, module) -> dict[str, float]:
+    """Throughput, parameter counts and peak memory of a fit (``RunStats``), if attached."""
+    from vlzoo.callbacks import RunStats
+
+    stats = next((c for c in trainer.callbacks if isinstance(c, RunStats)), None)
+    return stats.summary(trainer, module) if stats is not None else {}
 
 
 def _metric(value) -> float | None:
@@ -181,7 +190,23 @@ def _export_model(args: argparse.Namespace) -> None:
     print(f"exported {args.model} ({parts.family}) to {out}")
 
 
+def _compare(args: argparse.Namespace) -> None:
+    from vlzoo.compare import compare
+
+    models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
+    compare(args.recipe, args.out, models)
+    print(f"wrote {Path(args.out) / 'results.json'}, results.md and comparison.png")
+
+
 def _add_zoo_commands(commands) -> None:
+    comparing = commands.add_parser(
+        "compare", help="train every family under one recipe and compare them on one test split",
+        epilog="example: vlzoo compare --recipe zoo_configs/recipes/shapes.yaml --out runs/compare "
+               "(re-run with the same --out to continue; finished models are skipped)")
+    comparing.add_argument("--recipe", required=True, help="recipe YAML (zoo_configs/recipes/)")
+    comparing.add_argument("--models", default=None, help="comma-separated subset, e.g. clip,blip2")
+    comparing.add_argument("--out", required=True, help="output directory")
+    comparing.set_defaults(run=_compare)
     listing = commands.add_parser("list", help="list the pretrained checkpoints of the manifest",
                                   epilog="example: vlzoo list blip-")
     listing.add_argument("filter", nargs="?", default=None, help="a substring or pattern (blip2-*)")
@@ -264,7 +289,14 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "run", None):
         parser.print_help()
         return 0 if args.command is None else 2
-    args.run(args)
+    try:
+        args.run(args)
+    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as err:
+        if not from_command_line:
+            raise
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"vlzoo {args.command}: error: {message}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -37,6 +37,7 @@ class VisionConfig:
     mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
     std: tuple[float, float, float] = OPENAI_CLIP_STD
     interpolation: str = "bicubic"
+    resize_mode: str = "shortest"  # PIL preprocessing: shortest side + centre crop (CLIP); squash (BLIP, ALBEF)
     grad_checkpointing: bool = False
     locked: bool = False
 

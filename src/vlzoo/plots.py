@@ -48,3 +48,39 @@ def plot_loss_curves(csv_path: str | Path, out_path: str | Path, title: str = ""
     fig.savefig(out_path, dpi=110)
     plt.close(fig)
     return out_path
+
+
+def plot_comparison(results: dict, out_path: str | Path, metrics: tuple[str, ...] = (
+        "test/r1_t2i", "test/r1_i2t", "test/r10_t2i", "test/compositional_acc", "test/zeroshot_acc",
+        "test/bleu4")) -> Path:
+    """``vlzoo compare`` results: one bar per model for each test metric (left) and each
+    model's training loss against the step (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    fig, (ax_bars, ax_loss) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [3, 2]})
+    width = 0.8 / max(1, len(names))
+    for i, name in enumerate(names):
+        values = [results[name]["metrics"].get(m, float("nan")) for m in metrics]
+        positions = [j + (i - (len(names) - 1) / 2) * width for j in range(len(metrics))]
+        ax_bars.bar(positions, values, width, label=name)
+        log = Path(results[name]["run_dir"]) / "metrics.csv"
+        if log.is_file():
+            losses = read_csv_log(log).get("train/loss", [])
+            if losses:
+                ax_loss.plot(*zip(*losses), label=name)
+    ax_bars.set_xticks(range(len(metrics)), [m.removeprefix("test/") for m in metrics], rotation=20, fontsize=8)
+    ax_bars.set(ylabel="test metric", title="test split, one recipe")
+    ax_loss.set(xlabel="step", ylabel="train/loss", title="training loss")
+    for ax in (ax_bars, ax_loss):
+        if ax.has_data():
+            ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out_path = Path(out_path)
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)
+    return out_path

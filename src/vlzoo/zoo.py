@@ -25,15 +25,24 @@ class CapabilityError(NotImplementedError):
     """The loaded model's family (or checkpoint) cannot do what was asked."""
 
 
+RESIZE_MODES = ("shortest", "squash")
+
+
 def build_preprocess(cfg: VisionConfig):
-    """PIL image -> (3, S, S) float tensor: RGB, resize the shorter side to S with the
-    config's interpolation, centre crop, scale to [0, 1], normalise with mean/std."""
+    """PIL image -> (3, S, S) float tensor: RGB; ``resize_mode`` ``shortest`` resizes the
+    shorter side to S and centre-crops (CLIP, open_clip), ``squash`` resizes to S x S
+    (BLIP's and ALBEF's pipelines, transformers' BlipImageProcessor); the config's
+    interpolation; scaled to [0, 1] and normalised with mean/std."""
     from torchvision.transforms import v2
 
     mode = {"bicubic": v2.InterpolationMode.BICUBIC, "bilinear": v2.InterpolationMode.BILINEAR}[cfg.interpolation]
+    size = cfg.image_size
+    if cfg.resize_mode not in RESIZE_MODES:
+        raise ValueError(f"vision.resize_mode must be one of {RESIZE_MODES}, got {cfg.resize_mode!r}")
+    resize = ([v2.Resize((size, size), interpolation=mode, antialias=True)] if cfg.resize_mode == "squash"
+              else [v2.Resize(size, interpolation=mode, antialias=True), v2.CenterCrop(size)])
     transform = v2.Compose([
-        v2.ToImage(), v2.Resize(cfg.image_size, interpolation=mode, antialias=True), v2.CenterCrop(cfg.image_size),
-        v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(cfg.mean), list(cfg.std)),
+        v2.ToImage(), *resize, v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(cfg.mean), list(cfg.std)),
     ])
 
     def preprocess(image) -> Tensor:
@@ -73,6 +82,12 @@ class ZooModel(nn.Module):
             raise CapabilityError(f"{self.source or self.family}: a {self.family} model loaded from this checkpoint "
                                   f"cannot {what} (it can: {', '.join(sorted(self.capabilities)) or 'nothing'})")
 
+    def _require_decoder_tokenizer(self) -> None:
+        tokenizer = self.extra.get("llm_tokenizer") if self.family == "blip2_llm" else self.tokenizer
+        if tokenizer is None:
+            raise ValueError(f"{self.source or self.family}: loaded without a tokenizer, so generated ids cannot be "
+                             "decoded to text (put the tokenizer files in the model directory)")
+
     # ----------------------------------------------------------------- inputs
     def pixel_values(self, images) -> Tensor:
         """A (B, 3, S, S) tensor as is, or PIL images (one or a list) preprocessed."""
@@ -82,14 +97,18 @@ class ZooModel(nn.Module):
         return torch.stack([self.preprocess(im) for im in images]).to(self.device)
 
     def tokenize(self, texts: str | Sequence[str] | Tensor, attention_mask: Tensor | None = None
-                 ) -> tuple[Tensor, Tensor]:
-        """(input_ids, attention_mask), each (B, L), from strings or ids."""
-        if isinstance(texts, Tensor):
-            mask = torch.ones_like(texts) if attention_mask is None else attention_mask
-            return texts.to(self.device), mask.to(self.device)
+                 ) -> tuple[Tensor, Tensor | None]:
+        """(input_ids, attention_mask), each (B, L), from strings; ids pass through with
+        their mask (None when not given)."""
+        if isinstance(texts, Tensor):  # no mask: the encoder's own default (open_clip: the argmax/EOT token)
+            return texts.to(self.device), None if attention_mask is None else attention_mask.to(self.device)
         if self.tokenizer is None:
-            raise ValueError("this model was loaded without a tokenizer: pass input_ids")
-        batch = self.tokenizer([texts] if isinstance(texts, str) else list(texts))
+            raise ValueError(f"{self.source or self.family}: this model was loaded without a tokenizer; pass "
+                             "token ids (B, L) instead of strings")
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if not texts:
+            raise ValueError("no texts given")
+        batch = self.tokenizer(texts)
         return batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
 
     # ---------------------------------------------------------------- methods
@@ -127,6 +146,7 @@ class ZooModel(nn.Module):
         :class:`~vlzoo.models.generation.GenerationConfig` fields (method, num_beams,
         max_length, min_length, top_p, ...)."""
         self._require("generate", "generate text")
+        self._require_decoder_tokenizer()
         from vlzoo.hub.generation import generate_text
 
         return generate_text(self, self.pixel_values(pixel_values), prompt, **kwargs)
@@ -135,6 +155,7 @@ class ZooModel(nn.Module):
     def vqa(self, pixel_values, questions: str | Sequence[str], **kwargs: Any) -> list[str]:
         """One answer per (image, question) pair."""
         self._require("vqa", "answer questions")
+        self._require_decoder_tokenizer()
         from vlzoo.hub.generation import answer_questions
 
         questions = [questions] if isinstance(questions, str) else list(questions)
@@ -155,8 +176,8 @@ def list_models(filter: str | None = None) -> list[str]:  # noqa: A002 - the doc
     names = sorted(load_manifest())
     if not filter:
         return names
-    pattern = filter if any(c in filter for c in "*?[") else f"*{filter}*"
-    return [n for n in names if fnmatch.fnmatch(n, pattern)]
+    pattern = (filter if any(c in filter for c in "*?[") else f"*{filter}*").lower()
+    return [n for n in names if fnmatch.fnmatch(n.lower(), pattern)]
 
 
 def create_model(name_or_config: str | Path, pretrained: bool = False) -> ZooModel:

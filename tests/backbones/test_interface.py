@@ -20,6 +20,7 @@ from vlzoo.layers.transformer import BertConfig
 TINY_VIT = dict(patch_size=8, embed_dim=32, depth=3, num_heads=2)
 TINY_OC_VIT = dict(layers=3, width=32, head_width=16, patch_size=8)
 TINY_OC_RN = dict(layers=[1, 1, 1, 1], width=8, head_width=8)
+TINY_OC_ATTN_POOL = dict(TINY_OC_VIT, attentional_pool=True, attn_pooler_queries=4, attn_pooler_heads=2)
 
 
 def vision_encoders():
@@ -29,6 +30,7 @@ def vision_encoders():
                                                    patch_size=7, embed_dim=32, depth=3, num_heads=2),
         "open_clip-vit": lambda **kw: OpenCLIPVisionEncoder(24, image_size=32, **kw, **TINY_OC_VIT),
         "open_clip-resnet": lambda **kw: OpenCLIPVisionEncoder(24, image_size=64, **kw, **TINY_OC_RN),
+        "open_clip-vit-attn-pool": lambda **kw: OpenCLIPVisionEncoder(24, image_size=32, **kw, **TINY_OC_ATTN_POOL),
     }
 
 
@@ -107,7 +109,8 @@ def test_text_encoder_interface(name):
     assert not any(p.requires_grad for p in encoder.parameters())
 
 
-@pytest.mark.parametrize("tower, image_size", [(TINY_OC_VIT, 32), (TINY_OC_RN, 64)], ids=["vit", "resnet"])
+@pytest.mark.parametrize("tower, image_size", [(TINY_OC_VIT, 32), (TINY_OC_RN, 64), (TINY_OC_ATTN_POOL, 32)],
+                         ids=["vit", "resnet", "vit-attn-pool"])
 def test_open_clip_vision_tower_matches_open_clip(tower, image_size):
     ours = OpenCLIPVisionEncoder(24, image_size=image_size, **tower).eval()
     ref = _build_vision_tower(24, CLIPVisionCfg(image_size=image_size, **tower)).eval()

@@ -17,6 +17,7 @@ from vlzoo.hub.convert.clip import (
     open_clip_config_from_hf,
 )
 from vlzoo.hub.convert.hf import load_hf_dir
+from vlzoo.hub.loaders import load_path
 from vlzoo.hub.weights import CheckpointKeyError
 
 VIT_CFG = {"embed_dim": 32, "quick_gelu": True,
@@ -92,23 +93,95 @@ def test_open_clip_missing_and_unexpected_keys_are_named():
         convert_open_clip_state({**ref.state_dict(), "surprise.weight": torch.zeros(1)})
 
 
-def _hf_clip(act: str = "quick_gelu"):
+def _converted(cfg: dict):
+    """(open_clip reference, vlzoo CLIP converted from it) for the model config ``cfg``."""
+    ref = _open_clip_model(cfg)
+    parts = build_converted_clip(clip_config_from_open_clip(cfg), convert_open_clip_state(ref.state_dict()),
+                                 "test", tokenizer=False)
+    return ref, parts.model
+
+
+def _with(cfg: dict, tower: str, **changes) -> dict:
+    return {**cfg, tower: {**cfg[tower], **changes}}
+
+
+@pytest.mark.parametrize("changes", [{"pool_type": "first"}, {"pool_type": "last"}, {"no_causal_mask": True}],
+                         ids=["first", "last", "no_causal_mask"])
+def test_open_clip_text_pooling_parity(changes):
+    ref, ours = _converted(_with(VIT_CFG, "text_cfg", **changes))
+    ids, mask = _texts(100, 16)
+    short_ids, short_mask = ids[1:], mask[1:]  # rows end by position 5: pad to 8 only, as vlzoo's tokenizer does
+    with torch.no_grad():
+        expected = ref.encode_text(ids, normalize=True)
+        assert _max_diff(ours.encode_text(ids, mask), expected) <= 1e-5
+        assert _max_diff(ours.encode_text(ids), expected) <= 1e-5
+        assert _max_diff(ours.encode_text(short_ids[:, :8], short_mask[:, :8]), expected[1:]) <= 1e-5
+
+
+@pytest.mark.parametrize("pool_type", ["eos", "none"])
+def test_open_clip_unsupported_text_pooling_is_rejected(pool_type):
+    with pytest.raises(ValueError, match=f"text_cfg.pool_type '{pool_type}' is not supported"):
+        build_converted_clip(clip_config_from_open_clip(_with(VIT_CFG, "text_cfg", pool_type=pool_type)), {},
+                             "test", tokenizer=False)
+
+
+@pytest.mark.parametrize("key", ["hf_tokenizer_name", "hf_model_name"])
+def test_open_clip_hugging_face_text_is_rejected(key):
+    with pytest.raises(ValueError, match=f"text_cfg.{key}='bert-base-uncased'.*not supported"):
+        clip_config_from_open_clip(_with(VIT_CFG, "text_cfg", **{key: "bert-base-uncased"}))
+
+
+def test_open_clip_attentional_pool_parity():
+    cfg = _with(VIT_CFG, "vision_cfg", attentional_pool=True, attn_pooler_queries=4, attn_pooler_heads=2)
+    ref, ours = _converted(cfg)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert _max_diff(ours.encode_image(images), ref.encode_image(images, normalize=True)) <= 1e-5
+        assert ours.vision(images).tokens.shape == (2, 4, 32)  # the pooler's queries, embed_dim wide
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"timm_model_name": "vit_base_patch16_224"}, "timm_model_name.*use vision impl timm"),
+    ({"attentional_pool": "parallel"}, "attentional_pool='parallel' is not supported"),
+    ({"pool_type": "none"}, "pool_type 'none' is not supported"),
+])
+def test_open_clip_unsupported_vision_towers_are_rejected(changes, message):
+    with pytest.raises(ValueError, match=message):
+        build_converted_clip(clip_config_from_open_clip(_with(VIT_CFG, "vision_cfg", **changes)), {},
+                             "test", tokenizer=False)
+
+
+def test_open_clip_hub_directory_with_timm_config_json(tmp_path):
+    ref = _open_clip_model(VIT_CFG)
+    save_file(ref.state_dict(), tmp_path / "open_clip_model.safetensors")
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": VIT_CFG}))
+    (tmp_path / "config.json").write_text(json.dumps({"architecture": "vit_base_patch32_clip_224"}))
+    parts = load_path(tmp_path)
+    assert parts.family == "clip"
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert _max_diff(parts.model.encode_image(images), ref.encode_image(images, normalize=True)) <= 1e-5
+
+
+def _hf_clip(act: str = "quick_gelu", text_mlp: tuple[int, int] = (32, 64), vision_mlp: tuple[int, int] = (48, 96)):
+    """A tiny transformers CLIPModel; ``*_mlp``: (hidden_size, intermediate_size) of each tower."""
     from transformers import CLIPConfig, CLIPModel
 
     torch.manual_seed(0)
     config = CLIPConfig(
-        text_config=dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        text_config=dict(vocab_size=100, hidden_size=text_mlp[0], intermediate_size=text_mlp[1], num_hidden_layers=2,
                          num_attention_heads=4, max_position_embeddings=16, hidden_act=act, eos_token_id=2),
-        vision_config=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=3,
-                           image_size=32, patch_size=8, hidden_act=act),
+        vision_config=dict(hidden_size=vision_mlp[0], intermediate_size=vision_mlp[1], num_hidden_layers=2,
+                           num_attention_heads=4, image_size=32, patch_size=8, hidden_act=act),
         projection_dim=32,
     )
     return CLIPModel(config).eval()
 
 
-@pytest.mark.parametrize("act", ["quick_gelu", "gelu"])
-def test_transformers_clip_parity(act):
-    ref = _hf_clip(act)
+@pytest.mark.parametrize("act, mlp", [("quick_gelu", None), ("gelu", None), ("gelu", (56, 61))],
+                         ids=["quick_gelu", "gelu", "intermediate_61_of_56"])
+def test_transformers_clip_parity(act, mlp):
+    ref = _hf_clip(act, *([mlp, mlp] if mlp else []))
     cfg = open_clip_config_from_hf(ref.config.to_dict())
     parts = build_converted_clip(clip_config_from_open_clip(cfg),
                                  convert_open_clip_state(hf_clip_to_open_clip(ref.state_dict())), "test",

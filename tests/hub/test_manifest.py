@@ -121,3 +121,13 @@ def test_offline_and_not_cached_names_the_checkpoint_source_and_cache(local_mani
     message = str(err.value)
     assert "clip-tiny-hub" in message and "huggingface.co/vlzoo-test/clip-tiny" in message
     assert "cache:" in message
+
+
+def test_a_digest_for_a_file_the_source_never_fetches_is_refused():
+    with pytest.raises(ManifestError, match=r"\['ViT-B-32.pt'\] are not files this source fetches"):
+        parse_manifest({"checkpoints": [_entry(format="open_clip", source={"open_clip": {"name": "ViT-B-32",
+                                                                                          "tag": "openai"}},
+                                               sha256={"ViT-B-32.pt": "a" * 64})]})
+    entry = _entry(source={"hf": {"repo": "org/x", "files": [["model.safetensors", "pytorch_model.bin"]]}},
+                   sha256={"pytorch_model.bin": "b" * 64}, format="hf")
+    assert parse_manifest({"checkpoints": [entry]})["clip-test"].sha256 == {"pytorch_model.bin": "b" * 64}

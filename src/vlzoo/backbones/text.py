@@ -22,6 +22,9 @@ from vlzoo.layers.transformer import (
     padding_mask,
 )
 
+OPEN_CLIP_PAD_ID = 0  # open_clip's tokenizer pads with id 0
+OPEN_CLIP_TEXT_POOLING = ("argmax", "first", "last")
+
 
 def last_token_index(input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
     """(B,) index of each row's end-of-text token: the last attended position.
@@ -34,7 +37,8 @@ def last_token_index(input_ids: Tensor, attention_mask: Tensor | None) -> Tensor
 
 
 class OpenCLIPTextEncoder(TextEncoder):
-    """open_clip's ``TextTransformer`` (causal, pooled at the end-of-text token).
+    """open_clip's ``TextTransformer`` (causal), pooled as its ``pool_type`` says:
+    ``argmax`` (the end-of-text token, open_clip's default), ``first`` or ``last``.
 
     ``pooled`` is projected to ``embed_dim`` by the tower's own ``text_projection``.
     """
@@ -55,12 +59,14 @@ class OpenCLIPTextEncoder(TextEncoder):
 
         cfg = _open_clip_tower_cfg(name, "text_cfg")
         cfg.update(overrides, vocab_size=vocab_size, context_length=context_length)
+        _check_text_cfg(cfg)
         self.tower = _build_text_tower(embed_dim, CLIPTextCfg(**cfg), quick_gelu=quick_gelu)
         if getattr(self.tower, "cls_emb", None) is not None:
             raise ValueError("open_clip text towers with embed_cls (CoCa) are not supported")
         self.width = self.tower.width
         self.pooled_width = embed_dim
         self.context_length = context_length
+        self.pool_type = self.tower.pool_type
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> EncoderOutput:
         """(B, L) ids, L <= context_length -> tokens (B, L, width), pooled (B, E)."""
@@ -68,18 +74,48 @@ class OpenCLIPTextEncoder(TextEncoder):
         length = input_ids.shape[1]
         if length > self.context_length:
             raise ValueError(f"text of {length} tokens exceeds context_length {self.context_length}")
-        x = t.token_embedding(input_ids) + t.positional_embedding[:length]
-        causal = t.attn_mask[:length, :length] if t.attn_mask is not None else None
+        if self._needs_full_context:  # open_clip's result depends on the padding after the text
+            input_ids = torch.nn.functional.pad(input_ids, (0, self.context_length - length), value=OPEN_CLIP_PAD_ID)
+        n = input_ids.shape[1]
+        x = t.token_embedding(input_ids) + t.positional_embedding[:n]
+        causal = t.attn_mask[:n, :n] if t.attn_mask is not None else None
         x = t.ln_final(t.transformer(x, attn_mask=causal))
-        pooled = x[torch.arange(x.shape[0], device=x.device), last_token_index(input_ids, attention_mask)]
+        pooled = self._pool(x, input_ids, attention_mask)
         if isinstance(t.text_projection, torch.nn.Linear):
             pooled = t.text_projection(pooled)
         elif t.text_projection is not None:
             pooled = pooled @ t.text_projection
-        return EncoderOutput(x, pooled)
+        return EncoderOutput(x[:, :length], pooled)
+
+    @property
+    def _needs_full_context(self) -> bool:
+        """Whether the tower must see the text padded to ``context_length`` as open_clip
+        does: pooling the last position, or attention without a causal mask."""
+        return self.pool_type == "last" or self.tower.attn_mask is None
+
+    def _pool(self, x: Tensor, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
+        """(B, L, W) -> (B, W) as open_clip's ``text_global_pool`` (``argmax``: the
+        end-of-text token, found from the mask when there is one)."""
+        if self.pool_type == "first":
+            return x[:, 0]
+        if self.pool_type == "last":
+            return x[:, -1]
+        return x[torch.arange(x.shape[0], device=x.device), last_token_index(input_ids, attention_mask)]
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.tower.set_grad_checkpointing(enable)
+
+
+def _check_text_cfg(cfg: dict[str, Any]) -> None:
+    """Reject open_clip text-tower options this encoder would not reproduce."""
+    for field_name in ("hf_model_name", "hf_tokenizer_name"):  # a Hugging Face tower or tokenizer (SigLIP, ...)
+        if cfg.get(field_name):
+            raise ValueError(f"open_clip text towers with a Hugging Face model or tokenizer (text_cfg.{field_name}="
+                             f"{cfg[field_name]!r}) are not supported")
+    pool_type = cfg.get("pool_type", "argmax")
+    if pool_type not in OPEN_CLIP_TEXT_POOLING:
+        raise ValueError(f"open_clip text_cfg.pool_type {pool_type!r} is not supported "
+                         f"(expected one of {OPEN_CLIP_TEXT_POOLING})")
 
 
 BERT_POOLING = ("cls", "mean")

@@ -88,6 +88,7 @@ class OpenCLIPVisionEncoder(VisionEncoder):
 
         cfg = _open_clip_tower_cfg(name, "vision_cfg")
         cfg.update(overrides, image_size=image_size, patch_dropout=patch_dropout)
+        _check_vision_cfg(cfg, output_layer)
         self.tower = _build_vision_tower(embed_dim, CLIPVisionCfg(**cfg), quick_gelu=quick_gelu)
         self.is_resnet = isinstance(self.tower, ModifiedResNet)
         if self.is_resnet and output_layer != -1:
@@ -98,8 +99,8 @@ class OpenCLIPVisionEncoder(VisionEncoder):
         if self.is_resnet:
             self.width = self.tower.attnpool.k_proj.in_features
             self._blocks_to_run = 0
-        else:
-            self.width = self.tower.transformer.width
+        else:  # with an attentional pooler the tokens are its queries, embed_dim wide
+            self.width = embed_dim if self.tower.attn_pool is not None else self.tower.transformer.width
             self._blocks_to_run = resolve_layer(output_layer, len(self.tower.transformer.resblocks))
         self.grad_checkpointing = False
 
@@ -117,15 +118,34 @@ class OpenCLIPVisionEncoder(VisionEncoder):
                 x = block(x)
         if self._blocks_to_run < len(t.transformer.resblocks):
             return EncoderOutput(x, x[:, 0])
-        pooled, _ = t._pool(x)
+        if t.attn_pool is not None:  # open_clip's (CoCa) order: attention pool, ln_post, global pool
+            tokens = t.ln_post(t.attn_pool(x))  # (B, queries, embed_dim)
+            pooled, _ = t._global_pool(tokens)
+        else:
+            pooled, _ = t._pool(x)
+            tokens = t.ln_post(x)
         if t.proj is not None:
             pooled = pooled @ t.proj
-        return EncoderOutput(t.ln_post(x), pooled)
+        return EncoderOutput(tokens, pooled)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
         if self.is_resnet:
             self.tower.set_grad_checkpointing(enable)
+
+
+def _check_vision_cfg(cfg: dict[str, Any], output_layer: int) -> None:
+    """Reject open_clip vision-tower options this encoder would not reproduce."""
+    if cfg.get("timm_model_name"):
+        raise ValueError(f"open_clip timm towers (vision_cfg.timm_model_name={cfg['timm_model_name']!r}) are not "
+                         "supported; use vision impl timm with that model name instead")
+    pool = cfg.get("attentional_pool", False)
+    if isinstance(pool, str):
+        raise ValueError(f"open_clip vision_cfg.attentional_pool={pool!r} is not supported (only true/false)")
+    if pool and output_layer != -1:
+        raise ValueError("open_clip towers with vision_cfg.attentional_pool only support output_layer=-1")
+    if cfg.get("pool_type", "tok") == "none":
+        raise ValueError("open_clip vision_cfg.pool_type 'none' is not supported (expected 'tok' or 'avg')")
 
 
 def _open_clip_tower_cfg(name: str | None, key: str) -> dict[str, Any]:

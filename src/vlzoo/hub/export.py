@@ -43,22 +43,41 @@ def concrete_config(parts: LoadedParts) -> Any:
     return config
 
 
+def _checked_out_dir(out: str | Path) -> Path:
+    """``out`` resolved; refuses to replace anything but an earlier export or an empty
+    directory (never the working directory or one of its parents)."""
+    out = Path(out).resolve()
+    cwd = Path.cwd().resolve()
+    if out == cwd or out in cwd.parents:
+        raise ValueError(f"--out {out}: refusing to export over the working directory or a parent of it")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / EXPORT_CONFIG).is_file():
+        raise ValueError(f"--out {out}: exists and is not an earlier vlzoo export (no {EXPORT_CONFIG}); "
+                         "choose a new or empty directory")
+    return out
+
+
 def export_parts(parts: LoadedParts, out: str | Path) -> Path:
-    """Write ``parts`` to directory ``out`` (replaced atomically: written to a temporary
-    sibling, then renamed)."""
+    """Write ``parts`` to directory ``out`` (new, empty, or an earlier export, which is
+    replaced atomically: written to a temporary sibling, then renamed)."""
     from safetensors.torch import save_model
 
     from vlzoo.data.tokenizers import HFTokenizer
 
-    out = Path(out)
+    out = _checked_out_dir(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    tmp.chmod(0o755)
     try:
         meta: dict[str, Any] = {
             "format_version": FORMAT_VERSION, "family": parts.family, "source": parts.source,
             "capabilities": sorted(parts.capabilities), "config": _config_dict(concrete_config(parts)),
             "preprocess": _config_dict(parts.preprocess), "tokenizer": None,
         }
+        for key in ("generation", "vqa_generation"):  # the decoding the model was evaluated with
+            if parts.extra.get(key) is not None:
+                meta[key] = dataclasses.asdict(parts.extra[key])
         if parts.family in ("blip", "blip_vqa", "blip2"):  # ids the model was built with
             m = parts.model
             meta["token_ids"] = {k: getattr(m, f"{k}_id") for k in ("enc", "dec", "pad", "eos") if hasattr(m, f"{k}_id")}
@@ -107,6 +126,11 @@ def load_export(directory: str | Path) -> LoadedParts:
     from vlzoo.tasks.loading import as_config
 
     preprocess = as_config(meta["preprocess"], VisionConfig, f"{directory / EXPORT_CONFIG}: preprocess")
+    from vlzoo.models.generation import GenerationConfig
+
+    for key in ("generation", "vqa_generation"):
+        if meta.get(key) is not None:
+            extra[key] = GenerationConfig(**meta[key])
     return LoadedParts(family, model.eval(), config, preprocess, tokenizer, frozenset(meta["capabilities"]),
                        str(directory), extra)
 

@@ -107,14 +107,17 @@ def load_path(path: Path) -> LoadedParts:
         from vlzoo.hub.export import load_export
 
         return load_export(path)
-    if (path / "config.json").is_file():
-        from vlzoo.hub.convert.hf import load_hf_dir
+    from vlzoo.hub.convert.hf import MODEL_TYPES, load_hf_dir, read_hf_config
 
-        return load_hf_dir(path)
-    if (path / "open_clip_config.json").is_file():
+    has_hf_config = (path / "config.json").is_file()
+    # open_clip's hub layout may hold a config.json too (timm's, no transformers model_type)
+    if (path / "open_clip_config.json").is_file() and (
+            not has_hf_config or read_hf_config(path).get("model_type") not in MODEL_TYPES):
         from vlzoo.hub.convert.clip import load_open_clip_dir
 
         return load_open_clip_dir(path)
+    if has_hf_config:
+        return load_hf_dir(path)
     checkpoints = path / "checkpoints"
     if checkpoints.is_dir():  # a `vlzoo fit` run directory: its best checkpoint, else last
         best = sorted(checkpoints.glob("best*.ckpt"), key=lambda p: p.stat().st_mtime)

@@ -23,6 +23,8 @@ NAME_PREFIXES = ("clip-", "albef-", "blip-", "blip2-")
 FORMATS = ("open_clip", "hf", "albef_original", "blip_original", "vlzoo")
 SOURCE_KINDS = ("hf", "url", "open_clip", "zoo")
 INTERPOLATIONS = ("bicubic", "bilinear")
+RESIZE_MODES = ("shortest", "squash")
+OPEN_CLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "open_clip_config.json")
 REQUIRED = ("name", "family", "config", "format", "source", "preprocess", "tokenizer", "license", "paper", "metric")
 OPTIONAL = ("sha256", "description", "notes")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -85,8 +87,11 @@ def _check_source(where: str, source: Any) -> None:
         if not isinstance(value, dict) or not re.fullmatch(r"[\w.-]+/[\w.-]+", str(value.get("repo", ""))):
             _fail(f"{where}.hf.repo", f"expected 'org/name', got {value!r}")
         files = value.get("files")
-        if not isinstance(files, list) or not files or not all(isinstance(f, str) for f in files):
-            _fail(f"{where}.hf.files", f"expected a non-empty list of file names, got {files!r}")
+        ok = isinstance(files, list) and files and all(
+            isinstance(f, str) or (isinstance(f, list) and f and all(isinstance(a, str) for a in f)) for f in files)
+        if not ok:
+            _fail(f"{where}.hf.files", "expected a non-empty list of file names (or of lists of alternatives), "
+                                       f"got {files!r}")
     elif kind == "url":
         if not isinstance(value, str) or not re.match(r"(https?|file)://", value):
             _fail(f"{where}.url", f"expected an http(s) or file URL, got {value!r}")
@@ -108,6 +113,8 @@ def _check_preprocess(where: str, pre: Any) -> None:
             _fail(f"{where}.{key}", f"expected three numbers, got {value!r}")
     if pre.get("interpolation") not in INTERPOLATIONS:
         _fail(f"{where}.interpolation", f"expected one of {INTERPOLATIONS}, got {pre.get('interpolation')!r}")
+    if pre.get("resize_mode", "shortest") not in RESIZE_MODES:
+        _fail(f"{where}.resize_mode", f"expected one of {RESIZE_MODES}, got {pre.get('resize_mode')!r}")
 
 
 def _check_metric(where: str, metric: Any) -> None:
@@ -118,6 +125,21 @@ def _check_metric(where: str, metric: Any) -> None:
             _fail(f"{where}.{key}", f"expected a non-empty string, got {metric.get(key)!r}")
     if not isinstance(metric.get("value"), (int, float)):
         _fail(f"{where}.value", f"expected a number, got {metric.get('value')!r}")
+
+
+def fetched_files(source: dict) -> set[str]:
+    """The file names a (valid) source downloads: hf ``files`` (alternatives flattened)
+    and ``optional``; a URL's file name; open_clip's hub files (or its URL's with
+    ``prefer: url``, not known without open_clip)."""
+    kind, value = next(iter(source.items()))
+    if kind == "hf":
+        names = [n for f in value["files"] + list(value.get("optional", [])) for n in (f if isinstance(f, list) else [f])]
+        return set(names)
+    if kind == "url":
+        return {value.rsplit("/", 1)[-1].split("?")[0]}
+    if kind == "open_clip":
+        return set(OPEN_CLIP_FILES) if value.get("prefer", "hf") == "hf" else set()
+    return set()
 
 
 def validate_entry(raw: Any, index: int, root: Path | None = None) -> ManifestEntry:
@@ -158,6 +180,10 @@ def validate_entry(raw: Any, index: int, root: Path | None = None) -> ManifestEn
     if sha is not None and not (isinstance(sha, dict) and all(isinstance(v, str) and _SHA256.fullmatch(v)
                                                               for v in sha.values())):
         _fail(f"{where}.sha256", f"expected a mapping file -> 64 lower-case hex digits, got {sha!r}")
+    unfetched = sorted(set(sha or {}) - fetched_files(raw["source"]))
+    if unfetched:
+        _fail(f"{where}.sha256", f"{unfetched} are not files this source fetches (a digest there would never be "
+                                 f"checked); it fetches {sorted(fetched_files(raw['source']))}")
     return ManifestEntry(**raw)
 
 

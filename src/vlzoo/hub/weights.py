@@ -23,9 +23,13 @@ def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except SafetensorError as err:
+            raise ValueError(f"{path}: not a complete safetensors file ({err})") from err
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -33,6 +37,8 @@ def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
             f"{path}: refused to load, the file holds Python objects other than tensors "
             f"(unpickling it could run code). Convert it to safetensors. Detail: {err}"
         ) from err
+    except (RuntimeError, OSError, EOFError) as err:  # truncated or not a PyTorch file
+        raise ValueError(f"{path}: not a readable PyTorch weights file ({err})") from err
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):

@@ -73,8 +73,10 @@ class VLTask(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def configure_callbacks(self):
+        from vlzoo.callbacks import RunStats
+
         return [ModelCheckpoint(monitor=self.monitor, mode="max", save_last=True,
-                                filename="best-step{step}", auto_insert_metric_name=False)]
+                                filename="best-step{step}", auto_insert_metric_name=False), RunStats()]
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
         """The optimizer step, then :meth:`after_optimizer_step` (once per step, so

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from vlzoo.config import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, CLIPConfig, TextConfig, VisionConfig
 from vlzoo.hub.convert import LoadedParts, rename_keys
+from vlzoo.hub.convert.hf import timm_mlp_ratio
 from vlzoo.hub.weights import load_state_dict_file, load_strict
 
 # open_clip key -> vlzoo key. Text-tower keys live at the top level of open_clip's CLIP.
@@ -36,8 +37,7 @@ def clip_config_from_open_clip(model_cfg: dict[str, Any], preprocess_cfg: dict[s
     """A vlzoo :class:`CLIPConfig` with open_clip towers from an open_clip model config
     (``embed_dim``, ``vision_cfg``, ``text_cfg``, ``quick_gelu``) and its preprocessing
     (``mean``, ``std``, ``interpolation``; OpenAI's by default)."""
-    if model_cfg.get("custom_text") and model_cfg.get("text_cfg", {}).get("hf_model_name"):
-        raise ValueError("open_clip models with a Hugging Face text tower (text_cfg.hf_model_name) are not supported")
+    _check_text_cfg(model_cfg.get("text_cfg", {}))
     pre = preprocess_cfg or {}
     quick_gelu = bool(model_cfg.get("quick_gelu", False))
     vision = dict(model_cfg["vision_cfg"])
@@ -55,6 +55,14 @@ def clip_config_from_open_clip(model_cfg: dict[str, Any], preprocess_cfg: dict[s
         loss="siglip" if model_cfg.get("init_logit_bias") is not None else "infonce",
         init_logit_bias=float(model_cfg.get("init_logit_bias") or -10.0),
     )
+
+
+def _check_text_cfg(text_cfg: dict[str, Any]) -> None:
+    """Reject Hugging Face text towers and tokenizers (vlzoo uses open_clip's BPE tokenizer)."""
+    for key, what in (("hf_model_name", "text tower"), ("hf_tokenizer_name", "tokenizer")):
+        if text_cfg.get(key):
+            raise ValueError(f"open_clip models with a Hugging Face {what} (text_cfg.{key}={text_cfg[key]!r}) "
+                             "are not supported")
 
 
 def convert_open_clip_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -117,11 +125,11 @@ def open_clip_config_from_hf(hf_config: dict[str, Any]) -> dict[str, Any]:
         "vision_cfg": {"image_size": v.get("image_size", 224), "layers": v.get("num_hidden_layers", 12),
                        "width": v.get("hidden_size", 768), "patch_size": v.get("patch_size", 32),
                        "head_width": v.get("hidden_size", 768) // v.get("num_attention_heads", 12),
-                       "mlp_ratio": v.get("intermediate_size", 3072) / v.get("hidden_size", 768)},
+                       "mlp_ratio": timm_mlp_ratio(v.get("hidden_size", 768), v.get("intermediate_size", 3072))},
         "text_cfg": {"context_length": t.get("max_position_embeddings", 77), "vocab_size": t.get("vocab_size", 49408),
                      "width": t.get("hidden_size", 512), "heads": t.get("num_attention_heads", 8),
                      "layers": t.get("num_hidden_layers", 12),
-                     "mlp_ratio": t.get("intermediate_size", 2048) / t.get("hidden_size", 512)},
+                     "mlp_ratio": timm_mlp_ratio(t.get("hidden_size", 512), t.get("intermediate_size", 2048))},
     }
 
 

@@ -16,6 +16,14 @@ INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 MODEL_TYPES = ("clip", "blip", "blip-2")
 
 
+def timm_mlp_ratio(width: int, hidden: int) -> float:
+    """The ``mlp_ratio`` for which timm's (and open_clip's) ``int(width * mlp_ratio)`` is ``hidden``
+    (``hidden / width`` does not always survive the float round trip: width 88, hidden
+    120 gives 119)."""
+    ratio = hidden / width
+    return ratio if int(width * ratio) == hidden else (hidden + 0.5) / width
+
+
 def hf_vit_rules(tower: str, post_layernorm: str) -> list[tuple[str, str]]:
     """Key rules from transformers' BLIP / BLIP-2 vision model (``vision_model.*``) to a
     timm ``VisionTransformer`` at ``tower`` (e.g. ``vision.model``); ``post_layernorm``

@@ -42,7 +42,7 @@ from vlzoo.backbones import BertTextEncoder, build_vision_encoder, check_context
 from vlzoo.config import BLIPConfig, TextConfig, VisionConfig
 from vlzoo.data.tokenizers import HFTokenizer
 from vlzoo.hub.convert import LoadedParts, rename_keys
-from vlzoo.hub.convert.hf import hf_vit_rules
+from vlzoo.hub.convert.hf import hf_vit_rules, timm_mlp_ratio
 from vlzoo.hub.weights import load_strict
 from vlzoo.layers.transformer import BertConfig
 from vlzoo.models.blip import BLIP
@@ -160,13 +160,14 @@ def _vision_config(vision: dict[str, Any], pre: dict[str, Any]) -> VisionConfig:
         raise ValueError(f"BLIP vision_config.hidden_act {vision['hidden_act']!r}: only 'gelu' is supported")
     width, depth = int(vision["hidden_size"]), int(vision["num_hidden_layers"])
     kwargs = dict(patch_size=int(vision["patch_size"]), embed_dim=width, depth=depth,
-                  num_heads=int(vision["num_attention_heads"]), mlp_ratio=vision["intermediate_size"] / width,
+                  num_heads=int(vision["num_attention_heads"]),
+                  mlp_ratio=timm_mlp_ratio(width, int(vision["intermediate_size"])),
                   qkv_bias=True, norm_eps=float(vision["layer_norm_eps"]))
     defaults = VisionConfig()
     return VisionConfig(impl="timm", name=_TIMM_NAMES.get((width, depth), "vit_base_patch16_224"),
                         image_size=int(vision["image_size"]), kwargs=kwargs,
                         mean=tuple(pre.get("mean", defaults.mean)), std=tuple(pre.get("std", defaults.std)),
-                        interpolation=pre.get("interpolation", "bicubic"))
+                        interpolation=pre.get("interpolation", "bicubic"), resize_mode="squash")
 
 
 def _bert_kwargs(text: dict[str, Any]) -> dict[str, Any]:

@@ -47,7 +47,7 @@ from vlzoo.config import (
     VisionConfig,
 )
 from vlzoo.hub.convert import LoadedParts, rename_keys
-from vlzoo.hub.convert.hf import hf_vit_rules
+from vlzoo.hub.convert.hf import hf_vit_rules, timm_mlp_ratio
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -106,14 +106,6 @@ def architecture_of(hf_config: dict[str, Any]) -> str:
     return found
 
 
-def timm_mlp_ratio(width: int, hidden: int) -> float:
-    """The ``mlp_ratio`` for which timm's ``int(width * mlp_ratio)`` is ``hidden``
-    (``hidden / width`` does not always survive the float round trip: width 88, hidden
-    120 gives 119)."""
-    ratio = hidden / width
-    return ratio if int(width * ratio) == hidden else (hidden + 0.5) / width
-
-
 def vision_config_from_hf(hf_config: dict[str, Any], preprocess: dict[str, Any] | None = None) -> VisionConfig:
     """The frozen tower as a timm ViT (no final norm: ``post_layernorm`` is ``ln_vision``)
     with BLIP-2's preprocessing (``preprocess``: mean, std, interpolation overrides)."""
@@ -127,7 +119,7 @@ def vision_config_from_hf(hf_config: dict[str, Any], preprocess: dict[str, Any] 
                   qkv_bias=bool(v.qkv_bias), norm_eps=v.layer_norm_eps, final_norm=False)
     return VisionConfig(impl="timm", name=TIMM_VIT, image_size=image_size, kwargs=kwargs, output_layer=-1,
                         mean=tuple(pre.get("mean", OPENAI_CLIP_MEAN)), std=tuple(pre.get("std", OPENAI_CLIP_STD)),
-                        interpolation=pre.get("interpolation", "bicubic"))
+                        interpolation=pre.get("interpolation", "bicubic"), resize_mode="squash")
 
 
 def qformer_config_from_hf(hf_config: dict[str, Any], tokenizer: str = QFORMER_TOKENIZER) -> TextConfig:

@@ -476,5 +476,6 @@ def load_original(entry: Any, local_path: Path) -> LoadedParts:
     absent = _fit_queue(converted, model, absent, notes)
     load_strict(model, converted, source=source, allow_missing=absent)
     extra = {**parts.extra, "format": entry.format, "absent": absent, "notes": notes}
+    preprocess = dataclasses.replace(config.vision, resize_mode="squash")  # the releases resize to S x S
     return dataclasses.replace(parts, family=entry.family, config=config, capabilities=capabilities,
-                               source=entry.name, extra=extra)
+                               source=entry.name, extra=extra, preprocess=preprocess)

@@ -1,0 +1,75 @@
+"""vlzoo compare: four families under one tiny recipe, results written, re-runs skip."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vlzoo.cli import main
+from vlzoo.compare import effective_config, load_recipe
+
+RECIPE = "zoo_configs/recipes/shapes.yaml"
+
+
+def tiny_recipe(tmp_path, **overrides):
+    recipe = yaml.safe_load(open(RECIPE))
+    recipe.update(steps=3, global_batch=8)
+    recipe["data"]["shapes"] = {"image_size": 64, "train_size": 64, "val_size": 16, "test_size": 16}
+    recipe["eval"] = {"rerank_k": 4}
+    for name in recipe["models"]:  # keep each family's architecture, make its evaluation cheap
+        recipe["models"][name]["config"] = str(Path(recipe["models"][name]["config"]).resolve())
+        recipe["models"][name]["overrides"] = {"trainer.log_every_n_steps": 1,
+                                               "trainer.enable_progress_bar": False}
+    recipe["models"]["blip"]["overrides"]["model.init_args.generation"] = {"method": "greedy", "max_length": 5}
+    recipe["models"]["albef"]["overrides"]["model.init_args.model.queue_size"] = 16
+    recipe.update(overrides)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def test_the_shipped_recipe_is_valid_and_shares_its_settings(tmp_path):
+    recipe = load_recipe(RECIPE)
+    assert list(recipe.models) == ["clip", "albef", "blip", "blip2"]
+    configs = {n: effective_config(recipe, n, tmp_path / n, None) for n in recipe.models}
+    for config in configs.values():
+        assert config["trainer"]["max_steps"] == recipe.shared["steps"]
+        assert config["data"]["batch_size"] == recipe.shared["global_batch"]
+        assert config["model"]["init_args"]["optim"] == recipe.shared["optimizer"]
+        assert config["seed_everything"] == recipe.shared["seed"]
+    assert configs["albef"]["model"]["init_args"]["model"]["queue_size"] % recipe.shared["global_batch"] == 0
+
+
+def test_compare_runs_every_family_and_skips_finished_ones(tmp_path, capsys):
+    recipe = tiny_recipe(tmp_path)
+    out = tmp_path / "out"
+    assert main(["compare", "--recipe", str(recipe), "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["models"]) == {"clip", "albef", "blip", "blip2"}
+    for name, r in results["models"].items():
+        assert 0.0 <= r["metrics"]["test/r1_t2i"] <= 1.0, name
+        assert r["params_total"] > 0 and r["train_samples_per_s"] > 0 and r["peak_memory_mb"] > 0
+        assert r["effective_settings"]["trainer"]["max_steps"] == 3
+    assert "test/bleu4" in results["models"]["blip"]["metrics"]
+    blip2 = results["models"]["blip2"]
+    assert blip2["params_trainable"] < blip2["params_total"]  # the frozen tower of the compare's CLIP
+    assert str(out / "runs" / "clip") in blip2["effective_settings"]["model"]["init_args"]["model"]["vision"]["name"]
+    assert "| clip |" in (out / "results.md").read_text()
+    assert (out / "comparison.png").stat().st_size > 10_000
+    capsys.readouterr()
+    assert main(["compare", "--recipe", str(recipe), "--out", str(out), "--models", "clip,blip2"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("finished before, skipped") == 2
+
+
+def test_bad_recipes_are_named(tmp_path):
+    with pytest.raises(ValueError, match="vision_from 'nope'"):
+        bad = yaml.safe_load(open(RECIPE))
+        bad["models"]["blip2"]["vision_from"] = "nope"
+        (tmp_path / "r.yaml").write_text(yaml.safe_dump(bad))
+        load_recipe(tmp_path / "r.yaml")
+    with pytest.raises(ValueError, match="--models \\['vit'\\]"):
+        main(["compare", "--recipe", RECIPE, "--out", str(tmp_path / "o"), "--models", "vit"])
+    with pytest.raises(ValueError, match="include clip in --models"):
+        main(["compare", "--recipe", RECIPE, "--out", str(tmp_path / "o"), "--models", "blip2"])
