@@ -5,7 +5,8 @@ augmentation, so ``model.cache_image_features`` computes it once per training im
 This times ``BLIP2Task`` training steps on shapes in both modes, in the same process
 and on the same data: the second epoch onward is what the cache speeds up, so both
 runs first do one epoch (not timed), then ``--steps`` timed steps (median of
-``--repeats`` windows). Prints samples/s of both and the ratio.
+``--repeats`` windows). Prints samples/s of both and the ratio (``--json OUT``: also
+writes them there, for ``run_all.py``).
 
     python benchmarks/blip2_feature_cache.py                              # shapes-tiny sizes
     python benchmarks/blip2_feature_cache.py --vision vit_small_patch16_224 --image-size 224
@@ -14,9 +15,11 @@ runs first do one epoch (not timed), then ``--steps`` timed steps (median of
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -75,13 +78,26 @@ def main() -> None:
     parser.add_argument("--train-size", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, frozen encoder {args.vision} "
           f"at {args.image_size} px, batch {args.batch_size}")
-    results = {cached: statistics.median(samples_per_second(args, cached)) for cached in (False, True)}
+    windows = {cached: samples_per_second(args, cached) for cached in (False, True)}
+    results = {cached: statistics.median(rates) for cached, rates in windows.items()}
     print(f"without cache: {results[False]:.1f} samples/s")
     print(f"with cache:    {results[True]:.1f} samples/s")
     print(f"speed-up: {results[True] / results[False]:.2f}x")
+    if args.json:
+        figures = {"benchmark": "blip2_feature_cache", "vision": args.vision, "image_size": args.image_size,
+                   "batch": args.batch_size, "train_size": args.train_size, "steps": args.steps,
+                   "repeats": args.repeats, "uncached_per_s": results[False], "cached_per_s": results[True],
+                   "speedup": results[True] / results[False], "uncached_windows": windows[False],
+                   "cached_windows": windows[True]}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
 
 
 if __name__ == "__main__":

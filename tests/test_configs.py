@@ -19,7 +19,7 @@ from vlzoo.data.datamodule import VLDataModule
 from vlzoo.tasks.base import VLTask
 
 ROOT = Path(__file__).resolve().parents[1] / "zoo_configs"
-CONFIGS = sorted(ROOT.rglob("*.yaml"))
+CONFIGS = sorted(p for p in ROOT.rglob("*.yaml") if "recipes" not in p.parts)  # recipes: tests/test_compare.py
 
 
 def cli_parser() -> LightningArgumentParser:

@@ -167,7 +167,7 @@ def _list(args: argparse.Namespace) -> None:
 
 
 def _download(args: argparse.Namespace) -> None:
-    from vlzoo.hub.download import fetch, fetch_hf_repo
+    from vlzoo.hub.download import fetch, fetch_hf_repo, fetch_tokenizer
     from vlzoo.hub.manifest import get_entry
 
     for name in args.names:
@@ -176,6 +176,9 @@ def _download(args: argparse.Namespace) -> None:
         else:
             entry = get_entry(name)
             path = fetch(entry.name, entry.source, entry.sha256)
+            tokenizer = fetch_tokenizer(entry.tokenizer)  # a tokenizer the config names (ALBEF: bert-base-uncased)
+            if tokenizer is not None:
+                print(f"{name}: tokenizer {entry.tokenizer}: {tokenizer}")
         print(f"{name}: {path}")
 
 

@@ -554,3 +554,26 @@ def fetch_hf_repo(reference: str, progress: bool = True) -> Path:
     except _hf_failures() as err:
         folder = hf_cache_dir() / ("models--" + repo.replace("/", "--"))
         raise _unavailable(f"hf://{reference}", f"{HF_ENDPOINT}/{repo}", folder, _hf_reason(err, local_only)) from err
+
+
+TOKENIZER_PATTERNS = ("tokenizer*", "vocab*", "merges.txt", "*.model", "special_tokens_map.json",
+                      "added_tokens.json", "config.json")
+BUILTIN_TOKENIZERS = ("shapes", "open_clip")
+
+
+def fetch_tokenizer(name: str, progress: bool = True) -> Path | None:
+    """The tokenizer files of a Hugging Face repository (no weights), so that a model
+    whose config names the tokenizer (``bert-base-uncased`` for ALBEF/BLIP) loads
+    offline later; None for vlzoo's built-in tokenizers and local directories."""
+    from huggingface_hub import snapshot_download
+
+    if name in BUILTIN_TOKENIZERS or Path(name).exists() or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name):
+        return None
+    local_only = is_offline()
+    try:
+        return Path(snapshot_download(name, allow_patterns=list(TOKENIZER_PATTERNS), cache_dir=hf_cache_dir(),
+                                      local_files_only=local_only,
+                                      tqdm_class=None if progress else _silent_tqdm()))
+    except _hf_failures() as err:
+        folder = hf_cache_dir() / ("models--" + name.replace("/", "--"))
+        raise _unavailable(f"tokenizer {name}", f"{HF_ENDPOINT}/{name}", folder, _hf_reason(err, local_only)) from err
