@@ -21,14 +21,13 @@ import open_clip
 import torch
 from common import (
     adamw,
-    arguments,
     autocast,
     captions,
     compare,
     device,
     parameter_mib,
     ratio,
-    write_json,
+    run_benchmarks,
 )
 from open_clip.loss import ClipLoss
 
@@ -122,15 +121,7 @@ def _control_ratio(result: dict[str, Any]) -> dict[str, float]:
 
 
 def main() -> None:
-    args = arguments(__doc__.split("\n\n")[0])
-    runs = QUICK_RUNS if args.quick else RUNS
-    results = []
-    for name, dtype, batch, repeats, control in runs:
-        results.append(run(name, dtype, batch, args.repeats or repeats, control))
-        r = results[-1]
-        print(f"{name} {dtype} batch {batch}: vlzoo {r['vlzoo']['per_s']:.2f}/s, open_clip "
-              f"{r['open_clip']['per_s']:.2f}/s, ratio {r['ratio']['ratio']:.3f}", flush=True)
-    write_json(args.json, {"benchmark": "clip_train", "runs": results})
+    run_benchmarks(__doc__.split("\n\n")[0], "clip_train", "open_clip", RUNS, QUICK_RUNS, run)
 
 
 if __name__ == "__main__":

@@ -21,13 +21,12 @@ from typing import Any
 import torch
 import transformers
 from common import (
-    arguments,
     captions,
     compare,
     device,
     parameter_mib,
+    run_benchmarks,
     train_without_dropout,
-    write_json,
 )
 
 from vlzoo.data.tokenizers import ShapesTokenizer
@@ -118,14 +117,7 @@ def run(kind: str, size: str, batch: int, repeats: int) -> dict[str, Any]:
 
 
 def main() -> None:
-    args = arguments(__doc__.split("\n\n")[0])
-    results = []
-    for kind, size, batch, repeats in QUICK_RUNS if args.quick else RUNS:
-        results.append(run(kind, size, batch, args.repeats or repeats))
-        r = results[-1]
-        print(f"{kind} {size} batch {batch}: vlzoo {r['vlzoo']['per_s']:.2f}/s, transformers "
-              f"{r['transformers']['per_s']:.2f}/s, ratio {r['ratio']['ratio']:.3f}", flush=True)
-    write_json(args.json, {"benchmark": "qformer", "runs": results})
+    run_benchmarks(__doc__.split("\n\n")[0], "qformer", "transformers", RUNS, QUICK_RUNS, run)
 
 
 if __name__ == "__main__":

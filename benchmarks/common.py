@@ -51,6 +51,22 @@ def arguments(description: str) -> argparse.Namespace:
     return args
 
 
+def run_benchmarks(description: str, benchmark: str, peer: str, runs: list[tuple], quick_runs: list[tuple],
+                   run: Callable[..., dict[str, Any]]) -> None:
+    """The common ``main``: ``run(*spec)`` for each spec ``(a, b, batch, repeats, ...)`` of
+    ``runs`` (``quick_runs`` with ``--quick``; ``--repeats`` overrides), one line per
+    ratio printed, all results written to ``--json``."""
+    args = arguments(description)
+    results = []
+    for spec in quick_runs if args.quick else runs:
+        spec = (*spec[:3], args.repeats or spec[3], *spec[4:])
+        result = run(*spec)
+        results.append(result)
+        print(f"{spec[0]} {spec[1]} batch {spec[2]}: vlzoo {result['vlzoo']['per_s']:.2f}/s, {peer} "
+              f"{result[peer]['per_s']:.2f}/s, ratio {result['ratio']['ratio']:.3f}", flush=True)
+    write_json(args.json, {"benchmark": benchmark, "runs": results})
+
+
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """``data`` as indented JSON at ``path`` (parents created)."""
     path.parent.mkdir(parents=True, exist_ok=True)

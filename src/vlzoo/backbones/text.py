@@ -207,9 +207,9 @@ class BertTextEncoder(TextEncoder):
 def bert_state_dict(directory: str | Path) -> dict[str, Tensor]:
     """The encoder weights of a Hugging Face BERT directory, keys as ``BertModel``'s
     (``bert.`` prefix dropped; pooler, MLM head and position-id buffer left out)."""
-    from vlzoo.hub.weights import load_state_dict_file
+    from vlzoo.hub.convert.hf import hf_weights
 
-    state = load_state_dict_file(_find_weights(Path(directory)))
+    state = hf_weights(directory)
     state = {k.removeprefix("bert."): v for k, v in state.items()}
     ignored = ("pooler.", "embeddings.position_ids", "cls.")
     return {k: v for k, v in state.items() if not k.startswith(ignored)}
@@ -220,13 +220,6 @@ def bert_config_from_json(path: str | Path) -> BertConfig:
     raw = json.loads(Path(path).read_text())
     names = {f.name for f in fields(BertConfig)}
     return BertConfig(**{k: v for k, v in raw.items() if k in names})
-
-
-def _find_weights(directory: Path) -> Path:
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        if (directory / name).exists():
-            return directory / name
-    raise FileNotFoundError(f"{directory}: no model.safetensors or pytorch_model.bin")
 
 
 def resize_token_embeddings(encoder: BertTextEncoder, vocab_size: int) -> None:

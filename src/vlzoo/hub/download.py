@@ -538,22 +538,28 @@ def _unavailable(name: str, where: str, cache: str | os.PathLike, reason: str) -
 HF_REPO_PATTERNS = ("*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*")
 
 
+def _hf_snapshot_files(label: str, repo: str, revision: str | None, patterns: tuple[str, ...],
+                       progress: bool) -> Path:
+    """The files of hub ``repo`` matching ``patterns``, as a local snapshot (offline:
+    from the cache only); unavailable -> :class:`CheckpointUnavailableError` naming ``label``."""
+    from huggingface_hub import snapshot_download
+
+    local_only = is_offline()
+    try:
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=list(patterns), cache_dir=hf_cache_dir(),
+                                      local_files_only=local_only, tqdm_class=None if progress else _silent_tqdm()))
+    except _hf_failures() as err:
+        folder = hf_cache_dir() / ("models--" + repo.replace("/", "--"))
+        raise _unavailable(label, f"{HF_ENDPOINT}/{repo}", folder, _hf_reason(err, local_only)) from err
+
+
 def fetch_hf_repo(reference: str, progress: bool = True) -> Path:
     """``org/repo[@revision]`` (what ``hf://`` names): the model files of a whole hub
     repository (configs, safetensors weights, tokenizer files), as a local snapshot."""
-    from huggingface_hub import snapshot_download
-
     repo, _, revision = reference.partition("@")
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo):
         raise ValueError(f"hf://{reference}: expected hf://org/name[@revision]")
-    local_only = is_offline()
-    try:
-        return Path(snapshot_download(repo, revision=revision or None, allow_patterns=list(HF_REPO_PATTERNS),
-                                      cache_dir=hf_cache_dir(), local_files_only=local_only,
-                                      tqdm_class=None if progress else _silent_tqdm()))
-    except _hf_failures() as err:
-        folder = hf_cache_dir() / ("models--" + repo.replace("/", "--"))
-        raise _unavailable(f"hf://{reference}", f"{HF_ENDPOINT}/{repo}", folder, _hf_reason(err, local_only)) from err
+    return _hf_snapshot_files(f"hf://{reference}", repo, revision or None, HF_REPO_PATTERNS, progress)
 
 
 TOKENIZER_PATTERNS = ("tokenizer*", "vocab*", "merges.txt", "*.model", "special_tokens_map.json",
@@ -565,15 +571,6 @@ def fetch_tokenizer(name: str, progress: bool = True) -> Path | None:
     """The tokenizer files of a Hugging Face repository (no weights), so that a model
     whose config names the tokenizer (``bert-base-uncased`` for ALBEF/BLIP) loads
     offline later; None for vlzoo's built-in tokenizers and local directories."""
-    from huggingface_hub import snapshot_download
-
     if name in BUILTIN_TOKENIZERS or Path(name).exists() or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name):
         return None
-    local_only = is_offline()
-    try:
-        return Path(snapshot_download(name, allow_patterns=list(TOKENIZER_PATTERNS), cache_dir=hf_cache_dir(),
-                                      local_files_only=local_only,
-                                      tqdm_class=None if progress else _silent_tqdm()))
-    except _hf_failures() as err:
-        folder = hf_cache_dir() / ("models--" + name.replace("/", "--"))
-        raise _unavailable(f"tokenizer {name}", f"{HF_ENDPOINT}/{name}", folder, _hf_reason(err, local_only)) from err
+    return _hf_snapshot_files(f"tokenizer {name}", name, None, TOKENIZER_PATTERNS, progress)

@@ -199,23 +199,13 @@ def _optional_tokenizer(text, has_saved_tokenizer: bool):
     return None
 
 
-def _vision_and_qformer(config):
-    """The frozen tower and a Q-Former sized by the exported (concrete) kwargs."""
-    from vlzoo.backbones import build_vision_tower
-    from vlzoo.layers.transformer import BertConfig
-    from vlzoo.models.qformer import QFormer
-
-    vision, _ = build_vision_tower(config.vision, 1)
-    return vision, QFormer(BertConfig(**config.qformer.kwargs), vision.width, config.num_queries,
-                           config.cross_attention_every)
-
-
 def _build_blip2(config, token_ids: dict, has_saved_tokenizer: bool):
     """BLIP-2 stage 1 with the exported special ids."""
+    from vlzoo.hub.convert.hf_blip2 import build_vision_and_qformer
     from vlzoo.models.blip2 import BLIP2
 
     tokenizer = _optional_tokenizer(config.qformer, has_saved_tokenizer)
-    vision, qformer = _vision_and_qformer(config)
+    vision, qformer = build_vision_and_qformer(config)
     model = BLIP2(vision, qformer, dec_id=token_ids.get("dec", 0), pad_id=token_ids.get("pad", 0),
                   eos_id=token_ids.get("eos", 0), embed_dim=config.embed_dim, temperature=config.temperature,
                   min_temperature=config.min_temperature, max_temperature=config.max_temperature,
@@ -230,11 +220,12 @@ def _build_blip2_llm(config, llm_dir: Path, has_saved_tokenizer: bool):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     from vlzoo.data.llm_text import load_lm_tokenizer
+    from vlzoo.hub.convert.hf_blip2 import build_vision_and_qformer
     from vlzoo.models.blip2 import BLIP2LLM
 
     auto = AutoModelForSeq2SeqLM if config.llm_kind == "seq2seq" else AutoModelForCausalLM
     llm = auto.from_config(AutoConfig.from_pretrained(llm_dir), dtype=torch.float32)
-    vision, qformer = _vision_and_qformer(config)
+    vision, qformer = build_vision_and_qformer(config)
     model = BLIP2LLM(vision, qformer, llm, config.frozen_precision, config.llm_precision)
     has_llm_tokenizer = any((llm_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
     extra = {"llm_tokenizer": load_lm_tokenizer(str(llm_dir)) if has_llm_tokenizer else None}

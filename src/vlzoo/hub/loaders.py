@@ -34,8 +34,8 @@ def parts_from_task(task, source: str) -> LoadedParts:
                        frozenset(FAMILY_CAPABILITIES[family]), source, extra)
 
 
-def task_from_zoo_config(path: str | Path):
-    """The task a zoo config YAML (a ``vlzoo fit`` config) describes, randomly initialised."""
+def zoo_config_init_args(path: str | Path) -> tuple[type, dict]:
+    """(task class, its init arguments as config dataclasses) of a zoo config YAML."""
     import importlib
 
     import yaml
@@ -56,6 +56,12 @@ def task_from_zoo_config(path: str | Path):
         schema = hints.get(key)
         is_dataclass = isinstance(schema, type) and hasattr(schema, "__dataclass_fields__")
         init_args[key] = as_config(value, schema, f"{path}: model.init_args.{key}") if is_dataclass else value
+    return cls, init_args
+
+
+def task_from_zoo_config(path: str | Path):
+    """The task a zoo config YAML (a ``vlzoo fit`` config) describes, randomly initialised."""
+    cls, init_args = zoo_config_init_args(path)
     return cls(**init_args)
 
 
@@ -63,17 +69,23 @@ def parts_from_zoo_config(path: str | Path, family: str | None = None) -> Loaded
     """The randomly initialised model a zoo config describes. ``family`` ``blip_vqa``
     builds BLIP's VQA architecture (question encoder + answer decoder) from the BLIP
     config of a BLIPTask zoo config (vlzoo has no VQA training task yet)."""
-    task = task_from_zoo_config(path)
     if family != "blip_vqa":
-        return parts_from_task(task, str(path))
+        return parts_from_task(task_from_zoo_config(path), str(path))
+    from vlzoo.backbones import bert_config_from_kwargs
+    from vlzoo.config import BLIPConfig
+    from vlzoo.data.tokenizers import build_tokenizer
     from vlzoo.hub.convert.hf_blip import BlipTokenIds, build_blip_vqa
 
-    info = task.tokenizer.info
+    config = zoo_config_init_args(path)[1].get("model")
+    if not isinstance(config, BLIPConfig):
+        raise ValueError(f"{path}: a blip_vqa entry needs a BLIPTask zoo config (model: a BLIPConfig)")
+    tokenizer = build_tokenizer(config.text.tokenizer, config.text.context_length, blip_tokens=True)
+    info = tokenizer.info
     ids = BlipTokenIds(enc=info.enc_id, dec=info.dec_id, pad=info.pad_id, eos=info.eos_id)
-    text = dataclasses.replace(task.config.text, pretrained=None, kwargs=dataclasses.asdict(task.model.text.config))
-    config = dataclasses.replace(task.config, text=text)
+    sizes = dataclasses.asdict(bert_config_from_kwargs(config.text, tokenizer))
+    config = dataclasses.replace(config, text=dataclasses.replace(config.text, pretrained=None, kwargs=sizes))
     model = build_blip_vqa(config, ids).eval()
-    return LoadedParts("blip_vqa", model, config, task.preprocess_config, task.tokenizer,
+    return LoadedParts("blip_vqa", model, config, config.vision, tokenizer,
                        frozenset(FAMILY_CAPABILITIES["blip_vqa"]), str(path))
 
 

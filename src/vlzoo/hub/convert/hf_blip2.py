@@ -257,8 +257,9 @@ def _has_tokenizer(directory: Path) -> bool:
     return any((directory / f).is_file() for f in TOKENIZER_FILES)
 
 
-def _build_parts(cfg: BLIP2Config | BLIP2LLMConfig):
-    """The frozen vision tower and the Q-Former of ``cfg``."""
+def build_vision_and_qformer(cfg: BLIP2Config | BLIP2LLMConfig):
+    """The frozen vision tower and the Q-Former of ``cfg`` (sized by ``qformer.kwargs``:
+    a converted or exported config, no tokenizer needed)."""
     from vlzoo.backbones import build_vision_tower
     from vlzoo.layers.transformer import BertConfig
     from vlzoo.models.qformer import QFormer
@@ -272,7 +273,7 @@ def build_blip2_retrieval(cfg: BLIP2Config, tokenizer=None) -> nn.Module:
     """vlzoo BLIP2 for ``cfg``; [DEC]/pad/end ids from the tokenizer (BERT's otherwise)."""
     from vlzoo.models.blip2 import BLIP2
 
-    vision, qformer = _build_parts(cfg)
+    vision, qformer = build_vision_and_qformer(cfg)
     pad = cfg.qformer.kwargs.get("pad_token_id", 0)
     dec, eos = 101, 102  # BERT's [CLS] and [SEP]: the ITG head is absent, [DEC] is never used
     if tokenizer is not None:
@@ -291,7 +292,7 @@ def build_blip2_llm_from_hf(cfg: BLIP2LLMConfig, hf_cfg) -> nn.Module:
 
     from vlzoo.models.blip2 import BLIP2LLM
 
-    vision, qformer = _build_parts(cfg)
+    vision, qformer = build_vision_and_qformer(cfg)
     auto = AutoModelForCausalLM if cfg.llm_kind == "causal" else AutoModelForSeq2SeqLM
     model = BLIP2LLM(vision, qformer, auto.from_config(hf_cfg.text_config, dtype=torch.float32))
     return model
