@@ -46,7 +46,9 @@ def test_fit_writes_the_run_directory(tmp_path):
 
 
 def test_unknown_source_is_a_clear_error(tmp_path):
-    with pytest.raises(ValueError, match="data.train"):
-        from vlzoo.data.datamodule import VLDataModule
+    from vlzoo.data.datamodule import VLDataModule
 
-        VLDataModule(train="coco.json")
+    with pytest.raises(ValueError, match="data.train: no such file coco.json"):
+        VLDataModule(train="coco.json").source("train")
+    with pytest.raises(ValueError, match="data.val: cannot read 'nothing-here'"):
+        VLDataModule(val="nothing-here").source("val")

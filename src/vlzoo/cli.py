@@ -76,11 +76,17 @@ def default_loggers(root: str) -> list:
 
 
 def run_stats(trainer, module) -> dict[str, float]:
-    """Throughput, parameter counts and peak memory of a fit (``RunStats``), if attached."""
-    from vlzoo.callbacks import RunStats
+    """Throughput, parameter counts and peak memory of a fit (``RunStats``) and the
+    skipped-sample counts (``SkippedSamples``), where attached."""
+    from vlzoo.callbacks import RunStats, SkippedSamples
 
-    stats = next((c for c in trainer.callbacks if isinstance(c, RunStats)), None)
-    return stats.summary(trainer, module) if stats is not None else {}
+    summary: dict[str, float] = {}
+    for callback in trainer.callbacks:
+        if isinstance(callback, RunStats):
+            summary.update(callback.summary(trainer, module))
+        if isinstance(callback, SkippedSamples):
+            summary.update(callback.counts())
+    return summary
 
 
 def _metric(value) -> float | None:
@@ -267,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     capfilt.add_argument("--captioner", required=True, help="BLIP checkpoint that writes synthetic captions")
     capfilt.add_argument("--filter", required=True, help="BLIP checkpoint whose ITM head filters captions")
     capfilt.add_argument("--data", required=True,
-                         help="a JSONL file (image, caption|captions) or shapes[:SPLIT] (exported under OUT/source)")
+                         help="any data source (JSONL, CSV, Karpathy JSON, shards, datasets folder, hf:NAME) "
+                              "or shapes[:SPLIT] (exported under OUT/source)")
     capfilt.add_argument("--out", required=True, help="output directory")
     capfilt.add_argument("--threshold", type=float, default=0.5, help="minimum ITM match probability to keep")
     capfilt.add_argument("--synthetic", type=int, default=1, help="synthetic captions per image")

@@ -17,7 +17,8 @@ import torch
 
 from vlzoo.data import shapes
 from vlzoo.data.datamodule import preprocess_images
-from vlzoo.data.jsonl import read_caption_jsonl, read_rgb
+from vlzoo.data.images import BadSample, decode
+from vlzoo.data.sources import MapSource, SourceOptions, open_source
 from vlzoo.models.generation import GenerationConfig
 from vlzoo.utils import atomic_write_json
 
@@ -67,7 +68,7 @@ def capfilt_batch(captioner, filt, records: list[dict[str, Any]], images: list[t
             rows.append(i), texts.append(generated[j][i]), kinds.append("synthetic")
     same_input = captioner.preprocess_config == filt.preprocess_config
     scores = match_probability(filt, pixels_c if same_input else _pixels(filt, images), rows, texts)
-    cleaned = [{"image": str(r["image"]), "captions": [], "kept": [], "removed": []} for r in records]
+    cleaned = [{"image": _image_name(r), "captions": [], "kept": [], "removed": []} for r in records]
     for row, text, kind, score in zip(rows, texts, kinds, scores.tolist(), strict=True):
         entry = {"caption": text, "source": kind, "itm": round(score, 4)}
         if score >= threshold:
@@ -88,12 +89,13 @@ def run_capfilt(captioner, filt, source: str | Path, out: str | Path, threshold:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     generation = generation or GenerationConfig(method="nucleus", top_p=0.9, max_length=30, min_length=1)
-    records = read_caption_jsonl(source)
-    report = CapFiltReport()
+    data = open_source(str(source), "test", SourceOptions())  # any source; shards are indexed
+    records = data.records
+    report = CapFiltReport(skipped=[f"{location}: {reason}" for location, reason in data.skipped])
     tmp = out / "captions.jsonl.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         for start in track(range(0, len(records), batch_size), description="capfilt"):
-            batch, images = _decode(records[start : start + batch_size], report)
+            batch, images = _decode(data, records[start : start + batch_size], report)
             if not batch:
                 continue
             for cleaned in capfilt_batch(captioner, filt, batch, images, threshold, synthetic, generation):
@@ -104,15 +106,21 @@ def run_capfilt(captioner, filt, source: str | Path, out: str | Path, threshold:
     return report
 
 
-def _decode(records: list[dict[str, Any]], report: CapFiltReport) -> tuple[list[dict[str, Any]], list[torch.Tensor]]:
+def _image_name(record: dict[str, Any]) -> str:
+    """The image path of a file-based record, else the record's location."""
+    return str(record["image"]) if isinstance(record["image"], (str, Path)) else record["location"]
+
+
+def _decode(source: MapSource, records: list[dict[str, Any]],
+            report: CapFiltReport) -> tuple[list[dict[str, Any]], list[torch.Tensor]]:
     """The records whose image decodes, and those images (each file read once)."""
     keep, images = [], []
     for r in records:
         try:
-            images.append(read_rgb(r["image"]))
+            images.append(decode(source.read_image(r)))
             keep.append(r)
-        except Exception as err:  # missing, truncated, undecodable: skip and count
-            report.skipped.append(f"{r['image']}: {type(err).__name__}: {err}")
+        except BadSample as bad:  # missing, truncated, undecodable: skip and count
+            report.skipped.append(f"{r['location']} ({_image_name(r)}): {bad.reason}")
     return keep, images
 
 

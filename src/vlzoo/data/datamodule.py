@@ -2,19 +2,29 @@
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, DistributedSampler
 
 from vlzoo.data import shapes as shapes_data
+from vlzoo.data.image_text import (
+    CAPTION_MODES,
+    BadSampleError,
+    BadSamplePolicy,
+    ImageTextDataset,
+    ImageTextStream,
+    TooManyBadSamples,
+)
+from vlzoo.data.images import DEFAULT_MAX_PIXELS
+from vlzoo.data.sources import MapSource, ShapesSource, SourceOptions, StreamSource, open_source
 from vlzoo.data.tokenizers import Tokenizer
 
 SPLIT_OF_STAGE = {"fit": "train", "train": "train", "val": "val", "validate": "val", "test": "test", "predict": "test"}
@@ -48,29 +58,15 @@ class EvalAnnotations:
     zeroshot_classes: list[str] = field(default_factory=list)
     qa: list[list[dict[str, str]]] = field(default_factory=list)  # per image: question, answer, type
 
+    def subset(self, rows: Sequence[int]) -> EvalAnnotations:
+        """The annotations of images ``rows`` only (e.g. without images that failed to decode)."""
+        rows = list(rows)
 
-class ShapesDataset(Dataset):
-    """Items ``{"image": (3, H, W) uint8, "index": int}`` plus one random ``caption`` when
-    training, and one random ``qa`` pair (question, answer, type) when ``with_qa``."""
+        def pick(values: list) -> list:
+            return [values[i] for i in rows] if values else []
 
-    def __init__(self, split: shapes_data.ShapesSplit, train: bool, with_qa: bool = False):
-        self.split = split
-        self.train = train
-        self.with_qa = with_qa
-
-    def __len__(self) -> int:
-        return len(self.split)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        image = torch.from_numpy(np.array(self.split.images[i])).permute(2, 0, 1)  # (3, H, W) uint8
-        item: dict[str, Any] = {"image": image, "index": i}
-        if self.train:
-            captions = self.split.records[i]["captions"]
-            item["caption"] = captions[int(torch.randint(len(captions), ()))]
-            if self.with_qa:
-                qa = self.split.records[i]["qa"]
-                item["qa"] = qa[int(torch.randint(len(qa), ()))]
-        return item
+        return EvalAnnotations(pick(self.captions), pick(self.negatives), pick(self.zeroshot_labels),
+                               self.zeroshot_classes, pick(self.qa))
 
 
 def preprocess_images(images: Tensor, image_size: int, mean: Tensor, std: Tensor) -> Tensor:
@@ -86,9 +82,10 @@ def preprocess_images(images: Tensor, image_size: int, mean: Tensor, std: Tensor
 class ImageTextCollator:
     """Stacks images, resizes and normalises them, and tokenizes captions.
 
-    Returns ``pixel_values`` (B, 3, S, S) float, ``index`` (B,), and when captions are
-    present ``input_ids``/``attention_mask`` (B, L) and the strings ``captions``; with QA
-    pairs, the strings ``questions`` and ``answers``.
+    Returns ``pixel_values`` (B, 3, S, S) float, ``index`` (B,), ``skipped`` (the
+    ``(location, reason)`` of bad samples the items replaced or that were dropped), and
+    when captions are present ``input_ids``/``attention_mask`` (B, L) and the strings
+    ``captions``; with QA pairs, the strings ``questions`` and ``answers``.
     """
 
     def __init__(self, tokenizer: Tokenizer, image_size: int, mean: Sequence[float], std: Sequence[float]):
@@ -97,34 +94,55 @@ class ImageTextCollator:
         self.mean = torch.tensor(mean).view(1, 3, 1, 1)
         self.std = torch.tensor(std).view(1, 3, 1, 1)
 
-    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Tensor]:
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        skipped = [entry for it in items for entry in it.get("skipped", ())]
+        items = [it for it in items if not it.get("bad")]
+        if not items:  # every sample of an evaluation batch was bad
+            size = self.image_size
+            return {"pixel_values": torch.empty(0, 3, size, size), "index": torch.empty(0, dtype=torch.long),
+                    "skipped": skipped}
         images = torch.stack([it["image"] for it in items])  # (B, 3, H, W) uint8
-        batch = {
+        batch: dict[str, Any] = {
             "pixel_values": preprocess_images(images, self.image_size, self.mean, self.std),
             "index": torch.tensor([it["index"] for it in items], dtype=torch.long),
+            "skipped": skipped,
         }
         if "caption" in items[0]:
             batch["captions"] = [it["caption"] for it in items]
             batch.update(self.tokenizer(batch["captions"]))
-        if "qa" in items[0]:
+        if all("qa" in it for it in items):
             batch["questions"] = [it["qa"]["question"] for it in items]
             batch["answers"] = [it["qa"]["answer"] for it in items]
         return batch
 
 
 class VLDataModule(L.LightningDataModule):
-    """Image-text data for every family.
+    """Image-text data for every family, from any source (see :mod:`vlzoo.data.sources`).
 
     Args:
-        train, val, test: data sources per split; ``shapes`` is the embedded dataset.
-        shapes: sizes and seed of the shapes splits.
+        train, val, test: data sources per split: ``shapes``, a ``.jsonl``, ``.csv``/
+            ``.tsv`` or ``.json`` (Karpathy) file, webdataset shards, a ``save_to_disk``
+            folder or ``hf:NAME[:SPLIT]``.
+        shapes: sizes and seed of the embedded shapes splits.
         batch_size: training batch per process; eval_batch_size: evaluation batch.
         num_workers: DataLoader worker processes.
+        image_column, caption_column: field names (CSV default ``filepath``/``title``;
+            others are detected); image_root: base of relative image paths (default:
+            the annotation file's folder); csv_separator: default tab for ``.tsv``.
+        captions: ``sample`` draws one caption per image per step; ``expand`` makes
+            every image-caption pair an item. Evaluation always uses all captions.
+        streaming: stream an ``hf:`` training split instead of downloading it.
+        resampled, samples_per_epoch, shuffle_buffer: webdataset/streaming training.
+        on_bad_sample: ``skip`` (count, log once, go on) or ``raise``.
+        max_bad_fraction: stop when more than this fraction of a source is bad.
+        max_image_pixels: larger images are bad samples (decompression-bomb guard).
 
     The tokenizer and image preprocessing come from the model being trained (its
     ``tokenizer`` and ``preprocess_config``), or from :meth:`attach`; a model with
     ``uses_qa = True`` also gets one QA pair per training item.
     """
+
+    random_augmentation = False  # images are only resized and normalised
 
     def __init__(
         self,
@@ -135,38 +153,88 @@ class VLDataModule(L.LightningDataModule):
         batch_size: int = 128,
         eval_batch_size: int = 256,
         num_workers: int = 0,
+        image_column: str | None = None,
+        caption_column: str | None = None,
+        image_root: str | None = None,
+        csv_separator: str | None = None,
+        captions: str = "sample",
+        streaming: bool = False,
+        resampled: bool = False,
+        samples_per_epoch: int | None = None,
+        shuffle_buffer: int = 1000,
+        on_bad_sample: str = "skip",
+        max_bad_fraction: float = 0.5,
+        max_image_pixels: int = DEFAULT_MAX_PIXELS,
     ):
         super().__init__()
-        for name, source in (("train", train), ("val", val), ("test", test)):
-            if source != "shapes":
-                raise ValueError(f"data.{name}: unsupported source {source!r}; this version reads 'shapes'")
+        if captions not in CAPTION_MODES:
+            raise ValueError(f"data.captions must be one of {CAPTION_MODES}, got {captions!r}")
         self.sources = {"train": train, "val": val, "test": test}
         self.shapes = shapes
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
-        self._splits: dict[str, shapes_data.ShapesSplit] = {}
+        self.options = SourceOptions(image_column, caption_column, image_root, csv_separator, streaming, resampled,
+                                     samples_per_epoch, shuffle_buffer)
+        self.caption_mode = captions
+        self.policy = BadSamplePolicy(on_bad_sample, max_bad_fraction, max_pixels=max_image_pixels)
+        self._opened: dict[str, MapSource | StreamSource] = {}
+        self._rank_world: tuple[int, int] | None = None
         self.collator: ImageTextCollator | None = None
+        self.resize_mode = "shortest"
         self.with_qa = False
         self._annotations: dict[str, EvalAnnotations] = {}
         self._answer_prior: dict[str, str] | None = None
 
-    def attach(self, tokenizer: Tokenizer, image_size: int, mean: Sequence[float], std: Sequence[float]) -> None:
+    def attach(self, tokenizer: Tokenizer, image_size: int, mean: Sequence[float], std: Sequence[float],
+               resize_mode: str = "shortest") -> None:
         """Set the tokenizer and preprocessing explicitly (when no Trainer/model is attached)."""
         self.collator = ImageTextCollator(tokenizer, image_size, mean, std)
+        self.resize_mode = resize_mode
 
-    def _split(self, name: str) -> shapes_data.ShapesSplit:
-        if name not in self._splits:
-            size = getattr(self.shapes, f"{name}_size")
-            self._splits[name] = shapes_data.load_split(
-                name, size, self.shapes.image_size, self.shapes.seed, self.shapes.cache
-            )
-        return self._splits[name]
+    def set_rank(self, rank: int, world_size: int) -> None:
+        """Read as process ``rank`` of ``world_size`` (default: the Trainer's, else 0 of 1)."""
+        self._rank_world = (rank, world_size)
+
+    def rank_world(self) -> tuple[int, int]:
+        if self._rank_world is not None:
+            return self._rank_world
+        trainer = getattr(self, "trainer", None)
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def source(self, split: str) -> MapSource | StreamSource:
+        """The opened source of ``split`` (train, val, test), checked for bad rows."""
+        if split not in self._opened:
+            source = open_source(self.sources[split], split, self.options, self.shapes)
+            self._check_rows(split, source)
+            self._opened[split] = source
+        return self._opened[split]
+
+    def _check_rows(self, split: str, source: MapSource | StreamSource) -> None:
+        skipped = source.skipped
+        if skipped and self.policy.mode == "raise":
+            location, reason = skipped[0]
+            raise BadSampleError(f"data.{split}: {location}: {reason} (data.on_bad_sample=raise; {len(skipped)} bad rows)")
+        if isinstance(source, MapSource):
+            total = len(source) + len(skipped)
+            if len(source) == 0:
+                raise TooManyBadSamples(f"data.{split}: {source.name} has no usable samples"
+                                        + (f" ({len(skipped)} bad, first: {skipped[0][0]}: {skipped[0][1]})"
+                                           if skipped else ""))
+            if len(skipped) > self.policy.max_bad_fraction * total:
+                raise TooManyBadSamples(f"data.{split}: {len(skipped)} of {total} rows of {source.name} are bad "
+                                        f"(first: {skipped[0][0]}: {skipped[0][1]}); more than "
+                                        f"data.max_bad_fraction={self.policy.max_bad_fraction}")
+
+    def skipped_rows(self, split: str) -> list[tuple[str, str]]:
+        """Rows refused while reading the annotations of ``split`` (before any image)."""
+        return list(self._opened[split].skipped) if split in self._opened else []
 
     def prepare_data(self) -> None:
-        for name in ("train", "val", "test"):  # generate and cache once, on one process
-            shapes_data.load_split(name, getattr(self.shapes, f"{name}_size"), self.shapes.image_size,
-                              self.shapes.seed, self.shapes.cache)
+        for name, spec in self.sources.items():  # generate and cache shapes once, on one process
+            if spec == "shapes":
+                shapes_data.load_split(name, getattr(self.shapes, f"{name}_size"), self.shapes.image_size,
+                                       self.shapes.seed, self.shapes.cache)
 
     def setup(self, stage: str | None = None) -> None:
         if self.collator is None:
@@ -174,19 +242,34 @@ class VLDataModule(L.LightningDataModule):
             if module is None or not hasattr(module, "tokenizer"):
                 raise RuntimeError("VLDataModule needs a model with a tokenizer, or attach(...) first")
             pre = module.preprocess_config
-            self.attach(module.tokenizer, pre.image_size, pre.mean, pre.std)
+            self.attach(module.tokenizer, pre.image_size, pre.mean, pre.std, getattr(pre, "resize_mode", "shortest"))
             self.with_qa = bool(getattr(module, "uses_qa", False))
+        splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+        for split in splits.get(stage, ("train", "val", "test")):
+            self.source(split)  # open early: a bad path fails before the first step
+
+    def _seed(self) -> int:
+        return int(os.environ.get("PL_GLOBAL_SEED", self.shapes.seed))
 
     def _loader(self, split: str, train: bool) -> DataLoader:
-        return DataLoader(
-            ShapesDataset(self._split(split), train=train, with_qa=train and self.with_qa),
-            batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
-            drop_last=train,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            collate_fn=self.collator,
-        )
+        source = self.source(split)
+        rank, world = self.rank_world()
+        size = self.collator.image_size
+        common = {"num_workers": self.num_workers, "persistent_workers": self.num_workers > 0,
+                  "collate_fn": self.collator}
+        if isinstance(source, StreamSource):
+            epoch = self.trainer.current_epoch if getattr(self, "trainer", None) is not None else 0
+            stream = ImageTextStream(source, size, self.resize_mode, self.with_qa, self.policy, self._seed(), rank,
+                                     world, self.num_workers, self.batch_size, start_epoch=epoch)
+            return DataLoader(stream, batch_size=self.batch_size, drop_last=True, **common)
+        dataset = ImageTextDataset(source, train, size, self.resize_mode, self.with_qa and train,
+                                   self.caption_mode, self.policy)
+        batch_size = self.batch_size if train else self.eval_batch_size
+        if world > 1:
+            sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=train, seed=self._seed(),
+                                         drop_last=train)
+            return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=train, **common)
+        return DataLoader(dataset, batch_size=batch_size, shuffle=train, drop_last=train, **common)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)
@@ -202,26 +285,32 @@ class VLDataModule(L.LightningDataModule):
 
     def annotations(self, stage: str) -> EvalAnnotations:
         """Captions, hard negatives, zero-shot labels and QA pairs of the split behind
-        ``stage``; built once per split (callers must not modify them)."""
+        ``stage``, one entry per image of the source (callers must not modify them)."""
         split = SPLIT_OF_STAGE[stage]
         if split not in self._annotations:
-            records = self._split(split).records
+            source = self.source(split)
+            if not isinstance(source, MapSource):
+                raise ValueError(f"data.{split}: a streamed source cannot be evaluated")
+            records = source.records
+            shapes = isinstance(source, ShapesSource)
             self._annotations[split] = EvalAnnotations(
                 captions=[r["captions"] for r in records],
-                negatives=[[n["caption"] for n in r["negatives"]] for r in records],
-                zeroshot_labels=[shapes_data.zeroshot_label(r) for r in records],
-                zeroshot_classes=shapes_data.zeroshot_classes(),
-                qa=[r["qa"] for r in records],
+                negatives=[[n["caption"] if isinstance(n, dict) else n for n in r.get("negatives", [])]
+                           for r in records],
+                zeroshot_labels=[shapes_data.zeroshot_label(r) for r in records] if shapes else [],
+                zeroshot_classes=shapes_data.zeroshot_classes() if shapes else [],
+                qa=[r.get("qa", []) for r in records],
             )
         return self._annotations[split]
 
     def answer_prior(self) -> dict[str, str]:
         """Question type -> the most common answer of that type in the training split
-        (the VQA baseline; computed on first use, so other families never read it)."""
+        (the VQA baseline; computed on first use; empty for a streamed training split)."""
         if self._answer_prior is None:
             counts: dict[str, Counter] = {}
-            for record in self._split("train").records:
-                for qa in record["qa"]:
-                    counts.setdefault(qa["type"], Counter())[qa["answer"]] += 1
+            source = self.source("train")
+            for record in source.records if isinstance(source, MapSource) else []:
+                for qa in record.get("qa", []):
+                    counts.setdefault(qa.get("type", "all"), Counter())[qa["answer"]] += 1
             self._answer_prior = {t: c.most_common(1)[0][0] for t, c in counts.items()}
         return self._answer_prior

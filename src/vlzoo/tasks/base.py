@@ -73,10 +73,11 @@ class VLTask(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def configure_callbacks(self):
-        from vlzoo.callbacks import RunStats
+        from vlzoo.callbacks import RunStats, SkippedSamples
 
         return [ModelCheckpoint(monitor=self.monitor, mode="max", save_last=True,
-                                filename="best-step{step}", auto_insert_metric_name=False), RunStats()]
+                                filename="best-step{step}", auto_insert_metric_name=False), RunStats(),
+                SkippedSamples()]
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
         """The optimizer step, then :meth:`after_optimizer_step` (once per step, so
@@ -113,6 +114,8 @@ class VLTask(L.LightningModule):
         return {k: v.to(self.device) for k, v in self.tokenizer(texts).items()}
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        if len(batch["index"]) == 0:  # every image of the batch was a bad sample
+            return
         outputs = {k: v.float().cpu() for k, v in self.eval_image_outputs(batch["pixel_values"]).items()}
         self._eval_outputs.append((batch["index"].cpu(), outputs))
 
@@ -125,26 +128,32 @@ class VLTask(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._finish_eval("test")
 
-    def _gathered_image_outputs(self) -> dict[str, Tensor]:
-        """Every rank's per-image outputs, deduplicated and in dataset order."""
+    def _gathered_image_outputs(self) -> tuple[Tensor, dict[str, Tensor]] | None:
+        """Every rank's per-image outputs, deduplicated and in dataset order, and the
+        (N,) dataset index of each; None when no rank evaluated an image."""
         parts = gather_objects(self._eval_outputs)
         self._eval_outputs = []
         rows = [row for part in parts for row in part]
+        if not rows:
+            return None
         index = torch.cat([i for i, _ in rows])
         order = torch.argsort(index, stable=True)  # samplers may pad with repeated items
         keep = torch.ones_like(index, dtype=torch.bool)
         keep[1:] = index[order][1:] != index[order][:-1]
-        return {k: torch.cat([out[k] for _, out in rows])[order][keep] for k in rows[0][1]}
+        return index[order][keep], {k: torch.cat([out[k] for _, out in rows])[order][keep] for k in rows[0][1]}
 
     def _finish_eval(self, stage: str) -> None:
-        if self.trainer.sanity_checking or not self._eval_outputs:
+        if self.trainer.sanity_checking:
             self._eval_outputs = []
             return
-        images = {k: v.to(self.device) for k, v in self._gathered_image_outputs().items()}
+        gathered = self._gathered_image_outputs()  # every rank takes part, even one without images
+        if gathered is None:
+            return
+        index, outputs = gathered
+        images = {k: v.to(self.device) for k, v in outputs.items()}
         ann: EvalAnnotations = self.trainer.datamodule.annotations(stage)
-        count = len(next(iter(images.values())))
-        if len(ann.captions) != count:
-            raise RuntimeError(f"{stage}: {count} images evaluated, {len(ann.captions)} annotated")
+        if len(index) != len(ann.captions):  # images that failed to decode were skipped
+            ann = ann.subset(index.tolist())
         metrics = self.evaluate(images, ann)
         self.log_dict({f"{stage}/{k}": v for k, v in metrics.items()}, sync_dist=False)
 
