@@ -50,5 +50,5 @@ def test_unknown_source_is_a_clear_error(tmp_path):
 
     with pytest.raises(ValueError, match="data.train: no such file coco.json"):
         VLDataModule(train="coco.json").source("train")
-    with pytest.raises(ValueError, match="data.val: cannot read 'nothing-here'"):
+    with pytest.raises(ValueError, match="data.val: no such file or folder 'nothing-here'"):
         VLDataModule(val="nothing-here").source("val")

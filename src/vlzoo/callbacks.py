@@ -132,3 +132,72 @@ class SkippedSamples(L.Callback):
 
     def on_test_epoch_end(self, trainer, module) -> None:
         module.log("test/skipped_samples", float(self.count("test")))
+
+
+class RNGState(L.Callback):
+    """Saves every rank's torch (CPU and CUDA), numpy and Python RNG states in the
+    checkpoint and restores them on resume, so that dropout, masking and hard-negative
+    draws continue as if the run had never stopped (the data draws its own randomness
+    from the seed, epoch and index: :mod:`vlzoo.data.resumable`)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ranks": gather_objects(_rng_states())}  # every rank dumps the checkpoint: a collective
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        ranks = state_dict.get("ranks", [])
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        if ranks:
+            _set_rng_states(ranks[rank] if rank < len(ranks) else ranks[0])
+
+
+def _rng_states() -> dict[str, Any]:
+    import random
+
+    import numpy as np
+
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    states = {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype("int64")), position,
+                                                         has_gauss, gauss],
+              "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(states["torch"])
+    kind, keys, position, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype("uint32"), position, has_gauss, gauss))
+    python = states["python"]
+    random.setstate((python[0], tuple(python[1]), python[2]))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+class Preemption(L.Callback):
+    """On SIGTERM (a scheduler preempting the job) Lightning stops after the current
+    batch; this writes ``last.ckpt`` there, so ``vlzoo fit ... --ckpt_path last``
+    resumes exactly, and the process exits 0 (see :func:`vlzoo.cli.main`)."""
+
+    def __init__(self) -> None:
+        self.saved: str | None = None
+
+    def on_exception(self, trainer, module, exception: BaseException) -> None:
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        if not isinstance(exception, SIGTERMException) or trainer.state.fn != "fit":
+            return
+        keeper = trainer.checkpoint_callback
+        directory = getattr(keeper, "dirpath", None) or f"{trainer.default_root_dir}/checkpoints"
+        path = f"{directory}/last.ckpt"
+        if keeper is not None and hasattr(keeper, "last_model_path"):
+            keeper.last_model_path = path  # saved in the state: the resumed run overwrites it, no last-v1.ckpt
+        trainer.save_checkpoint(path)
+        self.saved = path
+        if trainer.is_global_zero:
+            print(f"vlzoo: SIGTERM at step {trainer.global_step}: saved {path}; resume with --ckpt_path last",
+                  flush=True)

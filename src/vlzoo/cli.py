@@ -31,6 +31,13 @@ def _lightning_cli(args: list[str] | None) -> None:
                 trainer_cfg["logger"] = default_loggers(trainer_cfg.get("default_root_dir") or ".")
             return super().instantiate_trainer(**kwargs)
 
+        def before_fit(self) -> None:
+            from vlzoo.checkpoints import resolve_resume
+
+            config = self.config_init[self.subcommand]
+            root = self.trainer.default_root_dir
+            config["ckpt_path"] = resolve_resume(config.get("ckpt_path"), Path(root) / "checkpoints")
+
         def after_fit(self) -> None:
             trainer = self.trainer
             summary = {"train/loss": _metric(trainer.callback_metrics.get("train/loss"))}

@@ -212,6 +212,7 @@ class OptimConfig:
     eps: float = 1e-6
     warmup_steps: int = 100
     min_lr_ratio: float = 0.0
+    max_nonfinite_steps: int = 10  # consecutive steps with non-finite gradients skipped before the run stops
 
 
 @dataclass

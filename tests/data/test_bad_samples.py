@@ -158,3 +158,24 @@ def test_webdataset_bad_members_and_corrupt_shard_tail_are_skipped(tmp_path):
     assert {"no image member (has txt)", "not a decodable image", "caption is not valid UTF-8"} <= reasons
     assert any(r.startswith("no caption") for r in reasons)
     assert any(r.startswith("corrupt shard") for r in reasons)
+
+
+def test_too_small_for_one_batch_is_an_error(tmp_path):
+    from vlzoo.data.tokenizers import build_tokenizer
+
+    names = write_images(tmp_path, 5)
+    path = tmp_path / "a.jsonl"
+    path.write_text("".join(json.dumps({"image": n, "caption": "c"}) + "\n" for n in names))
+    dm = VLDataModule(train=str(path), batch_size=8)
+    dm.attach(build_tokenizer("shapes", 16), 8, [0.5] * 3, [0.5] * 3)
+    with pytest.raises(ValueError, match=r"data.train: 5 usable samples .* no whole batch of data.batch_size=8"):
+        dm.train_dataloader()
+
+
+def test_an_eval_split_with_no_readable_image_is_a_clear_error(tmp_path):
+    path = tmp_path / "a.jsonl"
+    path.write_text("".join(json.dumps({"image": f"gone-{i}.png", "caption": "c"}) + "\n" for i in range(6)))
+    with pytest.raises(TooManyBadSamples, match="data.val: no image of the val split could be read"):
+        main(["validate", "--config", str(ROOT / "zoo_configs/models/clip/shapes-tiny.yaml"),
+              "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.enable_progress_bar", "false",
+              "--data.val", str(path)])

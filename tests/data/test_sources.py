@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 from data_writers import (
     caption,
     caption_rows,
@@ -196,7 +195,24 @@ def test_expand_makes_one_item_per_caption_and_sample_draws_one(tmp_path):
     assert len(expanded) == 12
     assert sorted(expanded[i]["caption"] for i in range(12)) == sorted(c for r in source.records for c in r["captions"])
     assert [expanded[i]["index"] for i in range(12)] == [0] * 4 + [1] * 4 + [2] * 4
-    sampled = ImageTextDataset(source, train=True, image_size=8)
-    torch.manual_seed(0)
-    draws = {sampled[1]["caption"] for _ in range(40)}
-    assert draws == set(source.records[1]["captions"])
+    sampled = ImageTextDataset(source, train=True, image_size=8, seed=5)
+    assert sampled[(3, 1)]["caption"] == sampled[(3, 1)]["caption"]  # a function of seed, epoch and index
+    draws = {sampled[(epoch, 1)]["caption"] for epoch in range(40)}
+    assert draws == set(source.records[1]["captions"])  # every caption of the image, over the epochs
+
+
+def test_byte_order_marks_and_other_field_names(tmp_path):
+    names = write_images(tmp_path, 2)
+    jsonl = tmp_path / "bom.jsonl"
+    jsonl.write_bytes(b"\xef\xbb\xbf" + "".join(
+        json.dumps({"image_path": n, "text": caption(i)}) + "\r\n" for i, n in enumerate(names)).encode())
+    source = open_source(str(jsonl), "train", SourceOptions())
+    assert source.skipped == [] and _images_of(source) == [0, 1]
+    csv_path = tmp_path / "bom.csv"
+    csv_path.write_bytes(b"\xef\xbb\xbffilepath,title\r\n" + f'{names[1]},"a caption, with a comma"\r\n'.encode())
+    assert open_source(str(csv_path), "train", SourceOptions()).records[0]["captions"] == ["a caption, with a comma"]
+
+
+def test_missing_path_says_so(tmp_path):
+    with pytest.raises(DataSourceError, match=r"data.val: no such file or folder '.*nowhere'"):
+        open_source(str(tmp_path / "nowhere"), "val", SourceOptions())

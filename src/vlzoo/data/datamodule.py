@@ -12,7 +12,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from vlzoo.data import shapes as shapes_data
 from vlzoo.data.image_text import (
@@ -24,6 +24,7 @@ from vlzoo.data.image_text import (
     TooManyBadSamples,
 )
 from vlzoo.data.images import DEFAULT_MAX_PIXELS
+from vlzoo.data.resumable import ResumableDataLoader, ResumableSampler, private_generator
 from vlzoo.data.sources import MapSource, ShapesSource, SourceOptions, StreamSource, open_source
 from vlzoo.data.tokenizers import Tokenizer
 
@@ -259,17 +260,33 @@ class VLDataModule(L.LightningDataModule):
                   "collate_fn": self.collator}
         if isinstance(source, StreamSource):
             epoch = self.trainer.current_epoch if getattr(self, "trainer", None) is not None else 0
+            shards = getattr(getattr(source, "dataset", None), "num_shards", None)  # a streamed hub dataset
+            if shards is not None and self.num_workers > shards:
+                raise ValueError(f"data.{split}: {source.name} has {shards} shard(s); datasets gives each "
+                                 f"dataloader worker whole shards, so use data.num_workers <= {shards}")
             stream = ImageTextStream(source, size, self.resize_mode, self.with_qa, self.policy, self._seed(), rank,
-                                     world, self.num_workers, self.batch_size, start_epoch=epoch)
-            return DataLoader(stream, batch_size=self.batch_size, drop_last=True, **common)
+                                     world, self.num_workers, self.batch_size, start_epoch=epoch,
+                                     label=f"data.{split}: {source.name}")
+            return DataLoader(stream, batch_size=self.batch_size, drop_last=True,
+                              generator=private_generator(self._seed()), **common)
         dataset = ImageTextDataset(source, train, size, self.resize_mode, self.with_qa and train,
-                                   self.caption_mode, self.policy)
-        batch_size = self.batch_size if train else self.eval_batch_size
-        if world > 1:
-            sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=train, seed=self._seed(),
-                                         drop_last=train)
-            return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=train, **common)
-        return DataLoader(dataset, batch_size=batch_size, shuffle=train, drop_last=train, **common)
+                                   self.caption_mode, self.policy, seed=self._seed(),
+                                   label=f"data.{split}: {source.name}")
+        if train and len(dataset) // world < self.batch_size:
+            raise ValueError(f"data.{split}: {len(dataset)} usable samples over {world} process(es) make no whole "
+                             f"batch of data.batch_size={self.batch_size}; lower the batch size")
+        sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=train, seed=self._seed(),
+                                   drop_last=train)
+        return ResumableDataLoader(dataset, batch_size=self.batch_size if train else self.eval_batch_size,
+                                   sampler=sampler, drop_last=train, generator=private_generator(self._seed()),
+                                   consumed_batches=self._consumed_batches if train else None, **common)
+
+    def _consumed_batches(self) -> int:
+        """Training batches of the current epoch done (for the loader's checkpoint state)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0
+        return int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)

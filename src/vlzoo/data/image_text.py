@@ -20,6 +20,7 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from vlzoo.data.images import DEFAULT_MAX_PIXELS, BadSample, decode
 from vlzoo.data.records import clean_captions
+from vlzoo.data.resumable import draw
 from vlzoo.data.sources import MapSource, ShapesSource, StreamSource
 
 BAD_SAMPLE_POLICIES = ("skip", "raise")
@@ -92,14 +93,15 @@ class ImageTextDataset(Dataset):
     """
 
     def __init__(self, source: MapSource, train: bool, image_size: int, resize_mode: str = "shortest",
-                 with_qa: bool = False, captions: str = "sample", policy: BadSamplePolicy | None = None):
+                 with_qa: bool = False, captions: str = "sample", policy: BadSamplePolicy | None = None,
+                 seed: int = 0, label: str | None = None):
         if captions not in CAPTION_MODES:
             raise ValueError(f"data.captions must be one of {CAPTION_MODES}, got {captions!r}")
-        self.source, self.train, self.with_qa = source, train, with_qa
+        self.source, self.train, self.with_qa, self.seed = source, train, with_qa, seed
         self.image_size = None if isinstance(source, ShapesSource) else image_size
         self.resize_mode = resize_mode
         self.policy = policy or BadSamplePolicy()
-        self.tally = BadSampleTally(self.policy, source.name)
+        self.tally = BadSampleTally(self.policy, label or source.name)
         self.pairs = None
         if train and captions == "expand":
             self.pairs = [(i, c) for i, r in enumerate(source.records) for c in r["captions"]]
@@ -116,7 +118,10 @@ class ImageTextDataset(Dataset):
         self.tally.record_good()
         return image
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        """``key``: an index, or ``(epoch, index)`` from a :class:`ResumableSampler`;
+        the caption and QA pair drawn depend only on the seed, epoch and index."""
+        epoch, i = key if isinstance(key, tuple) else (0, key)
         if not self.train:
             record = self.source.records[i]
             try:
@@ -134,12 +139,14 @@ class ImageTextDataset(Dataset):
             except BadSample as bad:
                 skipped.append((record["location"], bad.reason))
         else:
-            raise TooManyBadSamples(f"{self.source.name}: no sample could be read")
+            location, reason = skipped[0]
+            raise TooManyBadSamples(f"{self.tally.source}: no sample could be read (first: {location}: {reason}); "
+                                    "are image paths relative to the annotation file, or is data.image_root needed?")
         item = {"image": image, "index": image_index, "skipped": skipped}
         captions = record["captions"]
-        item["caption"] = caption if caption is not None else captions[int(torch.randint(len(captions), ()))]
+        item["caption"] = caption if caption is not None else captions[draw(self.seed, epoch, i, len(captions))]
         if self.with_qa and record.get("qa"):
-            item["qa"] = record["qa"][int(torch.randint(len(record["qa"]), ()))]
+            item["qa"] = record["qa"][draw(self.seed, epoch, i, len(record["qa"]), salt=1)]
         return item
 
 
@@ -154,8 +161,8 @@ class ImageTextStream(IterableDataset):
 
     def __init__(self, source: StreamSource, image_size: int, resize_mode: str = "shortest", with_qa: bool = False,
                  policy: BadSamplePolicy | None = None, seed: int = 0, rank: int = 0, world: int = 1,
-                 workers: int = 0, batch_size: int = 1, start_epoch: int = 0):
-        self.source, self.with_qa = source, with_qa
+                 workers: int = 0, batch_size: int = 1, start_epoch: int = 0, label: str | None = None):
+        self.source, self.with_qa, self.label = source, with_qa, label or source.name
         self.image_size, self.resize_mode = image_size, resize_mode
         self.policy = policy or BadSamplePolicy()
         self.seed, self.rank, self.world = seed, rank, world
@@ -181,7 +188,7 @@ class ImageTextStream(IterableDataset):
             raise RuntimeError(f"ImageTextStream was built for {self.workers} dataloader workers but runs in "
                                f"{info.num_workers if info else 0}: pass workers=num_workers")
         epoch, self.epoch = self.epoch, self.epoch + 1
-        tally = BadSampleTally(self.policy, self.source.name)
+        tally = BadSampleTally(self.policy, self.label)
         rng = np.random.default_rng([self.seed, epoch, self.rank, worker, 7])
         quota, produced, skipped = self.quota(worker), 0, []
         samples = self.source.samples(epoch, self.seed, self.rank, self.world, worker, self.workers)

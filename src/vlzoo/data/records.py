@@ -106,7 +106,7 @@ def read_jsonl(path: str | Path, image_root: str | Path | None = None, image_col
     path = Path(path)
     root = Path(image_root) if image_root else path.parent
     out = RecordList()
-    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+    with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:  # -sig: a BOM is not data
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -116,7 +116,7 @@ def read_jsonl(path: str | Path, image_root: str | Path | None = None, image_col
                     row = json.loads(line)
                 except json.JSONDecodeError as err:
                     raise BadSample(f"not valid JSON ({err.msg})") from err
-                out.records.append(_row_record(row, root, location, image_column or "image", caption_column))
+                out.records.append(_row_record(row, root, location, image_column, caption_column))
             except BadSample as bad:
                 out.skipped.append((location, bad.reason))
     return merge_by_image(out)
@@ -150,7 +150,7 @@ def read_csv(path: str | Path, image_column: str | None = None, caption_column: 
     image_column, caption_column = image_column or "filepath", caption_column or "title"
     out = RecordList()
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+    with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
         reader = csv.DictReader(f, delimiter=separator)
         missing = [c for c in (image_column, caption_column) if c not in (reader.fieldnames or [])]
         if missing:
@@ -174,7 +174,7 @@ def read_json(path: str | Path, split: str, image_root: str | Path | None = None
     path = Path(path)
     root = Path(image_root) if image_root else path.parent
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path}: not a valid UTF-8 JSON file ({err})") from err
     if isinstance(data, dict) and isinstance(data.get("images"), list):
@@ -208,5 +208,6 @@ def _karpathy(images: list, path: Path, root: Path, split: str) -> RecordList:
         except BadSample as bad:
             out.skipped.append((location, bad.reason))
     if not out.records and not out.skipped:
-        raise ValueError(f"{path}: no images with split in {wanted}")
+        present = sorted({e.get("split") for e in images if isinstance(e, dict) and e.get("split")})
+        raise ValueError(f"{path}: no images with split in {wanted}; the file has splits {present} (FILE.json:SPLIT)")
     return out

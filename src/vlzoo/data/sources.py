@@ -349,6 +349,8 @@ def _open(spec: str, split: str, options: SourceOptions, shapes: Any) -> MapSour
                                          options.image_column, options.caption_column))
     if Path(path).is_dir() and _is_saved_dataset(Path(path)):
         return open_saved(Path(path), chosen_split or HF_SPLIT_NAMES[split], options)
+    if not Path(path).exists():
+        raise FileNotFoundError(f"no such file or folder {path!r} (expected one of {', '.join(SOURCE_FORMS)})")
     raise DataSourceError(f"cannot read {spec!r}: expected one of {', '.join(SOURCE_FORMS)}")
 
 

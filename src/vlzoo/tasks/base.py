@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -28,6 +29,20 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
             continue
         (no_decay if name in skip or p.ndim <= 1 else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """Too many optimizer steps in a row had non-finite gradients."""
+
+
+def gradients_finite(model: nn.Module) -> bool:
+    """Whether every gradient is finite, on every rank (all ranks agree, so all skip together)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    finite = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else torch.tensor(True)
+    flag = finite.float().reshape(1)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag.item() > 0)
 
 
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -57,10 +72,26 @@ class VLTask(L.LightningModule):
         self.optim = optim
         self.eval_config = eval
         self._eval_outputs: list[tuple[Tensor, Tensor]] = []
+        self._skipped_steps = 0
+        self._nonfinite_in_a_row = 0
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         cls = type(self)
         checkpoint["vlzoo_task"] = f"{cls.__module__}.{cls.__qualname__}"
+        checkpoint["vlzoo_skipped_steps"] = [self._skipped_steps, self._nonfinite_in_a_row]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._skipped_steps, self._nonfinite_in_a_row = checkpoint.get("vlzoo_skipped_steps", [0, 0])
+
+    def setup(self, stage: str) -> None:
+        """Checkpoints are written atomically wherever the strategy uses plain torch.save."""
+        from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+        from vlzoo.checkpoints import AtomicCheckpointIO
+
+        strategy = self.trainer.strategy
+        if type(strategy.checkpoint_io) is TorchCheckpointIO:
+            strategy.checkpoint_io = AtomicCheckpointIO()
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
@@ -73,17 +104,47 @@ class VLTask(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def configure_callbacks(self):
-        from vlzoo.callbacks import RunStats, SkippedSamples
+        from vlzoo.callbacks import Preemption, RNGState, RunStats, SkippedSamples
 
         return [ModelCheckpoint(monitor=self.monitor, mode="max", save_last=True,
                                 filename="best-step{step}", auto_insert_metric_name=False), RunStats(),
-                SkippedSamples()]
+                SkippedSamples(), RNGState(), Preemption()]
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
-        """The optimizer step, then :meth:`after_optimizer_step` (once per step, so
-        gradient accumulation is respected)."""
-        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        self.after_optimizer_step()
+        """Forward and backward (the closure), then the optimizer step and
+        :meth:`after_optimizer_step` (once per step, so gradient accumulation is
+        respected) unless a gradient is not finite on some rank: then the step is
+        skipped on every rank and counted (``train/skipped_steps``); after
+        ``optim.max_nonfinite_steps`` in a row the run saves a checkpoint and stops."""
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:  # fp16: the grad scaler skips inf
+            super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+            self.after_optimizer_step()
+            return
+        loss = optimizer_closure() if optimizer_closure is not None else None
+        if gradients_finite(self.model):
+            self._nonfinite_in_a_row = 0
+            optimizer.step(closure=lambda: loss)
+            self.after_optimizer_step()
+        else:
+            optimizer.zero_grad(set_to_none=True)
+            self.skip_optimizer_step()
+        self.log("train/skipped_steps", float(self._skipped_steps))
+
+    def skip_optimizer_step(self) -> None:
+        """Bookkeeping of a skipped step; subclasses also drop what the step would have
+        applied (e.g. features waiting to be enqueued)."""
+        self._skipped_steps += 1
+        self._nonfinite_in_a_row += 1
+        limit = self.optim.max_nonfinite_steps
+        print(f"vlzoo: step {self.global_step}: non-finite gradients, optimizer step skipped "
+              f"({self._nonfinite_in_a_row} in a row, {self._skipped_steps} in all)", flush=True)
+        if self._nonfinite_in_a_row >= limit:
+            path = Path(self.trainer.default_root_dir) / "checkpoints" / f"nonfinite-step{self.global_step}.ckpt"
+            self.trainer.save_checkpoint(path)
+            raise NonFiniteTrainingError(
+                f"{limit} optimizer steps in a row had non-finite gradients (loss or gradients NaN/inf; "
+                f"optim.max_nonfinite_steps={limit}). Saved {path}. Lower the learning rate, use bf16 rather "
+                "than fp16, or check the data.")
 
     def after_optimizer_step(self) -> None:
         """Clamps, EMA updates, enqueues: what must follow each optimizer step."""
@@ -148,7 +209,11 @@ class VLTask(L.LightningModule):
             return
         gathered = self._gathered_image_outputs()  # every rank takes part, even one without images
         if gathered is None:
-            return
+            from vlzoo.data.image_text import TooManyBadSamples
+
+            split = {"val": "val", "test": "test"}.get(stage, stage)
+            raise TooManyBadSamples(f"data.{split}: no image of the {stage} split could be read (every sample was "
+                                    "bad; see the warnings above): check image paths and data.image_root")
         index, outputs = gathered
         images = {k: v.to(self.device) for k, v in outputs.items()}
         ann: EvalAnnotations = self.trainer.datamodule.annotations(stage)

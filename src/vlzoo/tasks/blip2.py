@@ -366,6 +366,7 @@ class BLIP2LLMTask(FrozenFeaturesMixin, VLTask):
                                         if not k.startswith("model.llm.")}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
         state = checkpoint["state_dict"]
         if not any(k.startswith("model.llm.") for k in state):
             state.update({f"model.llm.{k}": v for k, v in self.model.llm.state_dict().items()})

@@ -179,6 +179,10 @@ class MomentumTask(TwoStageRetrievalTask):
         self.log("train/temperature", self.model.temp.detach())
         return loss
 
+    def skip_optimizer_step(self) -> None:
+        self._pending.clear()  # features of a step that was not taken (maybe NaN) never reach the queue
+        super().skip_optimizer_step()
+
     def after_optimizer_step(self) -> None:
         self.model.clamp_temperature()
         self.model.momentum_update()

@@ -1,0 +1,78 @@
+"""Training checkpoints that survive crashes: atomic writes, and resume that detects a
+truncated or corrupt checkpoint and falls back to the previous one."""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes ``path.tmp-PID`` in the same folder, fsyncs it, then renames it over
+    ``path``: a crash mid-write leaves the previous checkpoint intact."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def checkpoint_problem(path: str | Path) -> str | None:
+    """Why ``path`` is not a complete checkpoint (missing, truncated, corrupt), or None.
+
+    torch checkpoints are zip archives: every member's CRC is checked."""
+    path = Path(path)
+    if not path.is_file():
+        return "no such file"
+    if path.stat().st_size == 0:
+        return "empty file"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as err:
+        return f"truncated or not a checkpoint ({err})"
+    return f"corrupt member {bad}" if bad is not None else None
+
+
+def resolve_resume(ckpt_path: str | None, checkpoint_dir: str | Path) -> str | None:
+    """The checkpoint to resume from: ``last`` is the newest complete checkpoint in
+    ``checkpoint_dir`` (None when there is none: a fresh start); a path is used when
+    complete, else the newest complete checkpoint beside it. Each unusable one is
+    reported; with nothing usable, a clear error."""
+    if ckpt_path is None or ckpt_path in ("best", "hpc", "registry"):
+        return ckpt_path
+    if ckpt_path == "last":
+        candidates, wanted = _newest_first(Path(checkpoint_dir)), None
+        if not candidates:
+            return None
+    else:
+        wanted = Path(ckpt_path)
+        if checkpoint_problem(wanted) is None:
+            return str(wanted)
+        candidates = [wanted] + [p for p in _newest_first(wanted.parent) if p != wanted]
+    for candidate in candidates:
+        problem = checkpoint_problem(candidate)
+        if problem is None:
+            return str(candidate)
+        print(f"vlzoo: cannot resume from {candidate}: {problem}; trying the previous checkpoint", flush=True)
+    raise FileNotFoundError(f"no complete checkpoint to resume from (asked for {ckpt_path}; looked in "
+                            f"{wanted.parent if wanted else checkpoint_dir})")
+
+
+def _newest_first(directory: Path) -> list[Path]:
+    if not directory.is_dir():
+        return []
+    return sorted(directory.glob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)

@@ -1,0 +1,104 @@
+"""Faults a long run survives: non-finite steps skipped and counted (and a stop with a
+checkpoint when they persist); SIGTERM saves a checkpoint, exits 0 and resumes exactly."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from tiny_configs import tiny_task
+
+from vlzoo.data.datamodule import ShapesConfig, VLDataModule
+from vlzoo.tasks.base import NonFiniteTrainingError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _poisoned(task, bad_batches):
+    """``task`` whose loss is NaN on the given batch indices."""
+    step = task.training_step
+
+    def training_step(batch, batch_idx):
+        loss = step(batch, batch_idx)
+        return loss * float("nan") if batch_idx in bad_batches else loss
+
+    task.training_step = training_step
+    return task
+
+
+class Snapshots(L.Callback):
+    def __init__(self):
+        self.before, self.after = {}, {}
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.before[batch_idx] = {k: v.clone() for k, v in module.state_dict().items()}
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.after[batch_idx] = {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def _trainer(root, max_steps, callbacks=()):
+    return L.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, logger=False, limit_val_batches=0,
+                     num_sanity_val_steps=0, enable_progress_bar=False, enable_model_summary=False,
+                     default_root_dir=str(root), callbacks=list(callbacks))
+
+
+def _data():
+    return VLDataModule(shapes=ShapesConfig(image_size=16, train_size=64, val_size=8, test_size=8), batch_size=8)
+
+
+@pytest.mark.parametrize("family", ["clip", "albef"])
+def test_nan_steps_are_skipped_counted_and_leave_the_weights_alone(tmp_path, family):
+    L.seed_everything(0)
+    task = _poisoned(tiny_task(family), bad_batches={1, 2})
+    snapshots = Snapshots()
+    trainer = _trainer(tmp_path, max_steps=5, callbacks=[snapshots])
+    trainer.fit(task, _data())
+    assert trainer.global_step == 5 and len(snapshots.after) == 5  # a skipped step still counts as a step
+    assert trainer.callback_metrics["train/skipped_steps"] == 2
+    for name, value in snapshots.after[2].items():  # nothing a skipped step could touch moved: EMA, queues too
+        torch.testing.assert_close(value, snapshots.before[1][name], atol=0, rtol=0, msg=name)
+    assert any(not torch.equal(v, snapshots.before[3][k]) for k, v in snapshots.after[3].items())
+    assert all(torch.isfinite(v).all() for v in task.state_dict().values() if v.is_floating_point())
+
+
+def test_persistent_nan_stops_with_a_checkpoint(tmp_path):
+    L.seed_everything(0)
+    task = _poisoned(tiny_task("clip"), bad_batches=set(range(2, 100)))
+    task.optim.max_nonfinite_steps = 3
+    with pytest.raises(NonFiniteTrainingError, match="3 optimizer steps in a row had non-finite gradients"):
+        _trainer(tmp_path, max_steps=20).fit(task, _data())
+    saved = list((tmp_path / "checkpoints").glob("nonfinite-step*.ckpt"))
+    assert len(saved) == 1 and saved[0].name == "nonfinite-step4.ckpt"  # batches 2, 3, 4 were NaN
+    assert torch.load(saved[0], weights_only=False)["global_step"] == 4
+
+
+def _vlzoo_fit(run: Path, *extra: str) -> subprocess.CompletedProcess:
+    args = [sys.executable, "-m", "vlzoo.cli", "fit", "--config", str(ROOT / "zoo_configs/models/clip/shapes-tiny.yaml"),
+            "--trainer.default_root_dir", str(run), "--trainer.max_steps", "6", "--trainer.val_check_interval", "6",
+            "--trainer.enable_progress_bar", "false", "--data.batch_size", "16", "--data.shapes.train_size", "64",
+            "--data.shapes.val_size", "16", "--data.shapes.test_size", "16", *extra]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
+    return subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_sigterm_saves_exits_zero_and_resumes_exactly(tmp_path):
+    extra = tmp_path / "sigterm.yaml"
+    extra.write_text("trainer:\n  callbacks:\n    - class_path: sigterm_at.SigtermAt\n      init_args: {step: 3}\n")
+    stopped = _vlzoo_fit(tmp_path / "run", "--config", str(extra))
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert "SIGTERM at step 3" in stopped.stdout and last.is_file()
+    assert torch.load(last, weights_only=False)["global_step"] == 3
+    resumed = _vlzoo_fit(tmp_path / "run", "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    whole = _vlzoo_fit(tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    a = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    b = torch.load(tmp_path / "whole" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert a["global_step"] == b["global_step"] == 6
+    for name, value in b["state_dict"].items():
+        torch.testing.assert_close(a["state_dict"][name], value, atol=1e-6, rtol=0, msg=name)
