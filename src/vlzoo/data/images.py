@@ -53,9 +53,7 @@ def open_image(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS)
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
             image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            if width * height > max_pixels:
-                raise BadSample(f"image too large: {width}x{height} pixels exceeds max_image_pixels={max_pixels}")
+            check_size(image, max_pixels)  # from the header, before any pixel is decoded
             image.load()
         except Image.DecompressionBombError as err:
             raise BadSample(f"image too large ({err})") from err
@@ -67,6 +65,13 @@ def open_image(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS)
         return to_rgb(ImageOps.exif_transpose(image))
     except (OSError, ValueError) as err:
         raise BadSample(f"image could not be converted to RGB ({err})") from err
+
+
+def check_size(image: Image.Image, max_pixels: int) -> None:
+    """Raise :class:`BadSample` when ``image`` has more than ``max_pixels`` pixels."""
+    width, height = image.size
+    if width * height > max_pixels:
+        raise BadSample(f"image too large: {width}x{height} pixels exceeds max_image_pixels={max_pixels}")
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -130,15 +135,12 @@ def decode(source: str | Path | bytes | Image.Image | np.ndarray, size: int | No
     (resized when ``size`` is given). Raises :class:`BadSample`."""
     if isinstance(source, np.ndarray) and size is None and source.ndim == 3 and source.shape[2] == 3:
         return torch.from_numpy(np.ascontiguousarray(source.transpose(2, 0, 1), dtype=np.uint8))  # in-memory RGB
-    if isinstance(source, np.ndarray):
-        image = Image.fromarray(source)
-    elif isinstance(source, Image.Image):
-        image = source
+    if isinstance(source, (str, Path, bytes, bytearray)):
+        image = open_image(source, max_pixels)  # checked and converted while opening
     else:
-        image = open_image(source, max_pixels)
-    if image.size[0] * image.size[1] > max_pixels:
-        raise BadSample(f"image too large: {image.size[0]}x{image.size[1]} pixels exceeds max_image_pixels={max_pixels}")
-    image = to_rgb(image)
+        image = Image.fromarray(source) if isinstance(source, np.ndarray) else source
+        check_size(image, max_pixels)
+        image = to_rgb(image)
     if size is not None:
         image = resize(image, size, mode)
     return to_tensor(image)

@@ -64,7 +64,8 @@ def clean_captions(value: Any) -> list[str]:
     return captions
 
 
-def _optional_lists(row: dict[str, Any]) -> dict[str, Any]:
+def optional_lists(row: dict[str, Any]) -> dict[str, Any]:
+    """The well-formed ``qa`` pairs (type ``all`` unless given) and ``negatives`` of a row."""
     extras = {}
     if isinstance(row.get("qa"), list):
         extras["qa"] = [{"type": "all", **q} for q in row["qa"] if isinstance(q, dict) and "question" in q
@@ -128,7 +129,7 @@ def _row_record(row: Any, root: Path, location: str, image_key: str | None, capt
     image_key = image_key or _first_present(row, IMAGE_COLUMNS, "image")
     caption_key = caption_key or _first_present(row, CAPTION_COLUMNS, "caption")
     captions = clean_captions(row.get(caption_key))
-    return {**_optional_lists(row), "image": _image_path(row.get(image_key), root), "captions": captions,
+    return {**optional_lists(row), "image": _image_path(row.get(image_key), root), "captions": captions,
             "location": location}
 
 

@@ -29,6 +29,7 @@ from vlzoo.data.records import (
     IMAGE_COLUMNS,
     RecordList,
     clean_captions,
+    optional_lists,
     read_csv,
     read_json,
     read_jsonl,
@@ -111,8 +112,8 @@ class HFMapSource(MapSource):
             except BadSample as bad:
                 rows.skipped.append((location, bad.reason))
                 continue
-            if qa_column is not None and isinstance(qa_column[i], list):
-                record["qa"] = [{"type": "all", **q} for q in qa_column[i]]
+            if qa_column is not None:
+                record.update(optional_lists({"qa": qa_column[i]}))
             rows.records.append(record)
         super().__init__(name, rows)
 

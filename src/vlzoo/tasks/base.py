@@ -66,6 +66,7 @@ class VLTask(L.LightningModule):
     tokenizer: Tokenizer
     preprocess_config: VisionConfig
     monitor: str = "val/r1_t2i"
+    monitor_mode: str = "max"  # whether a larger monitored value is better
 
     def __init__(self, optim: OptimConfig, eval: EvalConfig):
         super().__init__()
@@ -106,7 +107,7 @@ class VLTask(L.LightningModule):
     def configure_callbacks(self):
         from vlzoo.callbacks import Preemption, RNGState, RunStats, SkippedSamples
 
-        return [ModelCheckpoint(monitor=self.monitor, mode="max", save_last=True,
+        return [ModelCheckpoint(monitor=self.monitor, mode=self.monitor_mode, save_last=True,
                                 filename="best-step{step}", auto_insert_metric_name=False), RunStats(),
                 SkippedSamples(), RNGState(), Preemption()]
 

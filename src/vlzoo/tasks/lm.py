@@ -7,7 +7,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor
 
 from vlzoo.config import CausalLMConfig, EvalConfig, OptimConfig, VisionConfig
@@ -50,10 +49,6 @@ class CausalLMTask(VLTask):
         self.tokenizer = build_tokenizer(model.tokenizer, model.max_text_length)  # the data module's collator
         self.preprocess_config = VisionConfig(image_size=64)  # images are not used
         self._eval_sums: list[tuple[float, int]] = []
-
-    def configure_callbacks(self):
-        return [ModelCheckpoint(monitor=self.monitor, mode="min", save_last=True,
-                                filename="best-step{step}", auto_insert_metric_name=False)]
 
     def texts_loss(self, prompts: list[str], targets: list[str]) -> tuple[Tensor, int]:
         """Mean LM loss of the targets after their prompts, and the number of target tokens."""
