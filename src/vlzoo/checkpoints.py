@@ -33,8 +33,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 def checkpoint_problem(path: str | Path) -> str | None:
     """Why ``path`` is not a complete checkpoint (missing, truncated, corrupt), or None.
 
-    torch checkpoints are zip archives: every member's CRC is checked."""
+    torch checkpoints are zip archives: every member's CRC is checked. A sharded (FSDP)
+    checkpoint is a folder: complete when it holds the shards' index and Lightning's
+    metadata file (both written after every shard)."""
     path = Path(path)
+    if path.is_dir():
+        missing = [name for name in (".metadata", "meta.pt") if not (path / name).is_file()]
+        if missing:
+            return f"incomplete sharded checkpoint folder (no {', '.join(missing)})"
+        return checkpoint_problem(path / "meta.pt")
     if not path.is_file():
         return "no such file"
     if path.stat().st_size == 0:

@@ -57,6 +57,22 @@ def gather_no_grad(x: Tensor) -> Tensor:
     return torch.cat(parts, dim=0)
 
 
+def token_mean(total: Tensor, count: Tensor) -> Tensor:
+    """``total`` (a sum over this rank's tokens) divided by the mean token count per rank.
+
+    DDP and FSDP average gradients over ranks, so the average over ranks of this value
+    is the sum over every rank's tokens divided by their number: the token mean of the
+    union batch, however the tokens are spread over ranks. Alone: ``total / count``.
+    Every rank must call it (one all_reduce of the count).
+    """
+    count = count.detach().float().reshape(1)
+    if is_distributed():
+        count = count.clone()
+        dist.all_reduce(count)
+        count = count / dist.get_world_size()
+    return total / count.clamp(min=1).squeeze(0)
+
+
 def gather_objects(obj: object) -> list[object]:
     """Every rank's ``obj``, in rank order; ``[obj]`` alone."""
     if not is_distributed():

@@ -35,15 +35,16 @@ def _fit(family: str, root, recorder: Recorder, ckpt_path=None, seed: int = 0):
     return task
 
 
-@pytest.mark.parametrize("family", ["clip", "albef", "blip", "blip2"])
-def test_resume_from_a_mid_epoch_checkpoint_is_exact(tmp_path, family):
-    path = tmp_path / "step3.ckpt"
-    whole = Recorder(path, save_at=STOP)
+@pytest.mark.parametrize("family, stop", [("clip", STOP), ("albef", STOP), ("blip", STOP), ("blip2", STOP),
+                                          ("albef", 5)])  # 5: after the last batch of epoch 0
+def test_resume_from_a_mid_epoch_checkpoint_is_exact(tmp_path, family, stop):
+    path = tmp_path / f"step{stop}.ckpt"
+    whole = Recorder(path, save_at=stop)
     uninterrupted = _fit(family, tmp_path / "a", whole)
     resumed_losses = Recorder()
     resumed = _fit(family, tmp_path / "b", resumed_losses, ckpt_path=str(path), seed=123)  # other seed: all restored
-    assert len(whole.losses) == STEPS and len(resumed_losses.losses) == STEPS - STOP
-    torch.testing.assert_close(torch.tensor(resumed_losses.losses), torch.tensor(whole.losses[STOP:]),
+    assert len(whole.losses) == STEPS and len(resumed_losses.losses) == STEPS - stop
+    torch.testing.assert_close(torch.tensor(resumed_losses.losses), torch.tensor(whole.losses[stop:]),
                                atol=1e-6, rtol=0)
     expected = uninterrupted.state_dict()
     for name, value in resumed.state_dict().items():  # weights, momentum copies, queues and pointers, temperature

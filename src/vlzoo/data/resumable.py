@@ -31,15 +31,18 @@ class ResumableSampler(DistributedSampler):
                  drop_last: bool = False):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
                          drop_last=drop_last)
-        self._skip = 0
+        self._skip: tuple[int, int] | None = None  # (epoch, samples already consumed in it)
 
     def skip(self, samples: int) -> None:
-        """The next iteration starts after ``samples`` of this epoch's samples."""
-        self._skip = samples
+        """Iterating this epoch again starts after ``samples`` of its samples. Applies
+        to this epoch only: when the interrupted run had finished it (a checkpoint
+        after its last batch), the trainer goes on with the next epoch, whole."""
+        self._skip = (self.epoch, samples)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        indices = list(super().__iter__())[self._skip :]
-        self._skip = 0
+        start = self._skip[1] if self._skip is not None and self._skip[0] == self.epoch else 0
+        self._skip = None
+        indices = list(super().__iter__())[start:]
         return iter([(self.epoch, i) for i in indices])
 
 

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from vlzoo.distributed import token_mean
+
 IGNORE = -100
 
 
@@ -88,22 +90,27 @@ def mask_tokens(
 
 
 def distilled_mlm_loss(logits: Tensor, labels: Tensor, logits_m: Tensor | None, alpha: float) -> Tensor:
-    """(1 - alpha) * CE(logits, labels) + alpha * CE(logits, softmax(logits_m)) over the
-    masked positions (labels != -100). logits, logits_m: (B, L, V); labels: (B, L)."""
+    """(1 - alpha) * CE(logits, labels) + alpha * CE(logits, softmax(logits_m)), the mean
+    over the masked positions (labels != -100) of every rank (:func:`token_mean`).
+    logits, logits_m: (B, L, V); labels: (B, L)."""
     chosen = labels != IGNORE
-    if not chosen.any():
-        return logits.sum() * 0.0
-    loss = F.cross_entropy(logits[chosen].float(), labels[chosen])
-    if logits_m is None or alpha == 0:
-        return loss
-    distill = soft_cross_entropy(logits[chosen], F.softmax(logits_m[chosen].float(), dim=-1))
-    return (1 - alpha) * loss + alpha * distill
+    picked = logits[chosen].float()  # (M, V); M may be 0 on a rank
+    loss = F.cross_entropy(picked, labels[chosen], reduction="sum")
+    if logits_m is not None and alpha != 0:
+        soft = F.softmax(logits_m[chosen].float(), dim=-1)
+        distill = -(F.log_softmax(picked, dim=-1) * soft).sum()
+        loss = (1 - alpha) * loss + alpha * distill
+    return token_mean(loss + logits.sum() * 0.0, chosen.sum())  # the zero term keeps the graph when M = 0
 
 
 def caption_lm_loss(logits: Tensor, labels: Tensor, label_smoothing: float = 0.1) -> Tensor:
     """Next-token loss: logits[:, t] predicts labels[:, t + 1]; labels -100 are ignored.
+    The mean over the target tokens of every rank (:func:`token_mean`), so the loss of
+    a batch split over ranks equals that of the union batch.
 
     logits: (B, L, V); labels: (B, L) (the input ids with pad and prompt set to -100).
     """
     shifted = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
-    return F.cross_entropy(shifted, labels[:, 1:].reshape(-1), ignore_index=IGNORE, label_smoothing=label_smoothing)
+    targets = labels[:, 1:].reshape(-1)
+    total = F.cross_entropy(shifted, targets, ignore_index=IGNORE, label_smoothing=label_smoothing, reduction="sum")
+    return token_mean(total, (targets != IGNORE).sum())

@@ -23,11 +23,11 @@ from torch import Tensor, nn
 
 from vlzoo.backbones import VisionEncoder
 from vlzoo.backbones.text import pool_tokens
-from vlzoo.distributed import gather_no_grad, gather_with_grad
+from vlzoo.distributed import gather_no_grad, gather_with_grad, token_mean
 from vlzoo.layers.transformer import LMHead
 from vlzoo.losses import IGNORE, caption_lm_loss, positive_targets
 from vlzoo.losses.momentum import soft_cross_entropy
-from vlzoo.models.generation import GenerationConfig, generate
+from vlzoo.models.generation import GenerationConfig, generate, generation_in_lockstep
 from vlzoo.models.itm import itm_with_hard_negatives
 from vlzoo.models.qformer import QFormer
 
@@ -109,6 +109,8 @@ class BLIP2(QFormerOverFrozenVision):
         label_smoothing: of the ITG loss.
         frozen_precision: run the frozen encoder in ``bf16``/``fp16`` (None: fp32).
     """
+
+    fsdp_forward_methods = ("forward_frozen",)  # the training entry besides forward (vlzoo.parallel)
 
     def __init__(
         self,
@@ -306,10 +308,30 @@ class BLIP2LLM(QFormerOverFrozenVision):
         -100 on prompt and padding; the soft prompt is never a label). Encoder-decoder:
         input_ids/attention_mask are the encoder's prompt, labels the decoder's target."""
         embeds, mask = self._with_soft_prompt(soft, input_ids, attention_mask)
-        if not self.is_encoder_decoder:
+        if self.is_encoder_decoder:  # the LLM builds its decoder inputs from the labels
+            logits = self.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels).logits
+        else:
             ignore = torch.full(soft.shape[:2], IGNORE, dtype=labels.dtype, device=labels.device)
-            labels = torch.cat([ignore, labels], dim=1)
-        return self.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss.float()
+            labels = torch.cat([ignore, labels], dim=1)[:, 1:]  # logits[:, t] predicts token t + 1
+            logits = self.llm(inputs_embeds=embeds, attention_mask=mask).logits[:, :-1]
+        labels = labels.reshape(-1)
+        total = F.cross_entropy(logits.reshape(len(labels), -1).float(), labels, ignore_index=IGNORE, reduction="sum")
+        return token_mean(total, (labels != IGNORE).sum())  # the mean over every rank's target tokens
+
+    def forward(self, frozen_tokens: Tensor, caption: dict[str, Tensor], vqa: dict[str, Tensor] | None = None,
+                instruction: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """Training losses from the frozen encoder's tokens (B, N, Dv): ``caption``, and
+        ``vqa`` when given. ``caption``/``vqa``: :meth:`lm_loss` keyword batches;
+        ``instruction``: the questions (``input_ids``, ``attention_mask``) read by the
+        Q-Former with the queries (instruction-aware), else the plain soft prompt serves both."""
+        image_tokens = self.ln_vision(frozen_tokens)
+        soft = self.soft_prompt(image_tokens)
+        losses = {"caption": self.lm_loss(soft, **caption)}
+        if vqa is not None:
+            if instruction is not None:
+                soft = self.soft_prompt(image_tokens, instruction["input_ids"], instruction["attention_mask"])
+            losses["vqa"] = self.lm_loss(soft, **vqa)
+        return losses
 
     @torch.no_grad()
     def generate(self, soft: Tensor, prompt_ids: Tensor, prompt_mask: Tensor,
@@ -330,5 +352,5 @@ class BLIP2LLM(QFormerOverFrozenVision):
         eos = eos_token_id if eos_token_id is not None else self.llm.config.eos_token_id
         pad = self.llm.config.pad_token_id if self.llm.config.pad_token_id is not None else eos
         out = self.llm.generate(inputs_embeds=embeds, attention_mask=mask, eos_token_id=eos, pad_token_id=pad,
-                                **kwargs)
+                                synced_gpus=generation_in_lockstep(), **kwargs)
         return out[:, 1:] if self.is_encoder_decoder else out  # drop the decoder's start token

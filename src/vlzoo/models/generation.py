@@ -10,12 +10,16 @@ Shapes: B batch rows, K beams, P prefix length, V vocabulary, L = ``max_length``
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from vlzoo.distributed import is_distributed
 
 NextTokenLogits = Callable[[Tensor, Tensor], Tensor]
 """next_logits(ids (R, T) long, rows (R,) long) -> (R, V) float logits of the token after ids.
@@ -26,6 +30,32 @@ with ``context[rows]``); with beams one batch row owns several sequences.
 
 METHODS = ("greedy", "beam", "nucleus")
 
+
+
+_LOCKSTEP: contextvars.ContextVar[bool] = contextvars.ContextVar("vlzoo_generation_lockstep", default=False)
+
+
+@contextlib.contextmanager
+def lockstep_generation(enabled: bool = True) -> Iterator[None]:
+    """Decode in lockstep over ranks: every rank runs as many steps as the slowest one.
+    Needed when the model is sharded (FSDP), whose every forward is collective."""
+    token = _LOCKSTEP.set(enabled)
+    try:
+        yield
+    finally:
+        _LOCKSTEP.reset(token)
+
+
+def generation_in_lockstep() -> bool:
+    return _LOCKSTEP.get() and is_distributed()
+
+
+def done_everywhere(done: Tensor) -> bool:
+    """Whether every row is done: here, or under :func:`lockstep_generation` on every rank."""
+    flag = torch.tensor([float(bool(done.all()))], device=done.device)
+    if generation_in_lockstep():
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag.item() > 0)
 
 @dataclass
 class GenerationConfig:
@@ -164,15 +194,16 @@ def _decode_rows(
     finished = torch.zeros(batch, dtype=torch.bool, device=prefix.device)
     new_tokens = []
     for step in range(config.max_length):
-        active = (~finished).nonzero().squeeze(1)
+        active = (~finished).nonzero().squeeze(1)  # may be empty here while another rank decodes on
         logits = next_logits(ids[active], active)
         logits = _process_logits(logits, ids[active], step, eos_id, pad_id, config)
         token = torch.full_like(finished, pad_id, dtype=torch.long)
-        token[active] = pick(logits)
+        if len(active):
+            token[active] = pick(logits)
         new_tokens.append(token)
         ids = torch.cat([ids, token[:, None]], dim=1)
         finished |= token == eos_id
-        if bool(finished.all()):
+        if done_everywhere(finished):
             break
     return torch.stack(new_tokens, dim=1)
 
@@ -264,7 +295,7 @@ def _beam_search(
         new_tokens = torch.cat([new_tokens[flat], token.view(-1, 1)], dim=1)
         done |= finished.count() >= beams
         steps = step + 1
-        if bool(done.all()):
+        if done_everywhere(done):
             break
     _add_live_beams(finished, beam_scores, new_tokens, done, steps, pad_id, config)
     return finished.best()

@@ -21,6 +21,7 @@ from vlzoo.backbones import BertTextEncoder, VisionEncoder
 from vlzoo.distributed import gather_no_grad
 from vlzoo.losses import distilled_itc_loss, positive_targets
 from vlzoo.models.itm import itm_with_hard_negatives
+from vlzoo.parallel import local_tensor
 
 
 @dataclass
@@ -178,6 +179,10 @@ class MomentumModel(nn.Module):
     ) -> tuple[MomentumOutput, Tensor, Tensor]:
         """ITC (queue + momentum distillation) and ITM (hard negatives from all ranks).
 
+        ITC scores this rank's online features against the momentum features of every
+        rank's batch (all-gathered, no gradient needed) and of the queue, so a batch
+        split over ranks gives the loss of the union batch.
+
         Returns the output so far, the image tokens (B, N, Dv) and the momentum image
         tokens (B, N, Dv), which the subclass's own loss reuses.
         """
@@ -187,9 +192,10 @@ class MomentumModel(nn.Module):
         with torch.no_grad():
             image_tokens_m, image_feat_m = self.image_tokens_and_feat(pixel_values, momentum=True)
             _, text_feat_m = self.text_hidden_and_feat(input_ids, attention_mask, momentum=True)
-            image_all = torch.cat([image_feat_m, self.queue.image])  # (B + Q, D), a copy
-            text_all = torch.cat([text_feat_m, self.queue.text])
-            targets = positive_targets(index, torch.cat([index, self.queue.index]))
+            # every rank's momentum features of this step, then the queue: (W + Q, D)
+            image_all = torch.cat([gather_no_grad(image_feat_m), self.queue.image])
+            text_all = torch.cat([gather_no_grad(text_feat_m), self.queue.text])
+            targets = positive_targets(index, torch.cat([gather_no_grad(index), self.queue.index]))
             sim_i2t_m, sim_t2i_m = image_feat_m @ text_all.T / temp, text_feat_m @ image_all.T / temp
         loss_itc = distilled_itc_loss(
             image_feat @ text_all.T / temp, text_feat @ image_all.T / temp, sim_i2t_m, sim_t2i_m, targets, alpha
@@ -221,13 +227,14 @@ class MomentumModel(nn.Module):
     # ------------------------------------------------- once per optimizer step
     @torch.no_grad()
     def momentum_update(self) -> None:
-        """EMA of every momentum copy toward its online module (each tied tensor once)."""
+        """EMA of every momentum copy toward its online module (each tied tensor once).
+        Under FSDP both are sharded alike, so each rank updates its own shard."""
         seen: set[int] = set()
         for online, twin in self.momentum_pairs:
             for p_twin, p in zip(getattr(self, twin).parameters(), getattr(self, online).parameters(), strict=True):
                 if id(p_twin) not in seen:
                     seen.add(id(p_twin))
-                    p_twin.mul_(self.momentum).add_(p.detach(), alpha=1 - self.momentum)
+                    local_tensor(p_twin).mul_(self.momentum).add_(local_tensor(p.detach()), alpha=1 - self.momentum)
 
     @torch.no_grad()
     def enqueue(self, image_feat_m: Tensor, text_feat_m: Tensor, index: Tensor) -> None:

@@ -88,6 +88,17 @@ class QFormer(nn.Module):
         x = self.encoder(x, qformer_mask(q, attention_mask, mask_kind), image_tokens, query_length=q)
         return QFormerOutput(x[:, :q], x[:, q:])
 
+    def text_only_parameters(self) -> list[nn.Parameter]:
+        """What only text reads: token embeddings and the text feed-forward of every
+        block (queries have their own). Unused when the Q-Former reads queries alone."""
+        e = self.embeddings
+        params = [*e.word_embeddings.parameters(), *e.position_embeddings.parameters()]
+        if e.token_type_embeddings is not None:
+            params += list(e.token_type_embeddings.parameters())
+        for block in self.encoder.layer:
+            params += [*block.intermediate.parameters(), *block.output.parameters()]
+        return params
+
     def no_weight_decay(self) -> set[str]:
         return {n for n, p in self.named_parameters() if p.ndim <= 1 or "embeddings" in n or n == "query_tokens"}
 

@@ -17,6 +17,17 @@ from vlzoo.data.datamodule import EvalAnnotations
 from vlzoo.data.tokenizers import Tokenizer
 from vlzoo.distributed import gather_objects
 from vlzoo.eval.retrieval import CaptionIndex, compositional_accuracy, recall_at_k
+from vlzoo.parallel import (
+    FSDPOptions,
+    average_replicated_gradients,
+    data_parallel_mesh,
+    local_tensor,
+    register_strategies,
+    shard_model,
+    unsharded_root,
+)
+
+register_strategies()  # --trainer.strategy fsdp2
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -37,7 +48,7 @@ class NonFiniteTrainingError(RuntimeError):
 
 def gradients_finite(model: nn.Module) -> bool:
     """Whether every gradient is finite, on every rank (all ranks agree, so all skip together)."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    grads = [local_tensor(p.grad) for p in model.parameters() if p.grad is not None]  # FSDP: this rank's shard
     finite = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else torch.tensor(True)
     flag = finite.float().reshape(1)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -93,6 +104,33 @@ class VLTask(L.LightningModule):
         strategy = self.trainer.strategy
         if type(strategy.checkpoint_io) is TorchCheckpointIO:
             strategy.checkpoint_io = AtomicCheckpointIO()
+
+    # ------------------------------------------------------------------ sharding
+    fsdp_keep_fp32: bool = False  # True: FSDP never casts the trainable units (BLIP-2's Q-Former)
+
+    def configure_model(self) -> None:
+        """Under Lightning's ``ModelParallelStrategy`` (e.g. ``--trainer.strategy fsdp2``):
+        FSDP2 over the data-parallel mesh, at the blocks, frozen parts and root of
+        ``self.model`` (see :mod:`vlzoo.parallel`). Other strategies: nothing to do."""
+        if self.device_mesh is None:
+            return
+        options = getattr(self.trainer.strategy, "fsdp_options", None) or FSDPOptions()
+        shard_model(self.model, data_parallel_mesh(self.device_mesh), options, keep_fp32=self.fsdp_keep_fp32)
+
+    def _enter_evaluation(self) -> None:
+        self._unsharded = unsharded_root(self.model)
+        self._unsharded.__enter__()
+
+    def _leave_evaluation(self) -> None:
+        if getattr(self, "_unsharded", None) is not None:
+            self._unsharded.__exit__(None, None, None)
+            self._unsharded = None
+
+    on_validation_start = on_test_start = on_predict_start = _enter_evaluation
+    on_validation_end = on_test_end = on_predict_end = _leave_evaluation
+
+    def on_after_backward(self) -> None:
+        average_replicated_gradients(self.model)  # FSDP: the 0-d parameters it does not shard
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):

@@ -91,6 +91,7 @@ class FrozenFeaturesMixin:
     :class:`FrozenFeatureCache` when ``self.feature_cache`` is set."""
 
     feature_cache: FrozenFeatureCache | None = None
+    fsdp_keep_fp32 = True  # FSDP param_dtype leaves the Q-Former in fp32 (fp16 Q-Formers overflow)
 
     def on_fit_start(self) -> None:
         if self.feature_cache is not None and getattr(self.trainer.datamodule, "random_augmentation", False):
@@ -263,6 +264,9 @@ class BLIP2LLMTask(FrozenFeaturesMixin, VLTask):
         self.save_hyperparameters()
         model = as_config(model, BLIP2LLMConfig, "model")
         self.model, self.tokenizer, self.llm_tokenizer, concrete = build_blip2_llm(model)
+        if not model.instruction_aware:  # the Q-Former reads queries alone: its text-only weights take no gradient
+            for p in self.model.qformer.text_only_parameters():
+                p.requires_grad_(False)
         self.config = concrete
         # references resolved: a checkpoint does not need the stage-1 artefact
         self.hparams["model"] = dataclasses.asdict(concrete)
@@ -295,16 +299,14 @@ class BLIP2LLMTask(FrozenFeaturesMixin, VLTask):
     # -------------------------------------------------------------- training
     def losses(self, batch: dict) -> dict[str, Tensor]:
         """``caption`` (and ``vqa``) LM losses of a training batch."""
-        image_tokens = self.model.ln_vision(self.frozen_tokens(batch))
         captions = batch["captions"]
-        soft = self._soft_prompt(image_tokens)  # one Q-Former pass serves both losses unless instruction-aware
-        text = self._text_batch([self.config.caption_prompt] * len(captions), captions)
-        losses = {"caption": self.model.lm_loss(soft, **text)}
+        caption = self._text_batch([self.config.caption_prompt] * len(captions), captions)
+        vqa = instruction = None
         if self.config.train_vqa and "questions" in batch:
-            text = self._text_batch(self._vqa_prompts(batch["questions"]), batch["answers"])
-            losses["vqa"] = self.model.lm_loss(self._question_soft_prompt(image_tokens, batch["questions"], soft),
-                                               **text)
-        return losses
+            vqa = self._text_batch(self._vqa_prompts(batch["questions"]), batch["answers"])
+            if self.config.instruction_aware:
+                instruction = self._tokenize(batch["questions"])
+        return self.model(self.frozen_tokens(batch), caption, vqa, instruction)
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         losses = self.losses(batch)
