@@ -57,6 +57,11 @@ def gather_no_grad(x: Tensor) -> Tensor:
     return torch.cat(parts, dim=0)
 
 
+def local_tensor(t: Tensor) -> Tensor:
+    """This rank's shard of a DTensor (FSDP2 parameters and gradients); ``t`` otherwise."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def token_mean(total: Tensor, count: Tensor) -> Tensor:
     """``total`` (a sum over this rank's tokens) divided by the mean token count per rank.
 

@@ -26,7 +26,6 @@ are not sharded: they stay replicated, and every rank enqueues the same gathered
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import shutil
 from dataclasses import dataclass
@@ -34,8 +33,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+import torch.distributed as dist
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from vlzoo.distributed import is_distributed
+from vlzoo.models.generation import set_generation_lockstep
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}
@@ -56,11 +60,6 @@ class FSDPOptions:
     activation_checkpointing: bool = False
     param_dtype: str | None = None
     reshard_after_forward: bool = True
-
-
-def local_tensor(t: Tensor) -> Tensor:
-    """This rank's shard of a DTensor (FSDP2 parameters and gradients); ``t`` otherwise."""
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def is_sharded(model: nn.Module) -> bool:
@@ -136,15 +135,16 @@ def _embedding_units(model: nn.Module, taken: set[int]) -> list[list[nn.Module]]
     return _group_by_shared_parameters(embeddings + tied)
 
 
-def sharding_units(model: nn.Module) -> list[list[nn.Module]]:
-    """The units of ``model`` below the root, innermost first: blocks, embeddings (with
-    tied heads), then frozen parts. Each unit is a list of modules sharded together."""
+def sharding_units(model: nn.Module) -> tuple[list[list[nn.Module]], list[list[nn.Module]]]:
+    """The units of ``model`` below the root, innermost first: (block units, the others:
+    embeddings with their tied heads, then frozen parts). Each unit is a list of modules
+    sharded together."""
     blocks = [b for group in _block_lists(model) for b in group]
-    units = _group_by_shared_parameters(blocks)
     taken = {id(p) for b in blocks for p in b.parameters()}
     embedding_units = _embedding_units(model, taken)
     taken |= {id(p) for unit in embedding_units for m in unit for p in m.parameters()}
-    return units + embedding_units + _group_by_shared_parameters(_frozen_modules(model, taken))
+    return _group_by_shared_parameters(blocks), embedding_units + _group_by_shared_parameters(
+        _frozen_modules(model, taken))
 
 
 def _checkpointed(module: nn.Module) -> None:
@@ -182,10 +182,10 @@ def shard_model(model: nn.Module, mesh, options: FSDPOptions | None = None, keep
     model._replicated_parameters = [p for p in scalars if p.requires_grad]
     shard = functools.partial(fully_shard, mesh=mesh, reshard_after_forward=options.reshard_after_forward,
                               ignored_params=scalars)
-    blocks = {id(b) for group in _block_lists(model) for b in group}
-    for unit in sharding_units(model):
+    block_units, other_units = sharding_units(model)
+    for unit in block_units + other_units:
         frozen = not any(p.requires_grad for m in unit for p in m.parameters())
-        if options.activation_checkpointing and not frozen and all(id(m) in blocks for m in unit):
+        if options.activation_checkpointing and not frozen and unit in block_units:
             for module in unit:
                 _checkpointed(module)
         shard(unit if len(unit) > 1 else unit[0], mp_policy=MixedPrecisionPolicy() if frozen else trainable_policy)
@@ -201,38 +201,28 @@ def shard_model(model: nn.Module, mesh, options: FSDPOptions | None = None, keep
     model._get_fsdp_state()._lazy_init()
 
 
-class unsharded_root:  # noqa: N801 (a context manager, used like a function)
+def begin_evaluation(model: nn.Module) -> None:
     """Evaluation and generation call many methods of the model besides ``forward``:
-    keep the root's own parameters gathered meanwhile (blocks and frozen units gather
-    through their own hooks) and decode in lockstep over ranks. A no-op unless sharded."""
+    gather the root's own parameters until :func:`end_evaluation` (blocks and frozen
+    units gather through their own hooks) and decode in lockstep over ranks. A no-op
+    unless sharded."""
+    if is_sharded(model):
+        model.unshard()
+        set_generation_lockstep(True)
 
-    def __init__(self, model: nn.Module):
-        self.model, self.stack = model, contextlib.ExitStack()
 
-    def __enter__(self) -> nn.Module:
-        if is_sharded(self.model):
-            from vlzoo.models.generation import lockstep_generation
-
-            self.model.unshard()
-            self.stack.enter_context(lockstep_generation())
-        return self.model
-
-    def __exit__(self, *exc: object) -> None:
-        self.stack.close()
-        if is_sharded(self.model):
-            self.model.reshard()
+def end_evaluation(model: nn.Module) -> None:
+    if is_sharded(model):
+        set_generation_lockstep(False)
+        model.reshard()
 
 
 def average_replicated_gradients(model: nn.Module) -> None:
     """Average over ranks the gradients of the parameters FSDP left replicated (the 0-d
     ones); call after each backward. A no-op for unsharded models and single processes."""
-    from vlzoo.distributed import is_distributed
-
     params = getattr(model, "_replicated_parameters", ())
     if not params or not is_distributed():
         return
-    import torch.distributed as dist
-
     for p in params:
         grad = p.grad if p.grad is not None else torch.zeros_like(p)  # every rank joins the all_reduce
         dist.all_reduce(grad)
@@ -252,13 +242,7 @@ def data_parallel_mesh(mesh):
 
 
 # ------------------------------------------------------------------- strategies
-def _model_parallel_base():
-    from lightning.pytorch.strategies import ModelParallelStrategy
-
-    return ModelParallelStrategy
-
-
-class FSDP2Strategy(_model_parallel_base()):
+class FSDP2Strategy(ModelParallelStrategy):
     """Lightning's ``ModelParallelStrategy`` as vlzoo uses it: a data-parallel mesh over
     every process (FSDP across all devices and nodes) and the :class:`FSDPOptions`.
 
@@ -318,7 +302,8 @@ def fsdp1_wrap_policy(model: nn.Module):
     decoder blocks) cannot be one FSDP1 unit, so they stay in their parent's."""
     from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
 
-    single = {id(unit[0]) for unit in sharding_units(model) if len(unit) == 1}
+    block_units, other_units = sharding_units(model)
+    single = {id(unit[0]) for unit in block_units + other_units if len(unit) == 1}
     return functools.partial(lambda_auto_wrap_policy, lambda_fn=lambda module: id(module) in single)
 
 

@@ -13,8 +13,9 @@ from typing import Any
 
 
 def vlzoo_home() -> Path:
-    """Root of vlzoo's cache: ``$VLZOO_HOME`` or ``~/.cache/vlzoo``."""
-    return Path(os.environ.get("VLZOO_HOME", Path.home() / ".cache" / "vlzoo"))
+    """Root of vlzoo's cache: ``$VLZOO_HOME`` or, when unset or empty, ``~/.cache/vlzoo``
+    (an empty value must not put the cache in the working folder)."""
+    return Path(os.environ.get("VLZOO_HOME") or Path.home() / ".cache" / "vlzoo")
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

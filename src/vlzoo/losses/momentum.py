@@ -22,9 +22,11 @@ def positive_targets(index: Tensor, candidate_index: Tensor) -> Tensor:
     return positive / positive.sum(1, keepdim=True).clamp(min=1)
 
 
-def soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
-    """Mean over rows of ``-sum(targets * log_softmax(logits))``; (B, C) each."""
-    return -(F.log_softmax(logits.float(), dim=-1) * targets).sum(-1).mean()
+def soft_cross_entropy(logits: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
+    """``-sum(targets * log_softmax(logits))`` of each row, averaged (``mean``) or summed
+    (``sum``) over rows; (B, C) each."""
+    rows = -(F.log_softmax(logits.float(), dim=-1) * targets).sum(-1)
+    return rows.sum() if reduction == "sum" else rows.mean()
 
 
 def distilled_itc_loss(
@@ -94,13 +96,12 @@ def distilled_mlm_loss(logits: Tensor, labels: Tensor, logits_m: Tensor | None, 
     over the masked positions (labels != -100) of every rank (:func:`token_mean`).
     logits, logits_m: (B, L, V); labels: (B, L)."""
     chosen = labels != IGNORE
-    picked = logits[chosen].float()  # (M, V); M may be 0 on a rank
+    picked = logits[chosen].float()  # (M, V); M may be 0 on a rank (the sums are then 0, still in the graph)
     loss = F.cross_entropy(picked, labels[chosen], reduction="sum")
     if logits_m is not None and alpha != 0:
-        soft = F.softmax(logits_m[chosen].float(), dim=-1)
-        distill = -(F.log_softmax(picked, dim=-1) * soft).sum()
+        distill = soft_cross_entropy(picked, F.softmax(logits_m[chosen].float(), dim=-1), reduction="sum")
         loss = (1 - alpha) * loss + alpha * distill
-    return token_mean(loss + logits.sum() * 0.0, chosen.sum())  # the zero term keeps the graph when M = 0
+    return token_mean(loss, chosen.sum())
 
 
 def caption_lm_loss(logits: Tensor, labels: Tensor, label_smoothing: float = 0.1) -> Tensor:
@@ -110,7 +111,13 @@ def caption_lm_loss(logits: Tensor, labels: Tensor, label_smoothing: float = 0.1
 
     logits: (B, L, V); labels: (B, L) (the input ids with pad and prompt set to -100).
     """
-    shifted = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
-    targets = labels[:, 1:].reshape(-1)
-    total = F.cross_entropy(shifted, targets, ignore_index=IGNORE, label_smoothing=label_smoothing, reduction="sum")
-    return token_mean(total, (targets != IGNORE).sum())
+    return token_cross_entropy(logits[:, :-1], labels[:, 1:], label_smoothing)
+
+
+def token_cross_entropy(logits: Tensor, labels: Tensor, label_smoothing: float = 0.0) -> Tensor:
+    """Cross-entropy of aligned (B, T, V) logits and (B, T) labels (-100 ignored): the
+    mean over the target tokens of every rank (:func:`token_mean`)."""
+    labels = labels.reshape(-1)
+    total = F.cross_entropy(logits.reshape(len(labels), -1).float(), labels, ignore_index=IGNORE,
+                            label_smoothing=label_smoothing, reduction="sum")
+    return token_mean(total, (labels != IGNORE).sum())

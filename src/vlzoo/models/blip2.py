@@ -23,10 +23,10 @@ from torch import Tensor, nn
 
 from vlzoo.backbones import VisionEncoder
 from vlzoo.backbones.text import pool_tokens
-from vlzoo.distributed import gather_no_grad, gather_with_grad, token_mean
+from vlzoo.distributed import gather_no_grad, gather_with_grad
 from vlzoo.layers.transformer import LMHead
 from vlzoo.losses import IGNORE, caption_lm_loss, positive_targets
-from vlzoo.losses.momentum import soft_cross_entropy
+from vlzoo.losses.momentum import soft_cross_entropy, token_cross_entropy
 from vlzoo.models.generation import GenerationConfig, generate, generation_in_lockstep
 from vlzoo.models.itm import itm_with_hard_negatives
 from vlzoo.models.qformer import QFormer
@@ -309,14 +309,11 @@ class BLIP2LLM(QFormerOverFrozenVision):
         input_ids/attention_mask are the encoder's prompt, labels the decoder's target."""
         embeds, mask = self._with_soft_prompt(soft, input_ids, attention_mask)
         if self.is_encoder_decoder:  # the LLM builds its decoder inputs from the labels
-            logits = self.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels).logits
-        else:
-            ignore = torch.full(soft.shape[:2], IGNORE, dtype=labels.dtype, device=labels.device)
-            labels = torch.cat([ignore, labels], dim=1)[:, 1:]  # logits[:, t] predicts token t + 1
-            logits = self.llm(inputs_embeds=embeds, attention_mask=mask).logits[:, :-1]
-        labels = labels.reshape(-1)
-        total = F.cross_entropy(logits.reshape(len(labels), -1).float(), labels, ignore_index=IGNORE, reduction="sum")
-        return token_mean(total, (labels != IGNORE).sum())  # the mean over every rank's target tokens
+            return token_cross_entropy(self.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels).logits,
+                                       labels)
+        ignore = torch.full(soft.shape[:2], IGNORE, dtype=labels.dtype, device=labels.device)
+        logits = self.llm(inputs_embeds=embeds, attention_mask=mask).logits
+        return caption_lm_loss(logits, torch.cat([ignore, labels], dim=1), label_smoothing=0.0)
 
     def forward(self, frozen_tokens: Tensor, caption: dict[str, Tensor], vqa: dict[str, Tensor] | None = None,
                 instruction: dict[str, Tensor] | None = None) -> dict[str, Tensor]:

@@ -10,9 +10,7 @@ Shapes: B batch rows, K beams, P prefix length, V vocabulary, L = ``max_length``
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -31,30 +29,26 @@ with ``context[rows]``); with beams one batch row owns several sequences.
 METHODS = ("greedy", "beam", "nucleus")
 
 
+_lockstep = False
 
-_LOCKSTEP: contextvars.ContextVar[bool] = contextvars.ContextVar("vlzoo_generation_lockstep", default=False)
 
-
-@contextlib.contextmanager
-def lockstep_generation(enabled: bool = True) -> Iterator[None]:
-    """Decode in lockstep over ranks: every rank runs as many steps as the slowest one.
-    Needed when the model is sharded (FSDP), whose every forward is collective."""
-    token = _LOCKSTEP.set(enabled)
-    try:
-        yield
-    finally:
-        _LOCKSTEP.reset(token)
+def set_generation_lockstep(enabled: bool) -> None:
+    """Decode in lockstep over ranks (every rank runs as many steps as the slowest), as a
+    sharded (FSDP) model needs: each of its forwards is collective."""
+    global _lockstep
+    _lockstep = enabled
 
 
 def generation_in_lockstep() -> bool:
-    return _LOCKSTEP.get() and is_distributed()
+    return _lockstep and is_distributed()
 
 
 def done_everywhere(done: Tensor) -> bool:
-    """Whether every row is done: here, or under :func:`lockstep_generation` on every rank."""
-    flag = torch.tensor([float(bool(done.all()))], device=done.device)
-    if generation_in_lockstep():
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    """Whether every row is done: here, or in lockstep on every rank."""
+    if not generation_in_lockstep():
+        return bool(done.all())
+    flag = done.all().float().reshape(1)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
     return bool(flag.item() > 0)
 
 @dataclass

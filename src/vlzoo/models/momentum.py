@@ -18,10 +18,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlzoo.backbones import BertTextEncoder, VisionEncoder
-from vlzoo.distributed import gather_no_grad
+from vlzoo.distributed import gather_no_grad, local_tensor
 from vlzoo.losses import distilled_itc_loss, positive_targets
 from vlzoo.models.itm import itm_with_hard_negatives
-from vlzoo.parallel import local_tensor
 
 
 @dataclass

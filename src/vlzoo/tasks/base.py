@@ -15,16 +15,16 @@ from torch import Tensor, nn
 from vlzoo.config import EvalConfig, OptimConfig, VisionConfig
 from vlzoo.data.datamodule import EvalAnnotations
 from vlzoo.data.tokenizers import Tokenizer
-from vlzoo.distributed import gather_objects
+from vlzoo.distributed import gather_objects, local_tensor
 from vlzoo.eval.retrieval import CaptionIndex, compositional_accuracy, recall_at_k
 from vlzoo.parallel import (
     FSDPOptions,
     average_replicated_gradients,
+    begin_evaluation,
     data_parallel_mesh,
-    local_tensor,
+    end_evaluation,
     register_strategies,
     shard_model,
-    unsharded_root,
 )
 
 register_strategies()  # --trainer.strategy fsdp2
@@ -117,17 +117,14 @@ class VLTask(L.LightningModule):
         options = getattr(self.trainer.strategy, "fsdp_options", None) or FSDPOptions()
         shard_model(self.model, data_parallel_mesh(self.device_mesh), options, keep_fp32=self.fsdp_keep_fp32)
 
-    def _enter_evaluation(self) -> None:
-        self._unsharded = unsharded_root(self.model)
-        self._unsharded.__enter__()
+    def _begin_evaluation(self) -> None:
+        begin_evaluation(self.model)  # FSDP: the root gathered, decoding in lockstep
 
-    def _leave_evaluation(self) -> None:
-        if getattr(self, "_unsharded", None) is not None:
-            self._unsharded.__exit__(None, None, None)
-            self._unsharded = None
+    def _end_evaluation(self) -> None:
+        end_evaluation(self.model)
 
-    on_validation_start = on_test_start = on_predict_start = _enter_evaluation
-    on_validation_end = on_test_end = on_predict_end = _leave_evaluation
+    on_validation_start = on_test_start = on_predict_start = _begin_evaluation
+    on_validation_end = on_test_end = on_predict_end = _end_evaluation
 
     def on_after_backward(self) -> None:
         average_replicated_gradients(self.model)  # FSDP: the 0-d parameters it does not shard
