@@ -19,7 +19,9 @@ from vlzoo.data.datamodule import VLDataModule
 from vlzoo.tasks.base import VLTask
 
 ROOT = Path(__file__).resolve().parents[1] / "zoo_configs"
-CONFIGS = sorted(p for p in ROOT.rglob("*.yaml") if "recipes" not in p.parts)  # recipes: tests/test_compare.py
+CONFIGS = sorted(p for p in ROOT.rglob("*.yaml")
+                 if "recipes" not in p.parts and "tasks" not in p.parts)  # recipes: tests/test_compare.py
+TASK_RECIPES = sorted((ROOT / "tasks").rglob("*.yaml"))
 
 
 def cli_parser() -> LightningArgumentParser:
@@ -54,3 +56,25 @@ def test_a_wrong_field_is_rejected_with_its_name(tmp_path):
         cli_parser().parse_path(str(bad))
     with pytest.raises(ValueError, match="embed_dims"):
         load_yaml_section(bad, "model.init_args.model", CLIPConfig)
+
+
+def test_there_are_task_recipes_for_each_task():
+    from vlzoo.recipes import TASKS
+
+    assert {p.parent.name for p in TASK_RECIPES} == set(TASKS)
+
+
+@pytest.mark.parametrize("path", TASK_RECIPES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_task_recipe_parses_with_a_model(path):
+    """A recipe plus a model config (as ``vlzoo finetune`` composes them) is a valid run config."""
+    import yaml
+
+    from vlzoo.recipes import finetune_config
+
+    family = path.stem.removesuffix("-shapes")
+    schema = {"clip": CLIPConfig, "albef": ALBEFConfig, "blip": BLIPConfig, "blip2": BLIP2Config,
+              "blip2_llm": BLIP2LLMConfig}[family]
+    config = finetune_config(path, schema(), "some-checkpoint.ckpt", "runs/x")
+    cfg = cli_parser().parse_string(yaml.safe_dump(config))
+    assert cfg.model.init_args.finetune.init_from == "some-checkpoint.ckpt"
+    assert cfg.trainer.default_root_dir == "runs/x"

@@ -37,6 +37,9 @@ def _lightning_cli(args: list[str] | None) -> None:
             config = self.config_init[self.subcommand]
             root = self.trainer.default_root_dir
             config["ckpt_path"] = resolve_resume(config.get("ckpt_path"), Path(root) / "checkpoints")
+            finetune = getattr(self.model, "finetune", None)
+            if finetune is not None and finetune.init_from and config["ckpt_path"] is None:
+                evaluate_start(self.trainer, self.model, self.datamodule)
 
         def after_fit(self) -> None:
             trainer = self.trainer
@@ -64,6 +67,16 @@ def _lightning_cli(args: list[str] | None) -> None:
         seed_everything_default=0,
         args=args,
     )
+
+
+def evaluate_start(trainer, model, datamodule) -> None:
+    """Test the starting weights of a fine-tuning run (``finetune.init_from``) and record
+    them as ``start/test/...`` in ``ROOT/metrics.json``: the figures fine-tuning must beat."""
+    print(f"vlzoo: testing the starting model {model.finetune.init_from} before fine-tuning", flush=True)
+    trainer.test(model, datamodule=datamodule, verbose=False)
+    start = {f"start/{k}": v for k, v in _stage_metrics(trainer.callback_metrics, "test/").items()}
+    write_run_summary(trainer, start)
+    print("vlzoo: start: " + ", ".join(f"{k} {v:.4f}" for k, v in start.items()), flush=True)
 
 
 def default_loggers(root: str) -> list:
@@ -292,7 +305,42 @@ def build_parser() -> argparse.ArgumentParser:
     capfilt.add_argument("--seed", type=int, default=0)
     capfilt.set_defaults(run=_capfilt)
     _add_zoo_commands(commands)
+    from vlzoo.inference import add_inference_commands
+
+    add_inference_commands(commands)
+    finetune_parser(commands)
     return parser
+
+
+def finetune_parser(commands=None) -> argparse.ArgumentParser:
+    """``vlzoo finetune``: its own options; every other option goes to ``vlzoo fit``."""
+    from vlzoo.recipes import TASKS
+
+    kwargs = dict(
+        help="fine-tune a model for a task with a recipe from zoo_configs/tasks/",
+        description="Fine-tune --model for --task with the task's recipe for the model's family "
+                    "(zoo_configs/tasks/TASK/FAMILY.yaml). Any other option is a `vlzoo fit` override "
+                    "(--trainer.max_steps 500, --data.train my.jsonl, --model.init_args.finetune.freeze [vision]). "
+                    "The starting model is tested first (start/test/... in ROOT/metrics.json), then trained and "
+                    "tested again; ROOT/finetune_config.yaml records the run.",
+        epilog="example: vlzoo finetune --model runs/clip-shapes-tiny/checkpoints/last.ckpt --task classify "
+               "--recipe zoo_configs/tasks/classify/clip-shapes.yaml --out runs/clip-shapes-classify")
+    parser = commands.add_parser("finetune", **kwargs) if commands is not None else argparse.ArgumentParser(
+        prog="vlzoo finetune", **{k: v for k, v in kwargs.items() if k != "help"})
+    parser.add_argument("--model", required=True, help="manifest name, vlzoo checkpoint, run or export directory")
+    parser.add_argument("--task", required=True, choices=TASKS)
+    parser.add_argument("--recipe", default=None, help="recipe YAML (default: zoo_configs/tasks/TASK/FAMILY.yaml)")
+    parser.add_argument("--out", default=None, help="run directory (default: the recipe's, or runs/finetune-TASK-FAMILY)")
+    return parser
+
+
+def _finetune(argv: list[str]) -> None:
+    from vlzoo.recipes import write_finetune_config
+
+    args, rest = finetune_parser().parse_known_args(argv)
+    config = write_finetune_config(args.model, args.task, args.recipe, args.out)
+    sys.argv = [sys.argv[0], "fit", "--config", str(config), *rest]  # what LightningCLI reads and records
+    _lightning_cli(None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -300,6 +348,15 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in LIGHTNING_COMMANDS:
         _lightning_cli(None if from_command_line else argv)
+        return 0
+    if argv and argv[0] == "finetune" and not {"-h", "--help"} & set(argv):
+        try:
+            _finetune(argv[1:])
+        except (ValueError, KeyError, FileNotFoundError) as err:
+            if not from_command_line:
+                raise
+            print(f"vlzoo finetune: error: {err}", file=sys.stderr)
+            return 1
         return 0
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -216,6 +216,42 @@ class OptimConfig:
 
 
 @dataclass
+class LoRAConfig:
+    """LoRA adapters (through ``peft``) of rank ``rank`` (0: none) on the linear layers
+    whose names end with one of ``targets`` inside the model parts ``parts``; those
+    parts' own weights are frozen."""
+
+    rank: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["qkv", "query", "value", "q_proj", "v_proj", "c_attn"])
+    parts: list[str] = field(default_factory=lambda: ["vision", "text", "llm"])
+
+
+@dataclass
+class FinetuneConfig:
+    """How a task starts from pretrained weights and what it trains (``vlzoo finetune``).
+
+    ``init_from``: a manifest name, checkpoint, run or export directory whose weights
+    start the model (loaded strictly at the start of fit/validate/test; a resumed run
+    takes its own checkpoint's). ``freeze``: model parts (``vision``, ``text``, ``llm``,
+    ``qformer``) or parameter-name prefixes that do not train. ``layer_decay``:
+    layer-wise learning-rate decay, block i of a tower of depth L trains at
+    ``lr * layer_decay ** (L - i)`` (embeddings one step lower, 1.0 = off).
+    ``grad_checkpointing``: recompute the blocks' activations in the backward pass.
+    ``lora``: LoRA adapters instead of full fine-tuning of the large parts (``rank`` > 0).
+    ``losses``: train only these of the family's losses (e.g. ``[lm]`` for BLIP captioning).
+    """
+
+    init_from: str | None = None
+    freeze: list[str] = field(default_factory=list)
+    layer_decay: float = 1.0
+    grad_checkpointing: bool = False
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    losses: list[str] | None = None
+
+
+@dataclass
 class EvalConfig:
     """Evaluation settings shared by the families."""
 

@@ -36,7 +36,7 @@ class LossRecorder(Callback):
 
 def test_no_weight_decay_on_norms_biases_embeddings_and_temperature():
     task = tiny_task()
-    decay, no_decay = parameter_groups(task.model, 0.1)
+    decay, no_decay = parameter_groups(task.model, 0.1, 1e-3)
     names = {id(p): n for n, p in task.model.named_parameters()}
     no_decay_names = {names[id(p)] for p in no_decay["params"]}
     decay_names = {names[id(p)] for p in decay["params"]}

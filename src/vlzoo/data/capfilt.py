@@ -155,3 +155,20 @@ def noisy_shapes_source(out: str | Path, images: int, noise: float = 0.2, image_
         row["captions"] = [caption]
     source.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return source, wrong
+
+
+def web_caption_rates(source: str | Path, wrong: set[int], out: str | Path) -> tuple[float, float]:
+    """(fraction of wrong web captions removed, fraction of right ones kept) of a CapFilt
+    run on ``source`` (a :func:`noisy_shapes_source` JSONL, ``wrong`` its wrong rows)
+    that wrote ``OUT/captions.jsonl``. Rows are matched by image file name (skipped
+    images drop out)."""
+    rows = [json.loads(line) for line in Path(source).read_text().splitlines()]
+    lines = (Path(out) / "captions.jsonl").read_text().splitlines()
+    cleaned = {Path(r["image"]).name: r["captions"] for r in map(json.loads, lines)}
+    kept = {i: row["captions"][0] in cleaned[name] for i, row in enumerate(rows)
+            if (name := Path(row["image"]).name) in cleaned}
+    wrong_seen = [i for i in kept if i in wrong]
+    right_seen = [i for i in kept if i not in wrong]
+    if not wrong_seen or not right_seen:
+        raise ValueError(f"{out}: the CapFilt output lacks wrong or right rows of {source}")
+    return (sum(not kept[i] for i in wrong_seen) / len(wrong_seen), sum(kept[i] for i in right_seen) / len(right_seen))

@@ -25,7 +25,7 @@ from vlzoo.data.image_text import (
 )
 from vlzoo.data.images import DEFAULT_MAX_PIXELS
 from vlzoo.data.resumable import ResumableDataLoader, ResumableSampler, private_generator
-from vlzoo.data.sources import MapSource, ShapesSource, SourceOptions, StreamSource, open_source
+from vlzoo.data.sources import MapSource, SourceOptions, StreamSource, open_source
 from vlzoo.data.tokenizers import Tokenizer
 
 SPLIT_OF_STAGE = {"fit": "train", "train": "train", "val": "val", "validate": "val", "test": "test", "predict": "test"}
@@ -86,7 +86,8 @@ class ImageTextCollator:
     Returns ``pixel_values`` (B, 3, S, S) float, ``index`` (B,), ``skipped`` (the
     ``(location, reason)`` of bad samples the items replaced or that were dropped), and
     when captions are present ``input_ids``/``attention_mask`` (B, L) and the strings
-    ``captions``; with QA pairs, the strings ``questions`` and ``answers``.
+    ``captions``; with QA pairs, the strings ``questions`` and ``answers``; with class
+    labels, the strings ``labels``.
     """
 
     def __init__(self, tokenizer: Tokenizer, image_size: int, mean: Sequence[float], std: Sequence[float]):
@@ -111,10 +112,25 @@ class ImageTextCollator:
         if "caption" in items[0]:
             batch["captions"] = [it["caption"] for it in items]
             batch.update(self.tokenizer(batch["captions"]))
+        if all("label" in it for it in items):
+            batch["labels"] = [it["label"] for it in items]
         if all("qa" in it for it in items):
             batch["questions"] = [it["qa"]["question"] for it in items]
             batch["answers"] = [it["qa"]["answer"] for it in items]
         return batch
+
+
+def labelled_only(source: MapSource | StreamSource, field_name: str) -> MapSource:
+    """A view of ``source`` with only its records that carry a class ``label``."""
+    import copy
+
+    if not isinstance(source, MapSource):
+        raise ValueError(f"{field_name}: classification training needs a source with records (not a stream)")
+    view = copy.copy(source)
+    view.records = [r for r in source.records if "label" in r]
+    if not view.records:
+        raise ValueError(f"{field_name}: no record of {source.name} has a 'label' field (a class name)")
+    return view
 
 
 class VLDataModule(L.LightningDataModule):
@@ -140,7 +156,9 @@ class VLDataModule(L.LightningDataModule):
 
     The tokenizer and image preprocessing come from the model being trained (its
     ``tokenizer`` and ``preprocess_config``), or from :meth:`attach`; a model with
-    ``uses_qa = True`` also gets one QA pair per training item.
+    ``uses_qa = True`` also gets one QA pair per training item; one with
+    ``uses_labels = True`` trains on the records with a class ``label`` only (shapes:
+    the one-object scenes) and gets their labels.
     """
 
     random_augmentation = False  # images are only resized and normalised
@@ -184,6 +202,7 @@ class VLDataModule(L.LightningDataModule):
         self.collator: ImageTextCollator | None = None
         self.resize_mode = "shortest"
         self.with_qa = False
+        self.with_labels = False
         self._annotations: dict[str, EvalAnnotations] = {}
         self._answer_prior: dict[str, str] | None = None
 
@@ -208,6 +227,8 @@ class VLDataModule(L.LightningDataModule):
         if split not in self._opened:
             source = open_source(self.sources[split], split, self.options, self.shapes)
             self._check_rows(split, source)
+            if split == "train" and self.with_labels:
+                source = labelled_only(source, f"data.{split}")
             self._opened[split] = source
         return self._opened[split]
 
@@ -245,6 +266,7 @@ class VLDataModule(L.LightningDataModule):
             pre = module.preprocess_config
             self.attach(module.tokenizer, pre.image_size, pre.mean, pre.std, getattr(pre, "resize_mode", "shortest"))
             self.with_qa = bool(getattr(module, "uses_qa", False))
+            self.with_labels = bool(getattr(module, "uses_labels", False))
         splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
         for split in splits.get(stage, ("train", "val", "test")):
             self.source(split)  # open early: a bad path fails before the first step
@@ -269,7 +291,7 @@ class VLDataModule(L.LightningDataModule):
                                      label=f"data.{split}: {source.name}")
             return DataLoader(stream, batch_size=self.batch_size, drop_last=True,
                               generator=private_generator(self._seed()), **common)
-        dataset = ImageTextDataset(source, train, size, self.resize_mode, self.with_qa and train,
+        dataset = ImageTextDataset(source, train, size, self.resize_mode, self.with_qa and train, self.with_labels,
                                    self.caption_mode, self.policy, seed=self._seed(),
                                    label=f"data.{split}: {source.name}")
         if train and len(dataset) // world < self.batch_size:
@@ -309,16 +331,30 @@ class VLDataModule(L.LightningDataModule):
             if not isinstance(source, MapSource):
                 raise ValueError(f"data.{split}: a streamed source cannot be evaluated")
             records = source.records
-            shapes = isinstance(source, ShapesSource)
+            classes = self.class_names() if any("label" in r for r in records) else []
+            of_class = {c: i for i, c in enumerate(classes)}
             self._annotations[split] = EvalAnnotations(
                 captions=[r["captions"] for r in records],
                 negatives=[[n["caption"] if isinstance(n, dict) else n for n in r.get("negatives", [])]
                            for r in records],
-                zeroshot_labels=[shapes_data.zeroshot_label(r) for r in records] if shapes else [],
-                zeroshot_classes=shapes_data.zeroshot_classes() if shapes else [],
+                zeroshot_labels=[of_class.get(r.get("label")) for r in records] if classes else [],
+                zeroshot_classes=classes,
                 qa=[r.get("qa", []) for r in records],
             )
         return self._annotations[split]
+
+    def class_names(self) -> list[str]:
+        """The class names of labelled data: shapes' zero-shot classes, else the sorted
+        ``label`` values of the training split's records."""
+        if self.sources["train"] == "shapes":
+            return shapes_data.zeroshot_classes()
+        source = self.source("train")
+        if not isinstance(source, MapSource):
+            raise ValueError("data.train: class names need a training source with records (not a stream)")
+        names = sorted({r["label"] for r in source.records if "label" in r})
+        if not names:
+            raise ValueError(f"data.train: {source.name} has no record with a 'label' field (a class name)")
+        return names
 
     def answer_prior(self) -> dict[str, str]:
         """Question type -> the most common answer of that type in the training split

@@ -93,11 +93,12 @@ class ImageTextDataset(Dataset):
     """
 
     def __init__(self, source: MapSource, train: bool, image_size: int, resize_mode: str = "shortest",
-                 with_qa: bool = False, captions: str = "sample", policy: BadSamplePolicy | None = None,
-                 seed: int = 0, label: str | None = None):
+                 with_qa: bool = False, with_labels: bool = False, captions: str = "sample",
+                 policy: BadSamplePolicy | None = None, seed: int = 0, label: str | None = None):
         if captions not in CAPTION_MODES:
             raise ValueError(f"data.captions must be one of {CAPTION_MODES}, got {captions!r}")
         self.source, self.train, self.with_qa, self.seed = source, train, with_qa, seed
+        self.with_labels = with_labels
         self.image_size = None if isinstance(source, ShapesSource) else image_size
         self.resize_mode = resize_mode
         self.policy = policy or BadSamplePolicy()
@@ -145,6 +146,8 @@ class ImageTextDataset(Dataset):
         item = {"image": image, "index": image_index, "skipped": skipped}
         captions = record["captions"]
         item["caption"] = caption if caption is not None else captions[draw(self.seed, epoch, i, len(captions))]
+        if self.with_labels and "label" in record:
+            item["label"] = record["label"]
         if self.with_qa and record.get("qa"):
             item["qa"] = record["qa"][draw(self.seed, epoch, i, len(record["qa"]), salt=1)]
         return item

@@ -65,8 +65,11 @@ def clean_captions(value: Any) -> list[str]:
 
 
 def optional_lists(row: dict[str, Any]) -> dict[str, Any]:
-    """The well-formed ``qa`` pairs (type ``all`` unless given) and ``negatives`` of a row."""
+    """The well-formed ``qa`` pairs (type ``all`` unless given), ``negatives`` and class
+    ``label`` (a string or number, kept as a string) of a row."""
     extras = {}
+    if isinstance(row.get("label"), (str, int)) and not isinstance(row.get("label"), bool):
+        extras["label"] = str(row["label"]).strip()
     if isinstance(row.get("qa"), list):
         extras["qa"] = [{"type": "all", **q} for q in row["qa"] if isinstance(q, dict) and "question" in q
                         and "answer" in q]

@@ -82,12 +82,18 @@ class ShapesSource(MapSource):
     """The embedded shapes split: images are rows of an in-memory uint8 array."""
 
     def __init__(self, split: shapes_data.ShapesSplit, name: str = "shapes"):
-        records = [{**r, "image": i, "location": f"shapes[{i}]"} for i, r in enumerate(split.records)]
+        records = [{**r, "image": i, "location": f"shapes[{i}]", **_shapes_label(r)} for i, r in enumerate(split.records)]
         super().__init__(name, RecordList(records))
         self.split = split
 
     def read_image(self, record: dict[str, Any]) -> np.ndarray:
         return np.asarray(self.split.images[record["image"]])
+
+
+def _shapes_label(record: dict[str, Any]) -> dict[str, str]:
+    """A shapes scene's class (its zero-shot class, "red circle") when it has one object."""
+    label = shapes_data.zeroshot_label(record)
+    return {} if label is None else {"label": shapes_data.zeroshot_classes()[label]}
 
 
 class HFMapSource(MapSource):

@@ -31,3 +31,10 @@ def majority_accuracy(qa: list[dict[str, str]], answer_prior: dict[str, str]) ->
     type (``answer_prior``: type -> answer); the baseline a VQA model must beat."""
     predictions = [answer_prior.get(q["type"], "") for q in qa]
     return vqa_accuracy(predictions, [q["answer"] for q in qa])
+
+
+def vqa_metrics(predictions: list[str], qa: list[dict[str, str]], answer_prior: dict[str, str]) -> dict[str, float]:
+    """``vqa_acc`` of ``predictions`` (one per QA pair of ``qa``) and ``vqa_majority_acc``
+    of the majority-answer baseline."""
+    return {"vqa_acc": vqa_accuracy(predictions, [q["answer"] for q in qa]),
+            "vqa_majority_acc": majority_accuracy(qa, answer_prior)}

@@ -78,6 +78,8 @@ def export_parts(parts: LoadedParts, out: str | Path) -> Path:
         for key in ("generation", "vqa_generation"):  # the decoding the model was evaluated with
             if parts.extra.get(key) is not None:
                 meta[key] = dataclasses.asdict(parts.extra[key])
+        if parts.extra.get("classes"):  # a CLIP fine-tuned for classification: its head's classes
+            meta["classes"] = list(parts.extra["classes"])
         if parts.family in ("blip", "blip_vqa", "blip2"):  # ids the model was built with
             m = parts.model
             meta["token_ids"] = {k: getattr(m, f"{k}_id") for k in ("enc", "dec", "pad", "eos") if hasattr(m, f"{k}_id")}
@@ -114,7 +116,7 @@ def load_export(directory: str | Path) -> LoadedParts:
                          f"expected {FORMAT_VERSION}")
     family = meta["family"]
     model, config, tokenizer, extra = build_family(family, meta["config"], directory, meta.get("tokenizer"),
-                                                   meta.get("token_ids"))
+                                                   meta.get("token_ids"), meta.get("classes"))
     try:
         missing, unexpected = load_model(model, str(directory / EXPORT_WEIGHTS), strict=False)
     except SafetensorError as err:  # safetensors' own errors do not name the file
@@ -136,9 +138,10 @@ def load_export(directory: str | Path) -> LoadedParts:
 
 
 def build_family(family: str, raw_config: dict, directory: Path, tokenizer_dir: str | None,
-                 token_ids: dict | None = None):
+                 token_ids: dict | None = None, classes: list[str] | None = None):
     """(model, config, tokenizer, extra) of ``family`` from its config dict, randomly
-    initialised; a saved tokenizer directory replaces the config's tokenizer name."""
+    initialised; a saved tokenizer directory replaces the config's tokenizer name;
+    ``classes``: a CLIP with a classification head over them."""
     from vlzoo import config as C
     from vlzoo.tasks.loading import as_config
 
@@ -157,6 +160,10 @@ def build_family(family: str, raw_config: dict, directory: Path, tokenizer_dir: 
         from vlzoo.tasks.clip import build_clip
 
         model, tokenizer = build_clip(config)
+        if classes:
+            from vlzoo.tasks.classify import CLIPClassifier
+
+            model, extra["classes"] = CLIPClassifier(model, len(classes)), list(classes)
     elif family == "albef":
         from vlzoo.tasks.momentum import build_albef
 

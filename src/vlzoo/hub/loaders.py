@@ -11,7 +11,7 @@ from typing import Any
 from vlzoo.hub.convert import LoadedParts
 
 TASK_FAMILIES = {"CLIPTask": "clip", "ALBEFTask": "albef", "BLIPTask": "blip", "BLIP2Task": "blip2",
-                 "BLIP2LLMTask": "blip2_llm"}
+                 "BLIP2LLMTask": "blip2_llm", "ClassifyTask": "clip", "BLIPVQATask": "blip_vqa"}
 FAMILY_CAPABILITIES = {
     "clip": {"encode"}, "albef": {"encode", "itm"}, "blip": {"encode", "itm", "generate"},
     "blip2": {"encode", "itm", "generate"}, "blip2_llm": {"generate", "vqa"}, "blip_vqa": {"vqa"},
@@ -26,8 +26,14 @@ def parts_from_task(task, source: str) -> LoadedParts:
     if family is None:
         raise ValueError(f"{source}: a {type(task).__name__} is not a vision-language zoo model "
                          f"(expected one of {sorted(TASK_FAMILIES)})")
+    from vlzoo.finetune import has_lora, merge_lora
+
+    if has_lora(task.model):  # LoRA fine-tuned: adapters folded into plain weights
+        merge_lora(task.model)
     extra: dict[str, Any] = {"generation": getattr(task, "generation", None),
                              "vqa_generation": getattr(task, "vqa_generation", None), "task_class": type(task)}
+    if getattr(task, "classes", None):
+        extra["classes"] = list(task.classes)
     if family == "blip2_llm":
         extra["llm_tokenizer"] = task.llm_tokenizer
     return LoadedParts(family, task.model.eval(), task.config, task.preprocess_config, task.tokenizer,
@@ -68,23 +74,17 @@ def task_from_zoo_config(path: str | Path):
 def parts_from_zoo_config(path: str | Path, family: str | None = None) -> LoadedParts:
     """The randomly initialised model a zoo config describes. ``family`` ``blip_vqa``
     builds BLIP's VQA architecture (question encoder + answer decoder) from the BLIP
-    config of a BLIPTask zoo config (vlzoo has no VQA training task yet)."""
+    config of a BLIPTask zoo config."""
     if family != "blip_vqa":
         return parts_from_task(task_from_zoo_config(path), str(path))
-    from vlzoo.backbones import bert_config_from_kwargs
     from vlzoo.config import BLIPConfig
-    from vlzoo.data.tokenizers import build_tokenizer
-    from vlzoo.hub.convert.hf_blip import BlipTokenIds, build_blip_vqa
+    from vlzoo.tasks.vqa import build_blip_vqa_model
 
     config = zoo_config_init_args(path)[1].get("model")
     if not isinstance(config, BLIPConfig):
         raise ValueError(f"{path}: a blip_vqa entry needs a BLIPTask zoo config (model: a BLIPConfig)")
-    tokenizer = build_tokenizer(config.text.tokenizer, config.text.context_length, blip_tokens=True)
-    info = tokenizer.info
-    ids = BlipTokenIds(enc=info.enc_id, dec=info.dec_id, pad=info.pad_id, eos=info.eos_id)
-    sizes = dataclasses.asdict(bert_config_from_kwargs(config.text, tokenizer))
-    config = dataclasses.replace(config, text=dataclasses.replace(config.text, pretrained=None, kwargs=sizes))
-    model = build_blip_vqa(config, ids).eval()
+    model, tokenizer, config = build_blip_vqa_model(config)
+    model.eval()
     return LoadedParts("blip_vqa", model, config, config.vision, tokenizer,
                        frozenset(FAMILY_CAPABILITIES["blip_vqa"]), str(path))
 
@@ -142,7 +142,6 @@ def load_path(path: Path) -> LoadedParts:
 
 def load_entry(entry) -> LoadedParts:
     """Fetch (or find in the cache) a manifest entry's weights and convert them."""
-    import dataclasses
 
     from vlzoo.hub.download import fetch
 

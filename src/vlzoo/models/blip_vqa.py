@@ -58,7 +58,10 @@ class BLIPVQA(nn.Module):
     def encode_question(self, pixel_values: Tensor, question_ids: Tensor, question_mask: Tensor) -> Tensor:
         """Images (B, 3, H, W) and questions (B, Lq) -> question states (B, Lq, Dt);
         ``[ENC]`` replaces each question's first token."""
-        image_tokens = self.vision(pixel_values).tokens
+        return self.question_states(self.vision(pixel_values).tokens, question_ids, question_mask)
+
+    def question_states(self, image_tokens: Tensor, question_ids: Tensor, question_mask: Tensor) -> Tensor:
+        """As :meth:`encode_question`, from image tokens (B, N, Dv) already computed."""
         ids = question_ids.clone()
         ids[:, 0] = self.enc_id
         return self.text(ids, question_mask, context=image_tokens).tokens
@@ -87,7 +90,15 @@ class BLIPVQA(nn.Module):
     ) -> Tensor:
         """Answer ids (B, T) generated after [DEC], each row ending at its EOS and
         right-padded with ``pad_id``. The decoder never attends to question padding."""
-        states = self.encode_question(pixel_values, question_ids, question_mask)
+        return self.answer_from_tokens(self.vision(pixel_values).tokens, question_ids, question_mask, config)
+
+    @torch.no_grad()
+    def answer_from_tokens(
+        self, image_tokens: Tensor, question_ids: Tensor, question_mask: Tensor,
+        config: GenerationConfig = GenerationConfig(),  # noqa: B008
+    ) -> Tensor:
+        """As :meth:`answer`, from image tokens (B, N, Dv) already computed."""
+        states = self.question_states(image_tokens, question_ids, question_mask)
         prefix = torch.full((len(states), 1), self.dec_id, dtype=torch.long, device=states.device)
 
         def next_logits(ids: Tensor, rows: Tensor) -> Tensor:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor, nn
 
-from vlzoo.config import EvalConfig, OptimConfig, VisionConfig
+from vlzoo.config import EvalConfig, FinetuneConfig, OptimConfig, VisionConfig
 from vlzoo.data.datamodule import EvalAnnotations
 from vlzoo.data.tokenizers import Tokenizer
 from vlzoo.distributed import gather_objects, local_tensor
@@ -30,16 +30,26 @@ from vlzoo.parallel import (
 register_strategies()  # --trainer.strategy fsdp2
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Two AdamW groups: decay for weight matrices; none for ``model.no_weight_decay()``
-    (norms, biases, embeddings, temperature) and every 0-/1-d parameter."""
+def parameter_groups(model: nn.Module, weight_decay: float, lr: float, layer_decay: float = 1.0
+                     ) -> list[dict[str, Any]]:
+    """AdamW groups of the trainable parameters: weight decay for weight matrices, none
+    for ``model.no_weight_decay()`` (norms, biases, embeddings, temperature) and every
+    0-/1-d parameter; one group per learning-rate scale under ``layer_decay``
+    (:func:`vlzoo.finetune.layer_scales`)."""
+    from vlzoo.finetune import layer_scales
+
     skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
-    decay, no_decay = [], []
+    scales = layer_scales(model, layer_decay)
+    groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if name in skip or p.ndim <= 1 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        decays = not (name in skip or name.replace(".base_layer", "") in skip or p.ndim <= 1)
+        groups.setdefault((decays, scales[name]), []).append(p)
+    for decays in (True, False):  # both groups always exist (optimizer state layouts stay comparable)
+        groups.setdefault((decays, 1.0), [])
+    return [{"params": params, "weight_decay": weight_decay if decays else 0.0, "lr": lr * scale}
+            for (decays, scale), params in sorted(groups.items(), key=lambda kv: (not kv[0][0], -kv[0][1]))]
 
 
 class NonFiniteTrainingError(RuntimeError):
@@ -79,10 +89,15 @@ class VLTask(L.LightningModule):
     monitor: str = "val/r1_t2i"
     monitor_mode: str = "max"  # whether a larger monitored value is better
 
-    def __init__(self, optim: OptimConfig, eval: EvalConfig):
+    def __init__(self, optim: OptimConfig, eval: EvalConfig, finetune: FinetuneConfig | None = None):
         super().__init__()
         self.optim = optim
         self.eval_config = eval
+        from vlzoo.tasks.loading import as_config
+
+        self.finetune = as_config(finetune or FinetuneConfig(), FinetuneConfig, "finetune")
+        self._finetune_ready = False
+        self._weights_loaded = False
         self._eval_outputs: list[tuple[Tensor, Tensor]] = []
         self._skipped_steps = 0
         self._nonfinite_in_a_row = 0
@@ -94,6 +109,54 @@ class VLTask(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._skipped_steps, self._nonfinite_in_a_row = checkpoint.get("vlzoo_skipped_steps", [0, 0])
+        self.prepare_finetune()  # LoRA adapters exist before the state dict is loaded
+        self._weights_loaded = True  # the checkpoint's weights, not finetune.init_from's
+
+    # ------------------------------------------------------------------ fine-tuning
+    def prepare_finetune(self) -> None:
+        """Once: LoRA adapters, frozen parts, gradient checkpointing (``self.finetune``)."""
+        if self._finetune_ready:
+            return
+        from vlzoo.finetune import prepare_model, trainable_summary
+
+        done = prepare_model(self.model, self.finetune)
+        self._finetune_ready = True
+        if done:
+            print(f"vlzoo: finetune {done}: {trainable_summary(self.model)}", flush=True)
+
+    def initial_state(self, parts) -> tuple[dict[str, Tensor], tuple[str, ...]]:
+        """(state dict for ``self.model``, key substrings allowed to be missing) from the
+        :class:`~vlzoo.hub.convert.LoadedParts` of ``finetune.init_from``. Default: a
+        model of this task's own family, as is."""
+        from vlzoo.hub.loaders import TASK_FAMILIES
+
+        family = TASK_FAMILIES.get(type(self).__name__)
+        if parts.family != family:
+            raise ValueError(f"finetune.init_from {parts.source}: a {parts.family} model cannot start a "
+                             f"{type(self).__name__} ({family} weights expected)")
+        return parts.model.state_dict(), ()
+
+    def load_initial_weights(self) -> None:
+        """Load ``finetune.init_from`` into ``self.model`` (strictly, see :meth:`initial_state`)."""
+        from vlzoo.finetune import load_initial_weights
+        from vlzoo.hub.loaders import load_parts
+
+        parts = load_parts(self.finetune.init_from)
+        state, allow_missing = self.initial_state(parts)
+        load_initial_weights(self.model, state, f"finetune.init_from {self.finetune.init_from}", allow_missing)
+        self._weights_loaded = True
+        print(f"vlzoo: started from {self.finetune.init_from} ({parts.family})", flush=True)
+
+    def total_loss(self, losses: dict[str, Tensor]) -> Tensor:
+        """The sum of the named losses ``finetune.losses`` (default: all of them)."""
+        chosen = self.finetune.losses
+        if not chosen:
+            return sum(losses.values())
+        unknown = sorted(set(chosen) - set(losses))
+        if unknown:
+            raise ValueError(f"finetune.losses: {unknown} are not losses of {type(self).__name__} "
+                             f"(it has {sorted(losses)})")
+        return sum(losses[k] for k in chosen)
 
     def setup(self, stage: str) -> None:
         """Checkpoints are written atomically wherever the strategy uses plain torch.save."""
@@ -109,9 +172,13 @@ class VLTask(L.LightningModule):
     fsdp_keep_fp32: bool = False  # True: FSDP never casts the trainable units (BLIP-2's Q-Former)
 
     def configure_model(self) -> None:
-        """Under Lightning's ``ModelParallelStrategy`` (e.g. ``--trainer.strategy fsdp2``):
-        FSDP2 over the data-parallel mesh, at the blocks, frozen parts and root of
-        ``self.model`` (see :mod:`vlzoo.parallel`). Other strategies: nothing to do."""
+        """Fine-tuning structure and initial weights (``self.finetune``), then, under
+        Lightning's ``ModelParallelStrategy`` (e.g. ``--trainer.strategy fsdp2``): FSDP2
+        over the data-parallel mesh, at the blocks, frozen parts and root of
+        ``self.model`` (see :mod:`vlzoo.parallel`)."""
+        self.prepare_finetune()
+        if self.finetune.init_from and not self._weights_loaded:
+            self.load_initial_weights()
         if self.device_mesh is None:
             return
         options = getattr(self.trainer.strategy, "fsdp_options", None) or FSDPOptions()
@@ -132,7 +199,8 @@ class VLTask(L.LightningModule):
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
         o = self.optim
-        optimizer = torch.optim.AdamW(parameter_groups(self.model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps)
+        groups = parameter_groups(self.model, o.weight_decay, o.lr, self.finetune.layer_decay)
+        optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps)
         total = int(self.trainer.estimated_stepping_batches)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, o.warmup_steps, total, o.min_lr_ratio)

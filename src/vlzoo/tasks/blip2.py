@@ -14,6 +14,7 @@ from vlzoo.config import (
     BLIP2Config,
     BLIP2LLMConfig,
     EvalConfig,
+    FinetuneConfig,
     OptimConfig,
     TextConfig,
     VisionConfig,
@@ -22,7 +23,7 @@ from vlzoo.data.datamodule import EvalAnnotations
 from vlzoo.data.llm_text import causal_lm_batch, left_padded_prompts, seq2seq_batch
 from vlzoo.data.tokenizers import Tokenizer, build_tokenizer
 from vlzoo.eval.captioning import caption_metrics
-from vlzoo.eval.vqa import majority_accuracy, vqa_accuracy
+from vlzoo.eval.vqa import vqa_metrics
 from vlzoo.hub.weights import load_strict
 from vlzoo.models.blip2 import BLIP2, BLIP2LLM, FROZEN_DTYPES, LLM_KINDS, max_query_similarity
 from vlzoo.models.generation import GenerationConfig
@@ -122,8 +123,9 @@ class BLIP2Task(FrozenFeaturesMixin, CaptionEvalMixin, TwoStageRetrievalTask):
         optim: OptimConfig = OptimConfig(),  # noqa: B008
         eval: EvalConfig = EvalConfig(),  # noqa: B008
         generation: GenerationConfig = GenerationConfig(),  # noqa: B008
+        finetune: FinetuneConfig = FinetuneConfig(),  # noqa: B008
     ):
-        super().__init__(optim, eval)
+        super().__init__(optim, eval, finetune)
         self.save_hyperparameters()
         model = as_config(model, BLIP2Config, "model")
         self.config = model
@@ -137,10 +139,11 @@ class BLIP2Task(FrozenFeaturesMixin, CaptionEvalMixin, TwoStageRetrievalTask):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         out = self.model.forward_frozen(self.frozen_tokens(batch), batch["input_ids"], batch["attention_mask"],
                                         batch["index"])
-        self.log("train/loss", out.loss, prog_bar=True)
+        loss = self.total_loss(out.losses)
+        self.log("train/loss", loss, prog_bar=True)
         self.log_dict({f"train/loss_{k}": v.detach() for k, v in out.losses.items()})
         self.log("train/temperature", self.model.temp.detach())
-        return out.loss
+        return loss
 
     def after_optimizer_step(self) -> None:
         self.model.clamp_temperature()
@@ -259,8 +262,9 @@ class BLIP2LLMTask(FrozenFeaturesMixin, VLTask):
         eval: EvalConfig = EvalConfig(),  # noqa: B008
         generation: GenerationConfig = GenerationConfig(),  # noqa: B008
         vqa_generation: GenerationConfig = GenerationConfig(method="greedy", max_length=5, min_length=1),  # noqa: B008
+        finetune: FinetuneConfig = FinetuneConfig(),  # noqa: B008
     ):
-        super().__init__(optim, eval)
+        super().__init__(optim, eval, finetune)
         self.save_hyperparameters()
         model = as_config(model, BLIP2LLMConfig, "model")
         self.model, self.tokenizer, self.llm_tokenizer, concrete = build_blip2_llm(model)
@@ -310,7 +314,7 @@ class BLIP2LLMTask(FrozenFeaturesMixin, VLTask):
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         losses = self.losses(batch)
-        loss = sum(losses.values())
+        loss = self.total_loss(losses)
         self.log("train/loss", loss, prog_bar=True)
         self.log_dict({f"train/loss_{k}": v.detach() for k, v in losses.items()})
         return loss
@@ -355,9 +359,7 @@ class BLIP2LLMTask(FrozenFeaturesMixin, VLTask):
                 questions = [q["question"] for _, q in chunk]
                 question_soft = self._question_soft_prompt(tokens[rows], questions, soft[rows])
                 predictions += self.answer(question_soft, self._vqa_prompts(questions), self.vqa_generation)
-            metrics["vqa_acc"] = vqa_accuracy(predictions, [q["answer"] for _, q in pairs])
-            prior = self.trainer.datamodule.answer_prior()
-            metrics["vqa_majority_acc"] = majority_accuracy([q for _, q in pairs], prior)
+            metrics.update(vqa_metrics(predictions, [q for _, q in pairs], self.trainer.datamodule.answer_prior()))
         return metrics
 
     # ----------------------------------------------------------- checkpoints

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from vlzoo.backbones import build_text_encoder, build_vision_encoder
-from vlzoo.config import CLIPConfig, EvalConfig, OptimConfig
+from vlzoo.config import CLIPConfig, EvalConfig, FinetuneConfig, OptimConfig
 from vlzoo.data.tokenizers import build_tokenizer
 from vlzoo.losses import clip_loss, siglip_loss
 from vlzoo.models.clip import CLIP
@@ -39,8 +39,9 @@ class CLIPTask(VLTask):
         model: CLIPConfig = CLIPConfig(),  # noqa: B008
         optim: OptimConfig = OptimConfig(),  # noqa: B008
         eval: EvalConfig = EvalConfig(),  # noqa: B008
+        finetune: FinetuneConfig = FinetuneConfig(),  # noqa: B008
     ):
-        super().__init__(optim, eval)
+        super().__init__(optim, eval, finetune)
         self.save_hyperparameters()
         self.config = model
         self.model, self.tokenizer = build_clip(model)

@@ -20,7 +20,8 @@ from vlzoo.models import generation
 def safe_checkpoint_globals() -> list[type]:
     """The config classes a task checkpoint may hold in its hyper-parameters."""
     names = ("VisionConfig", "TextConfig", "CLIPConfig", "MomentumConfig", "ALBEFConfig", "BLIPConfig",
-             "BLIP2Config", "BLIP2LLMConfig", "CausalLMConfig", "OptimConfig", "EvalConfig")
+             "BLIP2Config", "BLIP2LLMConfig", "CausalLMConfig", "OptimConfig", "EvalConfig", "FinetuneConfig",
+             "LoRAConfig")
     return [getattr(config_module, n) for n in names] + [generation.GenerationConfig]
 
 

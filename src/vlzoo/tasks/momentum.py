@@ -8,7 +8,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vlzoo.backbones import build_text_encoder, build_vision_encoder
-from vlzoo.config import ALBEFConfig, BLIPConfig, EvalConfig, MomentumConfig, OptimConfig
+from vlzoo.config import (
+    ALBEFConfig,
+    BLIPConfig,
+    EvalConfig,
+    FinetuneConfig,
+    MomentumConfig,
+    OptimConfig,
+)
 from vlzoo.data.datamodule import EvalAnnotations
 from vlzoo.data.tokenizers import Tokenizer, build_tokenizer
 from vlzoo.distributed import world_size
@@ -154,8 +161,8 @@ class MomentumTask(TwoStageRetrievalTask):
 
     config: MomentumConfig
 
-    def __init__(self, optim: OptimConfig, eval: EvalConfig):
-        super().__init__(optim, eval)
+    def __init__(self, optim: OptimConfig, eval: EvalConfig, finetune: FinetuneConfig | None = None):
+        super().__init__(optim, eval, finetune)
         self._pending: list[tuple[Tensor, Tensor, Tensor]] = []
 
     def on_fit_start(self) -> None:
@@ -173,7 +180,7 @@ class MomentumTask(TwoStageRetrievalTask):
         out = self.model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch["index"],
                          alpha=self.alpha())
         self._pending.append((out.image_feat_m.detach(), out.text_feat_m.detach(), out.index))
-        loss = out.loss
+        loss = self.total_loss(out.losses)
         self.log("train/loss", loss, prog_bar=True)
         self.log_dict({f"train/loss_{k}": v.detach() for k, v in out.losses.items()})
         self.log("train/temperature", self.model.temp.detach())
@@ -199,8 +206,9 @@ class ALBEFTask(MomentumTask):
         model: ALBEFConfig = ALBEFConfig(),  # noqa: B008
         optim: OptimConfig = OptimConfig(),  # noqa: B008
         eval: EvalConfig = EvalConfig(),  # noqa: B008
+        finetune: FinetuneConfig = FinetuneConfig(),  # noqa: B008
     ):
-        super().__init__(optim, eval)
+        super().__init__(optim, eval, finetune)
         self.save_hyperparameters()
         self.config = model
         self.model, self.tokenizer = build_albef(model)
@@ -221,8 +229,9 @@ class BLIPTask(CaptionEvalMixin, MomentumTask):
         optim: OptimConfig = OptimConfig(),  # noqa: B008
         eval: EvalConfig = EvalConfig(),  # noqa: B008
         generation: GenerationConfig = GenerationConfig(),  # noqa: B008
+        finetune: FinetuneConfig = FinetuneConfig(),  # noqa: B008
     ):
-        super().__init__(optim, eval)
+        super().__init__(optim, eval, finetune)
         self.save_hyperparameters()
         self.config = model
         self.generation = generation

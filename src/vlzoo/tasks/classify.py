@@ -1,0 +1,158 @@
+"""Image classification by fine-tuning a CLIP: a linear head on the normalised image
+embedding, initialised from the zero-shot classifier (the class prompts' text
+embeddings, as in WiSE-FT), trained with cross-entropy on labelled images."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vlzoo.config import CLIPConfig, EvalConfig, FinetuneConfig, OptimConfig
+from vlzoo.data.datamodule import EvalAnnotations
+from vlzoo.models.clip import CLIP
+from vlzoo.tasks.base import VLTask
+from vlzoo.tasks.clip import build_clip
+from vlzoo.tasks.loading import as_config
+
+HEAD_INITS = ("zeroshot", "random")
+
+
+class CLIPClassifier(nn.Module):
+    """A CLIP (same parameter names) plus ``head``: (B, D) normalised image embeddings
+    -> (B, C) class logits."""
+
+    encode_image = CLIP.encode_image
+    encode_text = CLIP.encode_text
+    no_weight_decay = CLIP.no_weight_decay
+
+    def __init__(self, clip: CLIP, num_classes: int):
+        super().__init__()
+        self.vision, self.text = clip.vision, clip.text
+        self.image_projection, self.text_projection = clip.image_projection, clip.text_projection
+        self.logit_scale = clip.logit_scale
+        if clip.logit_bias is not None:
+            self.logit_bias = clip.logit_bias
+        self.embed_dim = clip.embed_dim
+        self.head = nn.Linear(clip.embed_dim, num_classes)
+
+    def forward(self, pixel_values: Tensor) -> Tensor:
+        """(B, 3, H, W) -> (B, C) logits."""
+        return self.head(self.encode_image(pixel_values))
+
+    @torch.no_grad()
+    def set_zeroshot_head(self, class_embeds: Tensor) -> None:
+        """Head = the zero-shot classifier: weights ``exp(logit_scale) * class_embeds``
+        ((C, D), normalised), bias 0."""
+        self.head.weight.copy_(self.logit_scale.exp() * class_embeds)
+        self.head.bias.zero_()
+
+
+class ClassifyTask(VLTask):
+    """Fine-tunes a CLIP for classification; ``{stage}/acc`` and ``{stage}/top5_acc``.
+
+    ``classes``: the class names (default: the training data's, see
+    :meth:`~vlzoo.data.datamodule.VLDataModule.class_names`). ``head_init``:
+    ``zeroshot`` (from the class prompts ``eval.zeroshot_templates``) or ``random``.
+    """
+
+    monitor = "val/acc"
+    uses_labels = True
+
+    def __init__(
+        self,
+        model: CLIPConfig = CLIPConfig(),  # noqa: B008
+        optim: OptimConfig = OptimConfig(),  # noqa: B008
+        eval: EvalConfig = EvalConfig(),  # noqa: B008
+        finetune: FinetuneConfig = FinetuneConfig(),  # noqa: B008
+        classes: list[str] | None = None,
+        head_init: str = "zeroshot",
+    ):
+        super().__init__(optim, eval, finetune)
+        if head_init not in HEAD_INITS:
+            raise ValueError(f"head_init must be one of {HEAD_INITS}, got {head_init!r}")
+        self.save_hyperparameters()
+        model = as_config(model, CLIPConfig, "model")
+        self.config, self.head_init = model, head_init
+        clip, self.tokenizer = build_clip(model)
+        self._clip = (clip,)  # not a registered submodule: its parameters live in self.model
+        self.preprocess_config = model.vision
+        self.classes: list[str] = []
+        if classes:
+            self._build_head(list(classes))
+
+    def _build_head(self, classes: list[str]) -> None:
+        if len(set(classes)) != len(classes):
+            raise ValueError("classes: the class names must be unique")
+        self.classes = classes
+        self.class_index = {c: i for i, c in enumerate(classes)}
+        self.model = CLIPClassifier(self._clip[0], len(classes))
+        self.hparams["classes"] = classes  # a checkpoint rebuilds the same head
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if not self.classes:
+            self._build_head(self.trainer.datamodule.class_names())
+
+    def initial_state(self, parts) -> tuple[dict[str, Tensor], tuple[str, ...]]:
+        """A CLIP's weights (the head stays to be initialised), or a classifier's with its head."""
+        state, allow = super().initial_state(parts)
+        if "head.weight" in state and state["head.weight"].shape[0] != len(self.classes):
+            raise ValueError(f"finetune.init_from {parts.source}: its head has {state['head.weight'].shape[0]} "
+                             f"classes, this task {len(self.classes)}")
+        self._init_has_head = "head.weight" in state
+        return state, (*allow, "head.")
+
+    def load_initial_weights(self) -> None:
+        super().load_initial_weights()
+        if self.head_init == "zeroshot" and not self._init_has_head:
+            self.model.set_zeroshot_head(self.class_embeddings(self.classes))
+
+    @torch.no_grad()
+    def class_embeddings(self, classes: list[str]) -> Tensor:
+        """(C, D) normalised mean text embedding of each class over the prompt templates."""
+        templates = self.eval_config.zeroshot_templates
+        prompts = [t.format(c) for c in classes for t in templates]
+        size = self.eval_config.text_batch_size
+        tokens = [self.tokenizer(prompts[i : i + size]) for i in range(0, len(prompts), size)]
+        embeds = torch.cat([self.model.encode_text(t["input_ids"].to(self.device), t["attention_mask"].to(self.device))
+                            for t in tokens])
+        return F.normalize(embeds.view(len(classes), len(templates), -1).mean(1), dim=-1)
+
+    def labels_tensor(self, names: list[str]) -> Tensor:
+        unknown = sorted({n for n in names if n not in self.class_index})
+        if unknown:
+            raise ValueError(f"labels {unknown[:5]} are not among the {len(self.classes)} classes of this model")
+        return torch.tensor([self.class_index[n] for n in names], device=self.device)
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        logits = self.model(batch["pixel_values"])
+        loss = F.cross_entropy(logits, self.labels_tensor(batch["labels"]))
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def embed_images(self, pixel_values: Tensor) -> Tensor:
+        return self.model.encode_image(pixel_values)
+
+    def eval_image_outputs(self, pixel_values: Tensor) -> dict[str, Tensor]:
+        return {"logits": self.model(pixel_values)}
+
+    @torch.no_grad()
+    def predict_classes(self, pixel_values: Tensor) -> Tensor:
+        """(B, C) class probabilities."""
+        return self.model(pixel_values).softmax(-1)
+
+    @torch.no_grad()
+    def evaluate(self, images: dict[str, Tensor], ann: EvalAnnotations) -> dict[str, float]:
+        rows, labels = [], []
+        for i, y in enumerate(ann.zeroshot_labels):
+            if y is not None and ann.zeroshot_classes[y] in self.class_index:
+                rows.append(i)
+                labels.append(self.class_index[ann.zeroshot_classes[y]])
+        if not rows:
+            raise ValueError("the evaluation split has no image labelled with one of this model's classes")
+        logits = images["logits"][torch.tensor(rows, device=images["logits"].device)]
+        labels = torch.tensor(labels, device=logits.device)
+        top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+        return {"acc": (top[:, 0] == labels).float().mean().item(),
+                "top5_acc": (top == labels[:, None]).any(-1).float().mean().item()}
