@@ -186,3 +186,26 @@ def test_caption_finetune_starts_from_an_export(starts, tmp_path):
     assert {"start/test/bleu4", "test/bleu4", "train/loss"} <= set(metrics)
     config = (tmp_path / "cap" / "config.yaml").read_text()
     assert "losses:\n      - lm" in config  # the captioning recipe trains the LM loss only
+
+
+def test_momentum_finetune_clears_the_queue_ids_and_refuses_lora(starts):
+    from vlzoo.config import FinetuneConfig
+    from vlzoo.hub.loaders import load_parts
+    from vlzoo.tasks import BLIPTask
+
+    parts = load_parts(starts["blip"])
+    parts.model.queue.index.fill_(7)
+    task = BLIPTask(tiny_momentum_config(BLIPConfig))
+    state, _ = task.initial_state(parts)
+    assert (state["queue.index"] == -1).all() and int(state["queue.ptr"]) == 0
+    assert torch.equal(state["queue.image"], parts.model.queue.image)  # features stay (as negatives)
+    lora = BLIPTask(tiny_momentum_config(BLIPConfig), finetune=FinetuneConfig(lora=LoRAConfig(rank=2)))
+    with pytest.raises(ValueError, match="momentum"):
+        lora.prepare_finetune()
+
+
+def test_vqa_command_refuses_a_file_name_as_the_question(starts, tmp_path):
+    image = tmp_path / "a.png"
+    image.write_bytes(b"x")
+    with pytest.raises(ValueError, match="last argument must be the question"):
+        main(["vqa", str(image), str(image), "--model", starts["blip"]])

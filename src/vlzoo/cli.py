@@ -38,8 +38,11 @@ def _lightning_cli(args: list[str] | None) -> None:
             root = self.trainer.default_root_dir
             config["ckpt_path"] = resolve_resume(config.get("ckpt_path"), Path(root) / "checkpoints")
             finetune = getattr(self.model, "finetune", None)
-            if finetune is not None and finetune.init_from and config["ckpt_path"] is None:
-                evaluate_start(self.trainer, self.model, self.datamodule)
+            if finetune is not None and finetune.init_from:
+                if config["ckpt_path"] is None:
+                    evaluate_start(self.trainer, self.model, self.datamodule)
+                else:  # resumed: the run's own checkpoint has the weights; init_from is not read again
+                    self.model.skip_initial_weights()
 
         def after_fit(self) -> None:
             trainer = self.trainer
@@ -334,13 +337,24 @@ def finetune_parser(commands=None) -> argparse.ArgumentParser:
     return parser
 
 
-def _finetune(argv: list[str]) -> None:
+def _finetune(argv: list[str], from_command_line: bool) -> int:
     from vlzoo.recipes import write_finetune_config
 
     args, rest = finetune_parser().parse_known_args(argv)
-    config = write_finetune_config(args.model, args.task, args.recipe, args.out)
+    try:  # errors of the model reference and recipe in one line; training errors keep their traceback
+        config = write_finetune_config(args.model, args.task, args.recipe, args.out)
+    except (ValueError, KeyError, FileNotFoundError) as err:
+        if not from_command_line:
+            raise
+        print(f"vlzoo finetune: error: {err}", file=sys.stderr)
+        return 1
+    given = {a.split("=", 1)[0] for a in rest}
+    if "--data.train" in given and not {"--data.val", "--data.test"} <= given:
+        print("vlzoo finetune: warning: --data.train is set but --data.val/--data.test are not: validation and "
+              "testing use the recipe's (shapes by default)", file=sys.stderr)
     sys.argv = [sys.argv[0], "fit", "--config", str(config), *rest]  # what LightningCLI reads and records
     _lightning_cli(None)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -350,14 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         _lightning_cli(None if from_command_line else argv)
         return 0
     if argv and argv[0] == "finetune" and not {"-h", "--help"} & set(argv):
-        try:
-            _finetune(argv[1:])
-        except (ValueError, KeyError, FileNotFoundError) as err:
-            if not from_command_line:
-                raise
-            print(f"vlzoo finetune: error: {err}", file=sys.stderr)
-            return 1
-        return 0
+        return _finetune(argv[1:], from_command_line)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "run", None):

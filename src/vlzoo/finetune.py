@@ -18,7 +18,8 @@ from vlzoo.config import FinetuneConfig, LoRAConfig
 
 FREEZE_ALIASES = {"qformer": ("qformer.", "query_tokens")}
 _BLOCK = re.compile(r"\.(?:blocks|layer|layers|resblocks|h)\.(\d+)\.")
-_EMBEDDING_WORDS = ("embed", "cls_token", "class_embedding", "positional", "pos_", "patch", "reg_token")
+_EMBEDDING_WORDS = ("embed", "cls_token", "class_embedding", "positional", "pos_", "patch", "reg_token", "conv1",
+                    "ln_pre", "norm_pre")  # the stem: patch/token embedding and the norm before the blocks
 
 
 def part_of(name: str) -> str:
@@ -107,12 +108,18 @@ def add_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
 
     if cfg.rank <= 0:
         raise ValueError(f"finetune.lora.rank must be positive to add adapters, got {cfg.rank}")
+    if hasattr(model, "momentum_update"):
+        raise ValueError(f"finetune.lora: {type(model).__name__} keeps momentum (EMA) copies of its encoders, which "
+                         "LoRA adapters would not follow; fine-tune ALBEF/BLIP fully (with finetune.freeze or "
+                         "layer_decay) instead")
     present = [p for p in cfg.parts if hasattr(model, p)]
     pattern = rf"^(?:{'|'.join(map(re.escape, present))})\..*\.(?:{'|'.join(map(re.escape, cfg.targets))})$"
     targets = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and re.match(pattern, n)]
     if not targets:
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)
+                        and part_of(n) in present})
         raise ValueError(f"finetune.lora: no linear layer of parts {cfg.parts} ends with one of {cfg.targets} "
-                         f"in {type(model).__name__}")
+                         f"in {type(model).__name__} (its linear layers there end with: {', '.join(names)})")
     trainable = {n: p.requires_grad for n, p in model.named_parameters()}
     inject_adapter_in_model(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                                        target_modules=targets), model)

@@ -81,6 +81,8 @@ def emit(args: argparse.Namespace, results: Any, lines: list[str], skipped: list
 
 
 def _batches(args, paths):
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     skipped: list[str] = []
     total = -(-len(paths) // args.batch_size)
     return skipped, progress(image_batches(paths, args.batch_size, skipped), total, args.command, args.json)
@@ -97,10 +99,15 @@ def caption(args: argparse.Namespace) -> None:
     for paths, images in batches:
         for path, text in zip(paths, model.generate(images, args.prompt, **settings), strict=True):
             results.append({"image": str(path), "caption": text})
+    if not results:
+        raise ValueError(f"none of the images could be read ({len(skipped)} skipped)")
     emit(args, results, [f"{r['image']}: {r['caption']}" for r in results], skipped)
 
 
 def vqa(args: argparse.Namespace) -> None:
+    if Path(args.question).is_file() or Path(args.question).suffix.lower() in IMAGE_SUFFIXES:
+        raise ValueError(f"the last argument must be the question, got the file name {args.question!r} "
+                         '(vlzoo vqa IMAGE... "QUESTION")')
     model = load_model(args.model, args.device)
     model._require("vqa", "answer questions")
     skipped, batches = _batches(args, image_files(args.images))
@@ -108,6 +115,8 @@ def vqa(args: argparse.Namespace) -> None:
     for paths, images in batches:
         for path, text in zip(paths, model.vqa(images, [args.question] * len(images)), strict=True):
             results.append({"image": str(path), "question": args.question, "answer": text})
+    if not results:
+        raise ValueError(f"none of the images could be read ({len(skipped)} skipped)")
     emit(args, results, [f"{r['image']}: {r['answer']}" for r in results], skipped)
 
 
@@ -145,6 +154,9 @@ def zeroshot(args: argparse.Namespace) -> None:
     model = load_model(args.model, args.device)
     paths, image_embeds, skipped = embed_images(model, args, image_files(args.images))
     templates = args.template or ["a photo of a {}"]
+    bad = [t for t in templates if t.count("{}") != 1 or t.replace("{}", "").count("{")]
+    if bad:
+        raise ValueError(f"--template must contain exactly one {{}} (where the label goes), got {bad}")
     text = model.encode_text([t.format(c) for c in labels for t in templates]).float().cpu()
     classes = F.normalize(text.view(len(labels), len(templates), -1).mean(1), dim=-1)
     similarity = (torch.einsum("iqd,td->itq", image_embeds, classes).amax(-1) if image_embeds.ndim == 3
@@ -167,9 +179,12 @@ def embed(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    save_file({"image_embeds": image_embeds.contiguous()}, str(tmp),
-              metadata={"images": json.dumps([str(p) for p in paths]), "model": args.model})
-    tmp.replace(out)
+    try:
+        save_file({"image_embeds": image_embeds.contiguous()}, str(tmp),
+                  metadata={"images": json.dumps([str(p) for p in paths]), "model": args.model})
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
     result = {"out": str(out), "images": len(paths), "shape": list(image_embeds.shape)}
     emit(args, result, [f"wrote {out}: image_embeds {tuple(image_embeds.shape)} for {len(paths)} images "
                         "(names in the file's metadata 'images')"], skipped)

@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 TASKS = ("retrieval", "caption", "vqa", "classify")
-RECIPE_FAMILY = {"blip_vqa": "blip"}  # a BLIP VQA checkpoint fine-tunes with BLIP's VQA recipe
+RECIPE_FAMILY = {("vqa", "blip_vqa"): "blip"}  # a BLIP VQA checkpoint fine-tunes with BLIP's VQA recipe
 
 
 def recipe_path(task: str, family: str) -> Path:
@@ -22,7 +22,7 @@ def recipe_path(task: str, family: str) -> Path:
 
     if task not in TASKS:
         raise ValueError(f"--task must be one of {TASKS}, got {task!r}")
-    name = RECIPE_FAMILY.get(family, family)
+    name = RECIPE_FAMILY.get((task, family), family)
     for root in zoo_config_roots():
         path = root / "tasks" / task / f"{name}.yaml"
         if path.is_file():

@@ -120,16 +120,20 @@ class ImageTextCollator:
         return batch
 
 
-def labelled_only(source: MapSource | StreamSource, field_name: str) -> MapSource:
-    """A view of ``source`` with only its records that carry a class ``label``."""
+def records_with(source: MapSource | StreamSource, key: str, field_name: str, what: str) -> MapSource:
+    """A view of ``source`` with only its records that have a non-empty ``key``; how
+    many were left out is printed."""
     import copy
 
     if not isinstance(source, MapSource):
-        raise ValueError(f"{field_name}: classification training needs a source with records (not a stream)")
+        raise ValueError(f"{field_name}: training on '{key}' needs a source with records (not a stream)")
     view = copy.copy(source)
-    view.records = [r for r in source.records if "label" in r]
+    view.records = [r for r in source.records if r.get(key)]
     if not view.records:
-        raise ValueError(f"{field_name}: no record of {source.name} has a 'label' field (a class name)")
+        raise ValueError(f"{field_name}: no record of {source.name} has a '{key}' field ({what})")
+    if len(view.records) < len(source.records):
+        print(f"vlzoo: {field_name}: training on the {len(view.records)} of {len(source.records)} records of "
+              f"{source.name} that have '{key}'", flush=True)
     return view
 
 
@@ -158,7 +162,8 @@ class VLDataModule(L.LightningDataModule):
     ``tokenizer`` and ``preprocess_config``), or from :meth:`attach`; a model with
     ``uses_qa = True`` also gets one QA pair per training item; one with
     ``uses_labels = True`` trains on the records with a class ``label`` only (shapes:
-    the one-object scenes) and gets their labels.
+    the one-object scenes) and gets their labels; one with ``needs_qa = True`` trains on
+    the records with QA pairs only.
     """
 
     random_augmentation = False  # images are only resized and normalised
@@ -203,6 +208,7 @@ class VLDataModule(L.LightningDataModule):
         self.resize_mode = "shortest"
         self.with_qa = False
         self.with_labels = False
+        self.qa_only = False
         self._annotations: dict[str, EvalAnnotations] = {}
         self._answer_prior: dict[str, str] | None = None
 
@@ -228,7 +234,9 @@ class VLDataModule(L.LightningDataModule):
             source = open_source(self.sources[split], split, self.options, self.shapes)
             self._check_rows(split, source)
             if split == "train" and self.with_labels:
-                source = labelled_only(source, f"data.{split}")
+                source = records_with(source, "label", f"data.{split}", "a class name")
+            if split == "train" and self.qa_only:
+                source = records_with(source, "qa", f"data.{split}", "question/answer pairs")
             self._opened[split] = source
         return self._opened[split]
 
@@ -267,6 +275,7 @@ class VLDataModule(L.LightningDataModule):
             self.attach(module.tokenizer, pre.image_size, pre.mean, pre.std, getattr(pre, "resize_mode", "shortest"))
             self.with_qa = bool(getattr(module, "uses_qa", False))
             self.with_labels = bool(getattr(module, "uses_labels", False))
+            self.qa_only = bool(getattr(module, "needs_qa", False))
         splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
         for split in splits.get(stage, ("train", "val", "test")):
             self.source(split)  # open early: a bad path fails before the first step
@@ -331,7 +340,7 @@ class VLDataModule(L.LightningDataModule):
             if not isinstance(source, MapSource):
                 raise ValueError(f"data.{split}: a streamed source cannot be evaluated")
             records = source.records
-            classes = self.class_names() if any("label" in r for r in records) else []
+            classes = self._eval_classes(records) if any("label" in r for r in records) else []
             of_class = {c: i for i, c in enumerate(classes)}
             self._annotations[split] = EvalAnnotations(
                 captions=[r["captions"] for r in records],
@@ -355,6 +364,14 @@ class VLDataModule(L.LightningDataModule):
         if not names:
             raise ValueError(f"data.train: {source.name} has no record with a 'label' field (a class name)")
         return names
+
+    def _eval_classes(self, records: list[dict]) -> list[str]:
+        """Zero-shot/classification classes of an evaluation split: the training split's
+        classes when it has labels, else the split's own sorted labels."""
+        try:
+            return self.class_names()
+        except ValueError:  # an unlabelled or streamed training split
+            return sorted({r["label"] for r in records if "label" in r})
 
     def answer_prior(self) -> dict[str, str]:
         """Question type -> the most common answer of that type in the training split

@@ -68,8 +68,11 @@ def optional_lists(row: dict[str, Any]) -> dict[str, Any]:
     """The well-formed ``qa`` pairs (type ``all`` unless given), ``negatives`` and class
     ``label`` (a string or number, kept as a string) of a row."""
     extras = {}
-    if isinstance(row.get("label"), (str, int)) and not isinstance(row.get("label"), bool):
-        extras["label"] = str(row["label"]).strip()
+    label = row.get("label")
+    if isinstance(label, float) and label.is_integer():
+        label = int(label)
+    if isinstance(label, (str, int)) and not isinstance(label, bool) and str(label).strip():
+        extras["label"] = str(label).strip()
     if isinstance(row.get("qa"), list):
         extras["qa"] = [{"type": "all", **q} for q in row["qa"] if isinstance(q, dict) and "question" in q
                         and "answer" in q]

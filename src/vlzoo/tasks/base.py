@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -122,7 +123,11 @@ class VLTask(L.LightningModule):
         done = prepare_model(self.model, self.finetune)
         self._finetune_ready = True
         if done:
-            print(f"vlzoo: finetune {done}: {trainable_summary(self.model)}", flush=True)
+            print(f"vlzoo: finetune {done}: {trainable_summary(self.model)}", file=sys.stderr, flush=True)
+
+    def skip_initial_weights(self) -> None:
+        """Do not load ``finetune.init_from`` (a resumed run restores its own checkpoint)."""
+        self._weights_loaded = True
 
     def initial_state(self, parts) -> tuple[dict[str, Tensor], tuple[str, ...]]:
         """(state dict for ``self.model``, key substrings allowed to be missing) from the
@@ -145,7 +150,7 @@ class VLTask(L.LightningModule):
         state, allow_missing = self.initial_state(parts)
         load_initial_weights(self.model, state, f"finetune.init_from {self.finetune.init_from}", allow_missing)
         self._weights_loaded = True
-        print(f"vlzoo: started from {self.finetune.init_from} ({parts.family})", flush=True)
+        print(f"vlzoo: started from {self.finetune.init_from} ({parts.family})", file=sys.stderr, flush=True)
 
     def total_loss(self, losses: dict[str, Tensor]) -> Tensor:
         """The sum of the named losses ``finetune.losses`` (default: all of them)."""

@@ -367,10 +367,11 @@ class BLIP2LLMTask(FrozenFeaturesMixin, VLTask):
         super().on_save_checkpoint(checkpoint)
         if not self.config.checkpoint_llm:  # the frozen LLM is reloaded from config.llm
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
-                                        if not k.startswith("model.llm.")}
+                                        if not k.startswith("model.llm.") or "lora_" in k}  # adapters train
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
         state = checkpoint["state_dict"]
-        if not any(k.startswith("model.llm.") for k in state):
-            state.update({f"model.llm.{k}": v for k, v in self.model.llm.state_dict().items()})
+        if not any(k.startswith("model.llm.") and "lora_" not in k for k in state):
+            state.update({f"model.llm.{k}": v for k, v in self.model.llm.state_dict().items()
+                          if f"model.llm.{k}" not in state})

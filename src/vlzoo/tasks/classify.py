@@ -87,6 +87,9 @@ class ClassifyTask(VLTask):
         self.classes = classes
         self.class_index = {c: i for i, c in enumerate(classes)}
         self.model = CLIPClassifier(self._clip[0], len(classes))
+        for name, p in self.model.named_parameters():  # the text side only initialises the head
+            if not name.startswith(("vision.", "image_projection.", "head.")):
+                p.requires_grad_(False)
         self.hparams["classes"] = classes  # a checkpoint rebuilds the same head
 
     def setup(self, stage: str) -> None:
@@ -101,6 +104,9 @@ class ClassifyTask(VLTask):
             raise ValueError(f"finetune.init_from {parts.source}: its head has {state['head.weight'].shape[0]} "
                              f"classes, this task {len(self.classes)}")
         self._init_has_head = "head.weight" in state
+        if self._init_has_head and parts.extra.get("classes") not in (None, self.classes):
+            raise ValueError(f"finetune.init_from {parts.source}: its head is over other classes "
+                             f"({parts.extra['classes'][:5]}...) than this task's ({self.classes[:5]}...)")
         return state, (*allow, "head.")
 
     def load_initial_weights(self) -> None:

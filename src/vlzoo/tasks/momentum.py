@@ -165,6 +165,18 @@ class MomentumTask(TwoStageRetrievalTask):
         super().__init__(optim, eval, finetune)
         self._pending: list[tuple[Tensor, Tensor, Tensor]] = []
 
+    def initial_state(self, parts) -> tuple[dict[str, Tensor], tuple[str, ...]]:
+        """The starting model's weights and queue features, with the queue's sample ids
+        cleared: the new data's sample i is not the pretraining data's sample i (an id
+        kept would make unrelated queued features false ITC positives)."""
+        state, allow = super().initial_state(parts)
+        state = dict(state)
+        for key in [k for k in state if k.endswith("queue.index")]:
+            state[key] = torch.full_like(state[key], -1)
+        for key in [k for k in state if k.endswith("queue.ptr")]:
+            state[key] = torch.zeros_like(state[key])
+        return state, allow
+
     def on_fit_start(self) -> None:
         self.model.queue.check_global_batch(self.trainer.datamodule.batch_size * world_size())  # fail before step 1
 

@@ -64,7 +64,7 @@ class BLIPVQATask(VLTask):
     (``generation``) and reports ``{stage}/vqa_acc`` and ``{stage}/vqa_majority_acc``."""
 
     monitor = "val/vqa_acc"
-    uses_qa = True
+    uses_qa = needs_qa = True
 
     def __init__(
         self,
