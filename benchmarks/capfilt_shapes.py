@@ -11,12 +11,11 @@ given checkpoint as captioner and filter at each threshold and prints both rates
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
 from vlzoo.cli import main as vlzoo
-from vlzoo.data.capfilt import noisy_shapes_source
+from vlzoo.data.capfilt import noisy_shapes_source, web_caption_rates
 
 
 def main() -> None:
@@ -28,16 +27,11 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         source, wrong = noisy_shapes_source(Path(tmp) / "noisy", args.images, args.noise)
-        web = [json.loads(line)["captions"][0] for line in source.read_text().splitlines()]
-        right = [i for i in range(len(web)) if i not in wrong]
         for threshold in args.thresholds:
             out = Path(tmp) / f"clean-{threshold}"
             vlzoo(["capfilt", "--captioner", args.checkpoint, "--filter", args.checkpoint, "--data", str(source),
                    "--out", str(out), "--threshold", str(threshold)])
-            cleaned = [json.loads(line) for line in (out / "captions.jsonl").read_text().splitlines()]
-            kept = [web[i] in row["captions"] for i, row in enumerate(cleaned)]
-            removed_wrong = sum(not kept[i] for i in wrong) / len(wrong)
-            kept_right = sum(kept[i] for i in right) / len(right)
+            removed_wrong, kept_right = web_caption_rates(source, wrong, out)
             print(f"threshold {threshold}: removed {removed_wrong:.1%} of wrong web captions, "
                   f"kept {kept_right:.1%} of right ones")
 
