@@ -129,7 +129,7 @@ def add_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
         elif part_of(name) in present:
             p.requires_grad_(False)
         else:
-            p.requires_grad_(trainable.get(name, trainable.get(name.replace(".base_layer", ""), True)))
+            p.requires_grad_(trainable[name])  # outside the adapted parts names are unchanged
     return targets
 
 

@@ -137,8 +137,9 @@ def retrieve(args: argparse.Namespace) -> None:
     model = load_model(args.model, args.device)
     paths, image_embeds, skipped = embed_images(model, args, image_files(args.images))
     text = model.encode_text([args.query]).float().cpu()  # (1, D)
-    scores = (torch.einsum("iqd,td->itq", image_embeds, text).amax(-1) if image_embeds.ndim == 3
-              else image_embeds @ text.T)[:, 0]
+    from vlzoo.zoo import embedding_similarity
+
+    scores = embedding_similarity(image_embeds, text)[:, 0]
     top = scores.topk(min(args.top, len(paths)))
     results = [{"rank": r + 1, "image": str(paths[i]), "score": round(float(s), 4)}
                for r, (s, i) in enumerate(zip(top.values.tolist(), top.indices.tolist(), strict=True))]
@@ -159,9 +160,9 @@ def zeroshot(args: argparse.Namespace) -> None:
         raise ValueError(f"--template must contain exactly one {{}} (where the label goes), got {bad}")
     text = model.encode_text([t.format(c) for c in labels for t in templates]).float().cpu()
     classes = F.normalize(text.view(len(labels), len(templates), -1).mean(1), dim=-1)
-    similarity = (torch.einsum("iqd,td->itq", image_embeds, classes).amax(-1) if image_embeds.ndim == 3
-                  else image_embeds @ classes.T)
-    probs = (100.0 * similarity).softmax(-1)
+    from vlzoo.zoo import embedding_similarity
+
+    probs = (100.0 * embedding_similarity(image_embeds, classes)).softmax(-1)
     results = []
     for path, row in zip(paths, probs.tolist(), strict=True):
         ranked = sorted(zip(labels, row, strict=True), key=lambda x: -x[1])

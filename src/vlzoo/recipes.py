@@ -61,7 +61,7 @@ def finetune_config(recipe: Path, model_config: Any, init_from: str, out: str | 
 def write_finetune_config(model_ref: str, task: str, recipe: str | None, out: str | None) -> Path:
     """Resolve ``model_ref`` (manifest name, checkpoint, run or export directory), pick
     the recipe and write ``ROOT/finetune_config.yaml``; returns its path."""
-    from vlzoo.hub.loaders import load_parts
+    from vlzoo.hub.loaders import hand_over, load_parts
     from vlzoo.utils import atomic_write_text
 
     parts = load_parts(model_ref)
@@ -71,6 +71,7 @@ def write_finetune_config(model_ref: str, task: str, recipe: str | None, out: st
     local = Path(model_ref).expanduser()
     init_from = str(local.resolve()) if local.exists() else model_ref
     config = finetune_config(recipe_file, parts.config, init_from, out)
+    hand_over(init_from, parts)  # the run in this process starts from these weights without reading them again
     root = Path(config.get("trainer", {}).get("default_root_dir") or f"runs/finetune-{task}-{parts.family}")
     config.setdefault("trainer", {})["default_root_dir"] = str(root)
     root.mkdir(parents=True, exist_ok=True)

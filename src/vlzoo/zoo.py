@@ -51,6 +51,14 @@ def build_preprocess(cfg: VisionConfig):
     return preprocess
 
 
+def embedding_similarity(image: Tensor, text: Tensor) -> Tensor:
+    """(N, D) or BLIP-2's (N, Q, D) image embeddings and (T, D) text embeddings ->
+    (N, T) cosine similarity (BLIP-2: the maximum over the queries, as its ITC)."""
+    if image.ndim == 3:
+        return torch.einsum("iqd,td->itq", image, text).amax(-1)
+    return image @ text.t()
+
+
 class ZooModel(nn.Module):
     """A loaded model with its preprocessing and tokenizer, and the methods its family can do.
 
@@ -128,10 +136,7 @@ class ZooModel(nn.Module):
     def similarity(self, images, texts) -> Tensor:
         """(N_images, N_texts) cosine similarity of the contrastive embeddings; BLIP-2:
         the maximum over its queries, as its ITC."""
-        image, text = self.encode_image(images), self.encode_text(texts)
-        if image.ndim == 3:  # (N, Q, D) queries
-            return torch.einsum("iqd,td->itq", image, text).amax(-1)
-        return image @ text.t()
+        return embedding_similarity(self.encode_image(images), self.encode_text(texts))
 
     @torch.no_grad()
     def itm_score(self, pixel_values, input_ids: str | Sequence[str] | Tensor,

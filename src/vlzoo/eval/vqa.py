@@ -33,6 +33,18 @@ def majority_accuracy(qa: list[dict[str, str]], answer_prior: dict[str, str]) ->
     return vqa_accuracy(predictions, [q["answer"] for q in qa])
 
 
+def answer_every_pair(qa_per_image: list[list[dict[str, str]]], answer, batch_size: int
+                      ) -> tuple[list[str], list[dict[str, str]]]:
+    """(predictions, QA pairs) for every QA pair of every image, asked in batches:
+    ``answer(rows, questions)`` answers ``questions[k]`` about image ``rows[k]``."""
+    pairs = [(i, q) for i, qa in enumerate(qa_per_image) for q in qa]
+    predictions: list[str] = []
+    for s in range(0, len(pairs), batch_size):
+        chunk = pairs[s : s + batch_size]
+        predictions += answer([i for i, _ in chunk], [q["question"] for _, q in chunk])
+    return predictions, [q for _, q in pairs]
+
+
 def vqa_metrics(predictions: list[str], qa: list[dict[str, str]], answer_prior: dict[str, str]) -> dict[str, float]:
     """``vqa_acc`` of ``predictions`` (one per QA pair of ``qa``) and ``vqa_majority_acc``
     of the majority-answer baseline."""

@@ -90,6 +90,20 @@ def parts_from_zoo_config(path: str | Path, family: str | None = None) -> Loaded
 
 
 # ------------------------------------------------------------------ references
+_HANDED_OVER: dict[str, LoadedParts] = {}
+
+
+def hand_over(ref: str, parts: LoadedParts) -> None:
+    """Keep ``parts`` loaded for the next :func:`load_parts_once` of ``ref`` in this
+    process (``vlzoo finetune`` resolves the model, then its run starts from it)."""
+    _HANDED_OVER[str(ref)] = parts
+
+
+def load_parts_once(ref: str | Path) -> LoadedParts:
+    """The parts handed over for ``ref`` (taken, so memory is freed), else :func:`load_parts`."""
+    return _HANDED_OVER.pop(str(ref), None) or load_parts(ref)
+
+
 def load_parts(ref: str | Path) -> LoadedParts:
     """Resolve ``ref``: ``hf://org/repo``, an existing file or directory, or a manifest name."""
     text = str(ref)

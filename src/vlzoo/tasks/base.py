@@ -45,7 +45,7 @@ def parameter_groups(model: nn.Module, weight_decay: float, lr: float, layer_dec
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        decays = not (name in skip or name.replace(".base_layer", "") in skip or p.ndim <= 1)
+        decays = not (name in skip or p.ndim <= 1)
         groups.setdefault((decays, scales[name]), []).append(p)
     for decays in (True, False):  # both groups always exist (optimizer state layouts stay comparable)
         groups.setdefault((decays, 1.0), [])
@@ -144,9 +144,9 @@ class VLTask(L.LightningModule):
     def load_initial_weights(self) -> None:
         """Load ``finetune.init_from`` into ``self.model`` (strictly, see :meth:`initial_state`)."""
         from vlzoo.finetune import load_initial_weights
-        from vlzoo.hub.loaders import load_parts
+        from vlzoo.hub.loaders import load_parts_once
 
-        parts = load_parts(self.finetune.init_from)
+        parts = load_parts_once(self.finetune.init_from)
         state, allow_missing = self.initial_state(parts)
         load_initial_weights(self.model, state, f"finetune.init_from {self.finetune.init_from}", allow_missing)
         self._weights_loaded = True
@@ -269,8 +269,18 @@ class VLTask(L.LightningModule):
         return {"embeds": self.embed_images(pixel_values)}
 
     def embed_texts(self, texts: list[str]) -> Tensor:
-        """Strings -> (T, D) normalised embeddings, batched."""
-        raise NotImplementedError
+        """Strings -> (T, D) normalised embeddings (``self.model.encode_text``), in
+        batches of ``eval.text_batch_size``."""
+        size = self.eval_config.text_batch_size
+        chunks = [self.model.encode_text(**self._tokenize(texts[i : i + size])) for i in range(0, len(texts), size)]
+        return torch.cat(chunks)
+
+    @torch.no_grad()
+    def class_embeddings(self, classes: list[str]) -> Tensor:
+        """(C, D) normalised mean text embedding of each class over ``eval.zeroshot_templates``."""
+        templates = self.eval_config.zeroshot_templates
+        embeds = self.embed_texts([t.format(c) for c in classes for t in templates])
+        return F.normalize(embeds.view(len(classes), len(templates), -1).mean(1), dim=-1)
 
     def itc_similarity(self, image_embeds: Tensor, text_embeds: Tensor) -> Tensor:
         """(N, ...) image and (T, D) text embeddings -> (N, T) similarity. Default: cosine."""
@@ -360,10 +370,7 @@ class VLTask(L.LightningModule):
         labelled = [(i, y) for i, y in enumerate(ann.zeroshot_labels) if y is not None]
         if not labelled:
             return float("nan")
-        templates = self.eval_config.zeroshot_templates
-        prompts = [t.format(c) for c in ann.zeroshot_classes for t in templates]
-        class_embeds = self.embed_texts(prompts).view(len(ann.zeroshot_classes), len(templates), -1)
-        class_embeds = F.normalize(class_embeds.mean(1), dim=-1)  # (C, D)
+        class_embeds = self.class_embeddings(ann.zeroshot_classes)  # (C, D)
         rows = torch.tensor([i for i, _ in labelled], device=image_embeds.device)
         labels = torch.tensor([y for _, y in labelled], device=image_embeds.device)
         predictions = self.itc_similarity(image_embeds[rows], class_embeds).argmax(-1)

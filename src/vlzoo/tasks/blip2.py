@@ -23,7 +23,7 @@ from vlzoo.data.datamodule import EvalAnnotations
 from vlzoo.data.llm_text import causal_lm_batch, left_padded_prompts, seq2seq_batch
 from vlzoo.data.tokenizers import Tokenizer, build_tokenizer
 from vlzoo.eval.captioning import caption_metrics
-from vlzoo.eval.vqa import vqa_metrics
+from vlzoo.eval.vqa import answer_every_pair, vqa_metrics
 from vlzoo.hub.weights import load_strict
 from vlzoo.models.blip2 import BLIP2, BLIP2LLM, FROZEN_DTYPES, LLM_KINDS, max_query_similarity
 from vlzoo.models.generation import GenerationConfig
@@ -350,16 +350,15 @@ class BLIP2LLMTask(FrozenFeaturesMixin, VLTask):
         for s in range(0, len(tokens), size):
             captions += self.answer(soft[s : s + size], [self.config.caption_prompt] * len(soft[s : s + size]))
         metrics = caption_metrics(captions, ann.captions)
-        pairs = [(i, q) for i, qa in enumerate(ann.qa) for q in qa]
-        if pairs:
-            predictions = []
-            for s in range(0, len(pairs), size):
-                chunk = pairs[s : s + size]
-                rows = torch.tensor([i for i, _ in chunk], device=tokens.device)
-                questions = [q["question"] for _, q in chunk]
+        if any(ann.qa):
+
+            def answer(rows: list[int], questions: list[str]) -> list[str]:
+                rows = torch.tensor(rows, device=tokens.device)
                 question_soft = self._question_soft_prompt(tokens[rows], questions, soft[rows])
-                predictions += self.answer(question_soft, self._vqa_prompts(questions), self.vqa_generation)
-            metrics.update(vqa_metrics(predictions, [q for _, q in pairs], self.trainer.datamodule.answer_prior()))
+                return self.answer(question_soft, self._vqa_prompts(questions), self.vqa_generation)
+
+            predictions, qa = answer_every_pair(ann.qa, answer, size)
+            metrics.update(vqa_metrics(predictions, qa, self.trainer.datamodule.answer_prior()))
         return metrics
 
     # ----------------------------------------------------------- checkpoints

@@ -114,17 +114,6 @@ class ClassifyTask(VLTask):
         if self.head_init == "zeroshot" and not self._init_has_head:
             self.model.set_zeroshot_head(self.class_embeddings(self.classes))
 
-    @torch.no_grad()
-    def class_embeddings(self, classes: list[str]) -> Tensor:
-        """(C, D) normalised mean text embedding of each class over the prompt templates."""
-        templates = self.eval_config.zeroshot_templates
-        prompts = [t.format(c) for c in classes for t in templates]
-        size = self.eval_config.text_batch_size
-        tokens = [self.tokenizer(prompts[i : i + size]) for i in range(0, len(prompts), size)]
-        embeds = torch.cat([self.model.encode_text(t["input_ids"].to(self.device), t["attention_mask"].to(self.device))
-                            for t in tokens])
-        return F.normalize(embeds.view(len(classes), len(templates), -1).mean(1), dim=-1)
-
     def labels_tensor(self, names: list[str]) -> Tensor:
         unknown = sorted({n for n in names if n not in self.class_index})
         if unknown:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from vlzoo.backbones import build_text_encoder, build_vision_encoder
@@ -62,8 +61,3 @@ class CLIPTask(VLTask):
 
     def embed_images(self, pixel_values: Tensor) -> Tensor:
         return self.model.encode_image(pixel_values)
-
-    def embed_texts(self, texts: list[str]) -> Tensor:
-        size = self.eval_config.text_batch_size
-        chunks = [self.model.encode_text(**self._tokenize(texts[i : i + size])) for i in range(0, len(texts), size)]
-        return torch.cat(chunks)

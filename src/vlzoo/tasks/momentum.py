@@ -97,11 +97,6 @@ class TwoStageRetrievalTask(VLTask):
         tokens, embeds = self.image_tokens_and_embeds(pixel_values)
         return {"embeds": embeds, "tokens": tokens}
 
-    def embed_texts(self, texts: list[str]) -> Tensor:
-        size = self.eval_config.text_batch_size
-        chunks = [self.model.encode_text(**self._tokenize(texts[i : i + size])) for i in range(0, len(texts), size)]
-        return torch.cat(chunks)
-
     def _itm_scores(self, images: dict[str, Tensor], rows: Tensor, tokens: dict[str, Tensor], cols: Tensor) -> Tensor:
         """(P,) ITM match logit minus no-match logit of image rows[p] with text cols[p]."""
         logits = self.model.itm_logits(tokens["input_ids"][cols], tokens["attention_mask"][cols],

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import sys
 
 import torch
 from torch import Tensor
@@ -14,7 +15,7 @@ from torch import Tensor
 from vlzoo.config import BLIPConfig, EvalConfig, FinetuneConfig, OptimConfig
 from vlzoo.data.datamodule import EvalAnnotations
 from vlzoo.data.tokenizers import Tokenizer, build_tokenizer
-from vlzoo.eval.vqa import vqa_metrics
+from vlzoo.eval.vqa import answer_every_pair, vqa_metrics
 from vlzoo.losses import IGNORE, caption_lm_loss
 from vlzoo.models.blip_vqa import BLIPVQA
 from vlzoo.models.generation import GenerationConfig
@@ -88,7 +89,7 @@ class BLIPVQATask(VLTask):
         state, kept = blip_to_vqa_state(parts.model.state_dict(), self.model.state_dict())
         if kept:
             print(f"vlzoo: {len(kept)} answer-decoder cross-attention tensors start random (BLIP's image width "
-                  f"differs from its text width)", flush=True)
+                  f"differs from its text width)", file=sys.stderr, flush=True)
         return state, tuple(kept)
 
     def _answer_batch(self, answers: list[str]) -> tuple[Tensor, Tensor, Tensor]:
@@ -100,8 +101,6 @@ class BLIPVQATask(VLTask):
         return ids, tokens["attention_mask"], labels
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        if "questions" not in batch:
-            raise ValueError("VQA fine-tuning needs QA pairs: the training records have no 'qa' field")
         question = self._tokenize(batch["questions"])
         ids, mask, labels = self._answer_batch(batch["answers"])
         logits = self.model.answer_logits(batch["pixel_values"], question["input_ids"], question["attention_mask"],
@@ -131,12 +130,12 @@ class BLIPVQATask(VLTask):
 
     @torch.no_grad()
     def evaluate(self, images: dict[str, Tensor], ann: EvalAnnotations) -> dict[str, float]:
-        pairs = [(i, q) for i, qa in enumerate(ann.qa) for q in qa]
-        if not pairs:
+        if not any(ann.qa):
             raise ValueError("the evaluation split has no QA pairs (records need a 'qa' field)")
-        size, predictions = self.eval_config.itm_batch_size, []
-        for s in range(0, len(pairs), size):
-            chunk = pairs[s : s + size]
-            rows = torch.tensor([i for i, _ in chunk], device=images["tokens"].device)
-            predictions += self.answer_from_tokens(images["tokens"][rows], [q["question"] for _, q in chunk])
-        return vqa_metrics(predictions, [q for _, q in pairs], self.trainer.datamodule.answer_prior())
+        tokens = images["tokens"]
+
+        def answer(rows: list[int], questions: list[str]) -> list[str]:
+            return self.answer_from_tokens(tokens[torch.tensor(rows, device=tokens.device)], questions)
+
+        predictions, qa = answer_every_pair(ann.qa, answer, self.eval_config.itm_batch_size)
+        return vqa_metrics(predictions, qa, self.trainer.datamodule.answer_prior())
