@@ -186,8 +186,9 @@ class BLIP2LLMConfig:
 class CausalLMConfig:
     """A small causal LM trained by vlzoo on the training text (each image's captions
     and ``vqa_prompt``-formatted QA pairs, after a caption of the same image when
-    ``qa_context``): the frozen LM of the shapes BLIP-2. Answering from a preceding
-    description is what lets stage 2 put a soft visual prompt in its place.
+    ``qa_context``; with ``caption_context`` each caption also follows another caption
+    of its image): the frozen LM of the shapes BLIP-2. Answering and describing from a
+    preceding description is what lets stage 2 put a soft visual prompt in its place.
 
     ``architecture``: a transformers model type (``gpt2``, ``opt``, ``llama``, ...);
     ``kwargs``: its config fields (sizes); ``tokenizer``: ``shapes`` or a Hugging Face name.
@@ -199,6 +200,8 @@ class CausalLMConfig:
     vqa_prompt: str = "Question: {} Answer:"
     max_text_length: int = 48
     qa_context: bool = True  # a QA pair follows a caption of its image: the LM learns to answer from context
+    caption_context: bool = False  # a caption also follows another caption of its image: it learns to describe
+                                   # a scene it has read about (what a soft visual prompt then stands for)
     add_bos: bool = True  # the shapes tokenizer: start each text with [CLS] (GPT-2 style: no BOS)
 
 

@@ -75,6 +75,12 @@ def test_key_follows_the_config_and_what_it_refers_to(zoo):
     assert artefacts.artefact_key("zoo:blip2/tiny") != key  # a changed dependency retrains the referrer
 
 
+def test_key_follows_the_vlzoo_version(zoo, monkeypatch):
+    key = artefacts.artefact_key("zoo:clip/tiny")
+    monkeypatch.setattr(artefacts, "__version__", "999.0")
+    assert artefacts.artefact_key("zoo:clip/tiny") != key  # a new release trains its artefacts anew
+
+
 def test_unknown_name_and_cycles_are_clear_errors(zoo):
     with pytest.raises(FileNotFoundError, match="zoo:clip/huge.*searched"):
         artefacts.artefact_dir("zoo:clip/huge")

@@ -179,3 +179,22 @@ def test_stage2_batched_generation_equals_one_by_one(kind):
     for i in range(2):
         alone = model.generate(soft[i : i + 1], *prompt_batch(prompts[i : i + 1]), config)
         assert together[i, : alone.shape[1]].tolist() == alone[0].tolist()
+
+
+def test_stage2_soft_prompt_alone_stands_for_a_bos_less_lm_context():
+    """A BOS-less LM (the shapes LM): with an empty text prompt the first target token is
+    predicted from the soft prompt, and generation reads the soft prompt alone."""
+    model, _ = _stage2("llama")
+    tok = shapes_lm_tokenizer(add_bos=False)
+    text = causal_lm_batch(tok, [""], ["a red circle"], 32)
+    assert text["labels"][0].tolist() == text["input_ids"][0].tolist()  # every token is a target
+    model.eval()
+    soft = model.soft_prompt(model.image_tokens(torch.randn(2, 3, 16, 16)))
+    prompt = left_padded_prompts(tok, ["", ""], 32)
+    assert prompt["attention_mask"].sum() == 0  # only padding after the soft prompt
+    config = GenerationConfig(method="greedy", max_length=4, min_length=4)
+    out = model.generate(soft, prompt["input_ids"], prompt["attention_mask"], config, eos_token_id=tok.eos_token_id)
+    direct = model.llm.generate(inputs_embeds=soft, attention_mask=torch.ones(soft.shape[:2], dtype=torch.long),
+                                max_new_tokens=4, min_new_tokens=4, do_sample=False, num_beams=1,
+                                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    assert out.tolist() == direct.tolist()

@@ -103,6 +103,26 @@ def test_causal_lm_export_loads_with_transformers(lm_dir):
     assert model(torch.tensor([ids])).logits.shape == (1, len(ids), len(tok))
 
 
+def test_causal_lm_caption_context_reads_another_caption_of_the_image(tmp_path):
+    L.seed_everything(0)
+    task = CausalLMTask(CausalLMConfig(kwargs=dict(n_embd=32, n_layer=2, n_head=2, n_positions=96),
+                                       caption_context=True, add_bos=False), OptimConfig(lr=3e-3, warmup_steps=2))
+    recorder = LossRecorder()
+    fit = trainer(tmp_path, 20, callbacks=[recorder])
+    fit.fit(task, datamodule=data())
+    assert recorder.losses[-1] < recorder.losses[0] and torch.isfinite(fit.callback_metrics["val/perplexity"])
+    records = fit.datamodule.source("train").records
+    index = list(range(8))
+    targets = [records[i]["captions"][0] for i in index]
+    contexts, kept = task._context_captions(index, targets)
+    with_others = [i for i, t in zip(index, targets) if set(records[i]["captions"]) - {t}]
+    assert kept == [records[i]["captions"][0] for i in with_others] and len(contexts) == len(kept) > 0
+    for i, context, target in zip(with_others, contexts, kept):
+        assert context in records[i]["captions"] and context != target  # another caption of the same image
+    assert task._context_captions(index, targets) == (contexts, kept)  # the same draw at the same step
+    assert task.lm_tokenizer("a red circle")["input_ids"][0] != task.lm_tokenizer.bos_token_id
+
+
 @pytest.fixture(scope="module")
 def stage1_checkpoint(tmp_path_factory):
     L.seed_everything(0)

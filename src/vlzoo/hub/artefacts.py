@@ -5,8 +5,8 @@ frozen image encoder of BLIP-2 shapes is ``zoo:clip/shapes-tiny``, the vision to
 the CLIP trained by ``zoo_configs/models/clip/shapes-tiny.yaml``). :func:`resolve_artefact`
 returns a directory holding that model; when it is missing, vlzoo trains it with its
 own config (``vlzoo fit`` in a subprocess, progress shown) and caches it under
-``$VLZOO_HOME/artefacts/FAMILY-VARIANT-KEY``, KEY a hash of the config and of every
-artefact it refers to in turn, so a changed config trains anew and an unchanged one
+``$VLZOO_HOME/artefacts/FAMILY-VARIANT-KEY``, KEY a hash of the vlzoo version, the config
+and every artefact it refers to in turn, so a changed config trains anew and an unchanged one
 is reused. Concurrent processes (DDP ranks, two runs) wait on one lock; the directory
 appears by an atomic rename only once complete.
 
@@ -27,6 +27,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from vlzoo import __version__
 from vlzoo.utils import file_lock, vlzoo_home
 
 ZOO_PREFIX = "zoo:"
@@ -69,13 +70,15 @@ def _references(node: object) -> list[str]:
 
 
 def artefact_key(reference: str, _seen: tuple[str, ...] = ()) -> str:
-    """sha256 (hex, 16 chars) of the config's canonical YAML and of the keys of the
-    artefacts it refers to (a cycle is an error)."""
+    """sha256 (hex, 16 chars) of the vlzoo version, the config's canonical YAML and the
+    keys of the artefacts it refers to (a cycle is an error): a new release, whose
+    training code may differ, trains its artefacts anew."""
     if reference in _seen:
         raise ValueError(f"zoo artefacts refer to each other in a cycle: {' -> '.join((*_seen, reference))}")
     tree = OmegaConf.to_container(OmegaConf.load(zoo_config_path(reference)), resolve=False)
     tree.get("trainer", {}).pop("default_root_dir", None)  # where it ran does not change the model
-    digest = hashlib.sha256(OmegaConf.to_yaml(OmegaConf.create(tree), sort_keys=True).encode())
+    digest = hashlib.sha256(f"vlzoo {__version__}\n".encode())
+    digest.update(OmegaConf.to_yaml(OmegaConf.create(tree), sort_keys=True).encode())
     for ref in sorted(set(_references(tree))):
         digest.update(f"{ref}={artefact_key(ref, (*_seen, reference))}".encode())
     return digest.hexdigest()[:16]

@@ -4,6 +4,7 @@ form so that stage 2 loads it like any other LLM."""
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import torch
@@ -29,8 +30,9 @@ def build_causal_lm(cfg: CausalLMConfig, tokenizer):
 
 class CausalLMTask(VLTask):
     """Trains a causal LM on each training image's caption and one QA pair
-    (``Question: ... Answer: ...``); validation reports ``val/loss`` and ``val/perplexity``
-    over all captions and QA pairs of the split."""
+    (``Question: ... Answer: ...``), and with ``caption_context`` on the caption after
+    another caption of its image; validation reports ``val/loss`` and ``val/perplexity``
+    over all captions and QA pairs of the split (and each caption after the image's first)."""
 
     monitor = "val/loss"
     uses_qa = True
@@ -65,10 +67,26 @@ class CausalLMTask(VLTask):
             questions = [f"{c.strip()} {q}" for c, q in zip(contexts, questions, strict=True)]
         return [""] * len(captions) + questions, list(captions) + [q["answer"] for q in qa]
 
+    def _context_captions(self, index: list[int], captions: list[str]) -> tuple[list[str], list[str]]:
+        """For each training caption, another caption of the same image (drawn per step and
+        image, so a resumed run draws the same); images with one distinct caption are left out."""
+        records = self.trainer.datamodule.source("train").records
+        contexts, targets = [], []
+        for image, caption in zip(index, captions, strict=True):
+            others = sorted({c for c in records[image]["captions"] if c != caption})
+            if others:
+                contexts.append(random.Random(self.global_step * 1_000_003 + image).choice(others))
+                targets.append(caption)
+        return contexts, targets
+
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         qa = [{"question": q, "answer": a} for q, a in zip(batch.get("questions", []), batch.get("answers", []),
                                                             strict=True)]
-        loss, _ = self.texts_loss(*self._prompts_and_targets(batch["captions"], qa, batch["captions"][: len(qa)]))
+        prompts, targets = self._prompts_and_targets(batch["captions"], qa, batch["captions"][: len(qa)])
+        if self.config.caption_context:
+            contexts, captions = self._context_captions(batch["index"].tolist(), batch["captions"])
+            prompts, targets = prompts + contexts, targets + captions
+        loss, _ = self.texts_loss(prompts, targets)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
@@ -79,8 +97,11 @@ class CausalLMTask(VLTask):
         rows = batch["index"].tolist()
         captions = [c for i in rows for c in ann.captions[i]]
         pairs = [(ann.captions[i][0], q) for i in rows for q in (ann.qa[i] if ann.qa else [])]
-        loss, tokens = self.texts_loss(*self._prompts_and_targets(captions, [q for _, q in pairs],
-                                                                  [c for c, _ in pairs]))
+        prompts, targets = self._prompts_and_targets(captions, [q for _, q in pairs], [c for c, _ in pairs])
+        if self.config.caption_context:  # every other caption of an image after its first
+            follow = [(ann.captions[i][0], c) for i in rows for c in ann.captions[i][1:]]
+            prompts, targets = prompts + [c for c, _ in follow], targets + [t for _, t in follow]
+        loss, tokens = self.texts_loss(prompts, targets)
         self._eval_sums.append((float(loss) * tokens, tokens))
 
     def _finish_eval(self, stage: str) -> None:
