@@ -123,6 +123,17 @@ def test_causal_lm_caption_context_reads_another_caption_of_the_image(tmp_path):
     assert task.lm_tokenizer("a red circle")["input_ids"][0] != task.lm_tokenizer.bos_token_id
 
 
+def test_caption_context_refuses_a_streamed_training_source():
+    from types import SimpleNamespace
+
+    task = CausalLMTask(CausalLMConfig(kwargs=dict(n_embd=16, n_layer=1, n_head=2, n_positions=64),
+                                       caption_context=True))
+    stream = SimpleNamespace(name="shards/{0..9}.tar")  # a stream has no records
+    task._trainer = SimpleNamespace(datamodule=SimpleNamespace(source=lambda split: stream), global_step=0)
+    with pytest.raises(ValueError, match=r"caption_context.*shards/\{0\.\.9\}\.tar.*streamed"):
+        task._context_captions([0], ["a red circle"])
+
+
 @pytest.fixture(scope="module")
 def stage1_checkpoint(tmp_path_factory):
     L.seed_everything(0)

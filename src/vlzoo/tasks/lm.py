@@ -70,7 +70,12 @@ class CausalLMTask(VLTask):
     def _context_captions(self, index: list[int], captions: list[str]) -> tuple[list[str], list[str]]:
         """For each training caption, another caption of the same image (drawn per step and
         image, so a resumed run draws the same); images with one distinct caption are left out."""
-        records = self.trainer.datamodule.source("train").records
+        source = self.trainer.datamodule.source("train")
+        records = getattr(source, "records", None)
+        if records is None:
+            raise ValueError(f"model.caption_context needs the other captions of each training image: data.train "
+                             f"({source.name}) is streamed; use a source with records (JSONL, CSV, shapes) or "
+                             "caption_context: false")
         contexts, targets = [], []
         for image, caption in zip(index, captions, strict=True):
             others = sorted({c for c in records[image]["captions"] if c != caption})
