@@ -147,7 +147,6 @@ def retrieve(args: argparse.Namespace) -> None:
 
 
 def zeroshot(args: argparse.Namespace) -> None:
-    import torch.nn.functional as F
 
     labels = [x.strip() for x in args.labels.split(",") if x.strip()]
     if len(labels) < 2:
@@ -159,8 +158,9 @@ def zeroshot(args: argparse.Namespace) -> None:
     if bad:
         raise ValueError(f"--template must contain exactly one {{}} (where the label goes), got {bad}")
     text = model.encode_text([t.format(c) for c in labels for t in templates]).float().cpu()
-    classes = F.normalize(text.view(len(labels), len(templates), -1).mean(1), dim=-1)
-    from vlzoo.zoo import embedding_similarity
+    from vlzoo.zoo import embedding_similarity, mean_over_prompts
+
+    classes = mean_over_prompts(text, len(labels))
 
     probs = (100.0 * embedding_similarity(image_embeds, classes)).softmax(-1)
     results = []

@@ -9,7 +9,6 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor, nn
 
@@ -279,8 +278,9 @@ class VLTask(L.LightningModule):
     def class_embeddings(self, classes: list[str]) -> Tensor:
         """(C, D) normalised mean text embedding of each class over ``eval.zeroshot_templates``."""
         templates = self.eval_config.zeroshot_templates
-        embeds = self.embed_texts([t.format(c) for c in classes for t in templates])
-        return F.normalize(embeds.view(len(classes), len(templates), -1).mean(1), dim=-1)
+        from vlzoo.zoo import mean_over_prompts
+
+        return mean_over_prompts(self.embed_texts([t.format(c) for c in classes for t in templates]), len(classes))
 
     def itc_similarity(self, image_embeds: Tensor, text_embeds: Tensor) -> Tensor:
         """(N, ...) image and (T, D) text embeddings -> (N, T) similarity. Default: cosine."""

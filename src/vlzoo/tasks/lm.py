@@ -4,7 +4,6 @@ form so that stage 2 loads it like any other LLM."""
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import torch
@@ -12,6 +11,7 @@ from torch import Tensor
 
 from vlzoo.config import CausalLMConfig, EvalConfig, OptimConfig, VisionConfig
 from vlzoo.data.llm_text import causal_lm_batch, load_lm_tokenizer
+from vlzoo.data.resumable import draw
 from vlzoo.data.tokenizers import build_tokenizer
 from vlzoo.distributed import gather_objects
 from vlzoo.tasks.base import VLTask
@@ -80,7 +80,7 @@ class CausalLMTask(VLTask):
         for image, caption in zip(index, captions, strict=True):
             others = sorted({c for c in records[image]["captions"] if c != caption})
             if others:
-                contexts.append(random.Random(self.global_step * 1_000_003 + image).choice(others))
+                contexts.append(others[draw(self.global_step, 0, image, len(others), salt=2)])
                 targets.append(caption)
         return contexts, targets
 
