@@ -254,6 +254,9 @@ class FinetuneConfig:
     losses: list[str] | None = None
 
 
+RERANK_ITC_TERMS = ("cosine", "logit", "none")
+
+
 @dataclass
 class EvalConfig:
     """Evaluation settings shared by the families."""
@@ -263,7 +266,15 @@ class EvalConfig:
     )
     text_batch_size: int = 512
     rerank_k: int = 128  # ITM reranks the top k ITC candidates per query (ALBEF, BLIP, BLIP-2)
+    # the reranked score is the ITM logit + rerank_itc_weight x the ITC term: "cosine" (as LAVIS for
+    # BLIP and BLIP-2), "logit" (cosine / the learned temperature: ITC's own scale) or "none" (ITM alone)
+    rerank_itc: str = "cosine"
+    rerank_itc_weight: float = 1.0
     itm_batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        if self.rerank_itc not in RERANK_ITC_TERMS:
+            raise ValueError(f"eval.rerank_itc must be one of {RERANK_ITC_TERMS}, got {self.rerank_itc!r}")
 
 
 def load_yaml_section(path: str | Path, section: str, schema: type) -> Any:

@@ -54,6 +54,21 @@ def test_rerank_scores_only_the_top_k_and_adds_the_first_stage():
     torch.testing.assert_close(out[0, 1], torch.tensor(5.8))
 
 
+def test_rerank_weights_the_first_stage():
+    from vlzoo.eval.retrieval import rerank_top_k
+
+    similarity = torch.tensor([[0.9, 0.8, 0.1]])
+
+    def itm(queries, candidates):
+        return torch.where(candidates == 1, 1.0, 0.0)  # ITM prefers candidate 1 by 1.0
+
+    assert rerank_top_k(similarity, 2, itm).argmax() == 1  # 1.8 > 0.9
+    weighted = rerank_top_k(similarity, 2, itm, similarity_weight=20.0)  # 18 > 17: the first stage's 0.1 gap wins
+    assert weighted.argmax() == 0
+    torch.testing.assert_close(weighted[0, 1], torch.tensor(17.0))
+    assert rerank_top_k(similarity, 2, itm, similarity_weight=0.0)[0, 0] == 0.0
+
+
 def test_unique_texts_map_back():
     from vlzoo.eval.retrieval import unique_texts
 

@@ -41,6 +41,20 @@ def stage1_task(**overrides) -> BLIP2Task:
     return BLIP2Task(tiny_config(**overrides), OPTIM, EvalConfig(rerank_k=4, itm_batch_size=32), GREEDY)
 
 
+@pytest.mark.parametrize(("term", "weight", "expected"), [("cosine", 1.0, 1.0), ("none", 1.0, 0.0),
+                                                         ("logit", 2.0, 2.0 / 0.05)])
+def test_rerank_itc_term_scales_the_first_stage(term, weight, expected):
+    task = BLIP2Task(tiny_config(), OPTIM, EvalConfig(rerank_itc=term, rerank_itc_weight=weight), GREEDY)
+    with torch.no_grad():
+        task.model.temp.fill_(0.05)
+    assert task.rerank_itc_weight() == pytest.approx(expected)
+
+
+def test_unknown_rerank_itc_term_is_refused():
+    with pytest.raises(ValueError, match="eval.rerank_itc must be one of"):
+        EvalConfig(rerank_itc="softmax")
+
+
 def test_stage1_fit_lowers_loss_reports_metrics_and_reloads(tmp_path):
     L.seed_everything(0)
     task, recorder = stage1_task(), LossRecorder()

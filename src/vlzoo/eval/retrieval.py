@@ -95,13 +95,15 @@ def rerank_top_k(
     k: int,
     score_pairs: Callable[[Tensor, Tensor], Tensor],
     batch_size: int = 256,
+    similarity_weight: float = 1.0,
 ) -> Tensor:
     """Second stage of retrieval: rescore each query's top-k candidates.
 
     similarity: (Q, C) first-stage (ITC) scores. ``score_pairs(query_idx, cand_idx)``
     scores P pairs given as two (P,) index tensors (e.g. ITM logits). Returns (Q, C):
-    ``score + similarity`` on each row's top k, -inf elsewhere, so that ranking the row
-    ranks the reranked candidates first. Pairs are scored ``batch_size`` at a time.
+    ``score + similarity_weight * similarity`` on each row's top k, -inf elsewhere, so
+    that ranking the row ranks the reranked candidates first. Pairs are scored
+    ``batch_size`` at a time.
     """
     q, c = similarity.shape
     k = min(k, c)
@@ -113,7 +115,7 @@ def rerank_top_k(
         for s in range(0, len(queries), batch_size)
     ])
     out = torch.full_like(similarity, float("-inf"), dtype=torch.float)
-    out[queries, candidates] = scores + similarity[queries, candidates].float()
+    out[queries, candidates] = scores + similarity_weight * similarity[queries, candidates].float()
     return out
 
 

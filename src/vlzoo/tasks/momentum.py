@@ -103,6 +103,15 @@ class TwoStageRetrievalTask(VLTask):
                                        images["tokens"][rows])
         return logits[:, 1] - logits[:, 0]
 
+    def rerank_itc_weight(self) -> float:
+        """What multiplies the ITC cosine in the reranked score (``eval.rerank_itc``)."""
+        cfg = self.eval_config
+        if cfg.rerank_itc != "logit":
+            return cfg.rerank_itc_weight * (1.0 if cfg.rerank_itc == "cosine" else 0.0)
+        temp = self.model.temp
+        temp = temp.full_tensor() if hasattr(temp, "full_tensor") else temp  # FSDP2: every rank evaluates
+        return cfg.rerank_itc_weight / float(temp)
+
     def score_pairs(self, images: dict[str, Tensor], rows: Tensor, texts: list[str]) -> Tensor:
         size = self.eval_config.itm_batch_size
         scores = []
@@ -120,9 +129,9 @@ class TwoStageRetrievalTask(VLTask):
         similarity = self.itc_similarity(images["embeds"], self.embed_texts(texts))  # (N, U) ITC
         metrics = {f"itc_{k}": v for k, v in recall_at_k(similarity[:, of_text].float().cpu(), index).items()
                    if k.startswith("r1_")}
-        k, batch = self.eval_config.rerank_k, self.eval_config.itm_batch_size
-        i2t = rerank_top_k(similarity, k, lambda q, c: self._itm_scores(images, q, tokens, c), batch)
-        t2i = rerank_top_k(similarity.T, k, lambda q, c: self._itm_scores(images, c, tokens, q), batch)
+        k, batch, weight = self.eval_config.rerank_k, self.eval_config.itm_batch_size, self.rerank_itc_weight()
+        i2t = rerank_top_k(similarity, k, lambda q, c: self._itm_scores(images, q, tokens, c), batch, weight)
+        t2i = rerank_top_k(similarity.T, k, lambda q, c: self._itm_scores(images, c, tokens, q), batch, weight)
         metrics.update({m: v for m, v in recall_at_k(i2t[:, of_text].cpu(), index).items() if m.endswith("i2t")})
         metrics.update({m: v for m, v in recall_at_k(t2i.T[:, of_text].cpu(), index).items() if m.endswith("t2i")})
         metrics["compositional_acc"] = self._compositional(images, ann)
