@@ -147,6 +147,8 @@ def retrieve(args: argparse.Namespace) -> None:
 
 
 def zeroshot(args: argparse.Namespace) -> None:
+    from vlzoo.eval.retrieval import mean_over_prompts
+    from vlzoo.zoo import embedding_similarity
 
     labels = [x.strip() for x in args.labels.split(",") if x.strip()]
     if len(labels) < 2:
@@ -158,10 +160,7 @@ def zeroshot(args: argparse.Namespace) -> None:
     if bad:
         raise ValueError(f"--template must contain exactly one {{}} (where the label goes), got {bad}")
     text = model.encode_text([t.format(c) for c in labels for t in templates]).float().cpu()
-    from vlzoo.zoo import embedding_similarity, mean_over_prompts
-
     classes = mean_over_prompts(text, len(labels))
-
     probs = (100.0 * embedding_similarity(image_embeds, classes)).softmax(-1)
     results = []
     for path, row in zip(paths, probs.tolist(), strict=True):

@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlzoo.config import VisionConfig
 from vlzoo.hub.convert import LoadedParts
+from vlzoo.models.blip2 import max_query_similarity
 
 
 class CapabilityError(NotImplementedError):
@@ -56,16 +56,8 @@ def embedding_similarity(image: Tensor, text: Tensor) -> Tensor:
     """(N, D) or BLIP-2's (N, Q, D) image embeddings and (T, D) text embeddings ->
     (N, T) cosine similarity (BLIP-2: the maximum over the queries, as its ITC)."""
     if image.ndim == 3:
-        from vlzoo.models.blip2 import max_query_similarity
-
         return max_query_similarity(image, text)
     return image @ text.t()
-
-
-def mean_over_prompts(text_embeds: Tensor, num_classes: int) -> Tensor:
-    """(C * P, D) embeddings of P prompts per class, class-major -> (C, D) normalised
-    mean per class (CLIP's prompt ensembling)."""
-    return F.normalize(text_embeds.view(num_classes, -1, text_embeds.shape[-1]).mean(1), dim=-1)
 
 
 class ZooModel(nn.Module):

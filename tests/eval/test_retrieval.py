@@ -74,3 +74,11 @@ def test_unique_texts_map_back():
 
     texts, of_text = unique_texts(["a", "b", "a", "c"])
     assert texts == ["a", "b", "c"] and of_text.tolist() == [0, 1, 0, 2]
+
+
+def test_mean_over_prompts_averages_each_class_then_normalises():
+    from vlzoo.eval.retrieval import mean_over_prompts
+
+    prompts = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 0.0], [4.0, 0.0]])  # class 0: two prompts, class 1: two
+    classes = mean_over_prompts(prompts, num_classes=2)
+    torch.testing.assert_close(classes, torch.tensor([[0.5 ** 0.5, 0.5 ** 0.5], [1.0, 0.0]]))

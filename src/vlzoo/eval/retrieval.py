@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -88,6 +89,12 @@ def compositional_accuracy(positive_scores: Tensor, negative_scores: Tensor) -> 
     if positive_scores.numel() == 0:
         return float("nan")
     return (positive_scores > negative_scores).float().mean().item()
+
+
+def mean_over_prompts(text_embeds: Tensor, num_classes: int) -> Tensor:
+    """(C * P, D) embeddings of P prompts per class, class-major -> (C, D) normalised
+    mean per class (CLIP's prompt ensembling, the zero-shot classifier's weights)."""
+    return F.normalize(text_embeds.view(num_classes, -1, text_embeds.shape[-1]).mean(1), dim=-1)
 
 
 def rerank_top_k(

@@ -16,7 +16,12 @@ from vlzoo.config import EvalConfig, FinetuneConfig, OptimConfig, VisionConfig
 from vlzoo.data.datamodule import EvalAnnotations
 from vlzoo.data.tokenizers import Tokenizer
 from vlzoo.distributed import gather_objects, local_tensor
-from vlzoo.eval.retrieval import CaptionIndex, compositional_accuracy, recall_at_k
+from vlzoo.eval.retrieval import (
+    CaptionIndex,
+    compositional_accuracy,
+    mean_over_prompts,
+    recall_at_k,
+)
 from vlzoo.parallel import (
     FSDPOptions,
     average_replicated_gradients,
@@ -278,8 +283,6 @@ class VLTask(L.LightningModule):
     def class_embeddings(self, classes: list[str]) -> Tensor:
         """(C, D) normalised mean text embedding of each class over ``eval.zeroshot_templates``."""
         templates = self.eval_config.zeroshot_templates
-        from vlzoo.zoo import mean_over_prompts
-
         return mean_over_prompts(self.embed_texts([t.format(c) for c in classes for t in templates]), len(classes))
 
     def itc_similarity(self, image_embeds: Tensor, text_embeds: Tensor) -> Tensor:

@@ -106,11 +106,11 @@ class TwoStageRetrievalTask(VLTask):
     def rerank_itc_weight(self) -> float:
         """What multiplies the ITC cosine in the reranked score (``eval.rerank_itc``)."""
         cfg = self.eval_config
-        if cfg.rerank_itc != "logit":
-            return cfg.rerank_itc_weight * (1.0 if cfg.rerank_itc == "cosine" else 0.0)
-        temp = self.model.temp
-        temp = temp.full_tensor() if hasattr(temp, "full_tensor") else temp  # FSDP2: every rank evaluates
-        return cfg.rerank_itc_weight / float(temp)
+        if cfg.rerank_itc == "logit":
+            temp = self.model.temp
+            temp = temp.full_tensor() if hasattr(temp, "full_tensor") else temp  # FSDP2: every rank evaluates
+            return cfg.rerank_itc_weight / float(temp)
+        return cfg.rerank_itc_weight * {"cosine": 1.0, "none": 0.0}[cfg.rerank_itc]
 
     def score_pairs(self, images: dict[str, Tensor], rows: Tensor, texts: list[str]) -> Tensor:
         size = self.eval_config.itm_batch_size
