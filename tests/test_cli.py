@@ -52,3 +52,23 @@ def test_unknown_source_is_a_clear_error(tmp_path):
         VLDataModule(train="coco.json").source("train")
     with pytest.raises(ValueError, match="data.val: no such file or folder 'nothing-here'"):
         VLDataModule(val="nothing-here").source("val")
+
+
+@pytest.mark.parametrize("option, value", [("--data.batch_size", "-4"), ("--data.batch_size", "0"),
+                                           ("--trainer.max_steps", "-5"), ("--checkpoint.every_n_steps", "0")])
+def test_a_bad_numeric_option_is_refused_at_once_naming_it(option, value):
+    import time
+
+    config = Path(__file__).resolve().parents[1] / "zoo_configs/models/clip/shapes-tiny.yaml"
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "vlzoo.cli", "fit", "--config", str(config), option, value],
+                          capture_output=True, text=True, timeout=120)
+    elapsed = time.perf_counter() - start
+    assert done.returncode == 2 and elapsed < 5, (done.returncode, elapsed)
+    assert f"vlzoo fit: error: {option}: {value}" in done.stderr and len(done.stderr.splitlines()) == 1
+
+
+def test_a_bad_numeric_option_in_a_config_file_names_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  shapes:\n    train_size: 0\n")
+    assert main(["fit", "--config", str(bad)]) == 2

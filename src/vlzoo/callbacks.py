@@ -1,5 +1,5 @@
-"""Callbacks every vlzoo task attaches: training throughput, peak memory and size;
-counts of skipped bad samples."""
+"""Callbacks every vlzoo task attaches: checkpoints that keep up with the run, training
+throughput, peak memory and size, counts of skipped bad samples, RNG states, preemption."""
 
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from vlzoo.distributed import gather_objects
+from vlzoo.options import MinusOneOrMore, PositiveFloat, PositiveInt
 
 log = logging.getLogger("vlzoo.data")
 
@@ -134,6 +136,110 @@ class SkippedSamples(L.Callback):
         module.log("test/skipped_samples", float(self.count("test")))
 
 
+class RunCheckpoint(ModelCheckpoint):
+    """``checkpoints/last.ckpt`` kept up to date, plus the best ``save_top_k`` checkpoints
+    (``best-stepN.ckpt``) by the task's validation metric.
+
+    ``last.ckpt`` is rewritten, independent of the metric:
+
+    - every ``every_n_steps`` optimizer steps (None: not by count);
+    - at the first optimizer step ``every_minutes`` after the previous save (None: not by time);
+    - after every validation (``on_validation``);
+    - at the step where the run stops (``max_steps``, ``max_epochs``, ``max_time`` or any
+      other ``trainer.should_stop``); on SIGTERM :class:`Preemption` writes it.
+
+    Saves happen only between optimizer steps (never inside a gradient accumulation), so
+    every ``last.ckpt`` resumes exactly. Each write is atomic (:mod:`vlzoo.checkpoints`):
+    a run killed at any moment resumes from the previous save. Under several processes
+    the time trigger is rank 0's decision, broadcast.
+
+    Args:
+        every_n_steps: optimizer steps between saves of ``last.ckpt``.
+        every_minutes: minutes between saves of ``last.ckpt`` at most.
+        on_validation: also save ``last.ckpt`` after each validation.
+        save_top_k: best checkpoints kept by the monitored metric (0: none, -1: all).
+        monitor, mode: the metric and whether larger (``max``) or smaller is better;
+            default: the task's (``VLTask.monitor``, ``VLTask.monitor_mode``).
+        dirpath: folder of the checkpoints (default ``ROOT/checkpoints``).
+    """
+
+    def __init__(self, every_n_steps: PositiveInt | None = None, every_minutes: PositiveFloat | None = 10.0,
+                 on_validation: bool = True, save_top_k: MinusOneOrMore = 1, monitor: str | None = None,
+                 mode: str | None = None, dirpath: str | None = None):
+        if every_n_steps is not None and (isinstance(every_n_steps, bool) or every_n_steps < 1):
+            raise ValueError(f"checkpoint.every_n_steps must be a positive integer or null, got {every_n_steps!r}")
+        if every_minutes is not None and not every_minutes > 0:
+            raise ValueError(f"checkpoint.every_minutes must be positive or null, got {every_minutes!r}")
+        if save_top_k < -1:
+            raise ValueError(f"checkpoint.save_top_k must be -1 (all), 0 or more, got {save_top_k!r}")
+        if mode not in (None, "min", "max"):
+            raise ValueError(f"checkpoint.mode must be 'min' or 'max', got {mode!r}")
+        super().__init__(dirpath=dirpath, filename="best-step{step}", monitor=monitor, mode=mode or "max",
+                         save_top_k=save_top_k, save_last=False, auto_insert_metric_name=False,
+                         save_on_train_epoch_end=False)
+        self.every_n_steps = every_n_steps
+        self.every_minutes = every_minutes
+        self.on_validation = on_validation
+        self._monitor_of_task = monitor is None
+        self._mode_of_task = mode is None
+        self._last_save_time = time.monotonic()
+        self._step_seen = -1
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self._monitor_of_task:
+            self.monitor = getattr(pl_module, "monitor", None)
+        if self._mode_of_task:
+            self.mode = getattr(pl_module, "monitor_mode", "max")
+            self.kth_value = torch.tensor(-torch.inf if self.mode == "max" else torch.inf)
+        super().setup(trainer, pl_module, stage)
+
+    @property
+    def last_path(self) -> str:
+        """Where ``last.ckpt`` is written."""
+        return f"{self.dirpath}/{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._last_save_time = time.monotonic()
+        self._step_seen = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        step = trainer.global_step
+        if step == self._step_seen:  # inside a gradient accumulation: the summed gradients are not saved
+            return
+        self._step_seen = step
+        by_count = self.every_n_steps is not None and step % self.every_n_steps == 0
+        by_time = (self.every_minutes is not None
+                   and time.monotonic() - self._last_save_time >= 60 * self.every_minutes)
+        by_time = bool(trainer.strategy.broadcast(by_time))  # every rank saves, or none
+        if by_count or by_time or _stops_after_this_step(trainer):
+            self.write_last(trainer)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if self.on_validation and not trainer.sanity_checking and trainer.state.fn == "fit":
+            self.write_last(trainer)
+
+    def write_last(self, trainer) -> None:
+        """Write ``last.ckpt`` now (atomically) and say so on rank 0."""
+        path = self.last_path
+        self.last_model_path = path  # part of the saved state: a resumed run keeps writing last.ckpt
+        trainer.save_checkpoint(path)
+        self._last_save_time = time.monotonic()
+        if trainer.is_global_zero:
+            print(f"vlzoo: step {trainer.global_step}: saved {path}", flush=True)
+
+
+def _stops_after_this_step(trainer) -> bool:
+    """Whether the fit ends after the optimizer step just taken (max_steps, should_stop,
+    the last batch of the last epoch)."""
+    if trainer.should_stop or (trainer.max_steps not in (None, -1) and trainer.global_step >= trainer.max_steps):
+        return True
+    last_epoch = trainer.max_epochs not in (None, -1) and trainer.current_epoch + 1 >= trainer.max_epochs
+    return last_epoch and bool(trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
+
+
 class RNGState(L.Callback):
     """Saves every rank's torch (CPU and CUDA), numpy and Python RNG states in the
     checkpoint and restores them on resume, so that dropout, masking and hard-negative
@@ -179,25 +285,54 @@ def _set_rng_states(states: dict[str, Any]) -> None:
 
 
 class Preemption(L.Callback):
-    """On SIGTERM (a scheduler preempting the job) Lightning stops after the current
-    batch; this writes ``last.ckpt`` there, so ``vlzoo fit ... --ckpt_path last``
-    resumes exactly, and the process exits 0 (see :func:`vlzoo.cli.main`)."""
+    """On SIGTERM (a scheduler preempting the job) the run writes ``last.ckpt`` after the
+    optimizer step in progress and stops; the process exits 0 (see :func:`vlzoo.cli.main`),
+    so ``vlzoo fit ... --ckpt_path last`` resumes exactly.
+
+    The checkpoint is taken at the end of the training batch, a state Lightning resumes
+    exactly wherever it falls in the epoch (at the last batch too). A SIGTERM inside a
+    gradient accumulation is held until the accumulation's optimizer step, so no summed
+    gradient is lost. Rank 0's signal decides for every rank. A SIGTERM that stops the
+    run elsewhere (during validation) is saved where it stops.
+    """
 
     def __init__(self) -> None:
         self.saved: str | None = None
+        self._held = False
+        self._step_seen = -1
+        self._saved_step: int | None = None
+
+    def on_train_start(self, trainer, module) -> None:
+        self._step_seen = trainer.global_step
+
+    def on_train_batch_end(self, trainer, module, outputs, batch: Any, batch_idx: int) -> None:
+        stepped = trainer.global_step != self._step_seen
+        self._step_seen = trainer.global_step
+        signalled = bool(trainer.strategy.broadcast(bool(trainer.received_sigterm or self._held)))
+        if not signalled:
+            return
+        connector = trainer._signal_connector  # Lightning raises SIGTERMException after the batch when set
+        if not stepped:  # inside a gradient accumulation: stop after its optimizer step
+            connector.received_sigterm, self._held = False, True
+            return
+        connector.received_sigterm, self._held = True, False
+        self._save(trainer)
 
     def on_exception(self, trainer, module, exception: BaseException) -> None:
         from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-        if not isinstance(exception, SIGTERMException) or trainer.state.fn != "fit":
-            return
+        if isinstance(exception, SIGTERMException) and trainer.state.fn == "fit" \
+                and self._saved_step != trainer.global_step:
+            self._save(trainer)
+
+    def _save(self, trainer) -> None:
         keeper = trainer.checkpoint_callback
         directory = getattr(keeper, "dirpath", None) or f"{trainer.default_root_dir}/checkpoints"
         path = f"{directory}/last.ckpt"
         if keeper is not None and hasattr(keeper, "last_model_path"):
-            keeper.last_model_path = path  # saved in the state: the resumed run overwrites it, no last-v1.ckpt
+            keeper.last_model_path = path  # saved in the state: the resumed run keeps writing last.ckpt
         trainer.save_checkpoint(path)
-        self.saved = path
+        self.saved, self._saved_step = path, trainer.global_step
         if trainer.is_global_zero:
             print(f"vlzoo: SIGTERM at step {trainer.global_step}: saved {path}; resume with --ckpt_path last",
                   flush=True)

@@ -58,12 +58,14 @@ def resolve_resume(ckpt_path: str | None, checkpoint_dir: str | Path) -> str | N
     """The checkpoint to resume from: ``last`` is the newest complete checkpoint in
     ``checkpoint_dir`` (None when there is none: a fresh start); a path is used when
     complete, else the newest complete checkpoint beside it. Each unusable one is
-    reported; with nothing usable, a clear error."""
+    reported and moved aside (``NAME.corrupt``, on the first process only), so the
+    next save writes a fresh ``last.ckpt`` in its place; with nothing usable, a clear
+    error."""
     if ckpt_path is None or ckpt_path in ("best", "hpc", "registry"):
         return ckpt_path
     if ckpt_path == "last":
         candidates, wanted = _newest_first(Path(checkpoint_dir)), None
-        if not candidates:
+        if not candidates and not _moved_aside(Path(checkpoint_dir)):
             return None
     else:
         wanted = Path(ckpt_path)
@@ -74,9 +76,31 @@ def resolve_resume(ckpt_path: str | None, checkpoint_dir: str | Path) -> str | N
         problem = checkpoint_problem(candidate)
         if problem is None:
             return str(candidate)
-        print(f"vlzoo: cannot resume from {candidate}: {problem}; trying the previous checkpoint", flush=True)
-    raise FileNotFoundError(f"no complete checkpoint to resume from (asked for {ckpt_path}; looked in "
-                            f"{wanted.parent if wanted else checkpoint_dir})")
+        aside = move_aside(candidate) if problem != "no such file" else None
+        print(f"vlzoo: cannot resume from {candidate}: {problem}"
+              + (f" (moved to {aside})" if aside else "") + "; trying the previous checkpoint", flush=True)
+    folder = wanted.parent if wanted else Path(checkpoint_dir)
+    aside = _moved_aside(folder)
+    raise FileNotFoundError(f"no complete checkpoint to resume from (asked for {ckpt_path}; looked in {folder}"
+                            + (f"; unusable ones moved aside: {', '.join(p.name for p in aside)}; remove them to "
+                               "start afresh" if aside else "") + ")")
+
+
+def move_aside(path: Path) -> Path | None:
+    """Rename an unusable checkpoint to ``NAME.corrupt`` (``NAME.corrupt-2``, ... when
+    taken); only the first process of a launch does it. Returns the new path."""
+    if os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("RANK", "0") != "0":
+        return None
+    target, n = path.with_name(path.name + ".corrupt"), 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.corrupt-{n}")
+    os.replace(path, target)
+    return target
+
+
+def _moved_aside(directory: Path) -> list[Path]:
+    return sorted(directory.glob("*.ckpt.corrupt*")) if directory.is_dir() else []
 
 
 def _newest_first(directory: Path) -> list[Path]:

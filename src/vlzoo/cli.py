@@ -23,7 +23,20 @@ def _lightning_cli(args: list[str] | None) -> None:
     from vlzoo.tasks.base import VLTask
 
     class VLZooCLI(LightningCLI):
-        """LightningCLI with default loggers in the run directory and a run summary."""
+        """LightningCLI with checkpoints that keep up (``--checkpoint.*``), a checked
+        ``--ckpt_path``, default loggers in the run directory and a run summary."""
+
+        def add_arguments_to_parser(self, parser) -> None:
+            from vlzoo.callbacks import RunCheckpoint
+
+            parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
+
+        def parse_arguments(self, parser, args) -> None:
+            super().parse_arguments(parser, args)
+            try:  # before LightningCLI reads the checkpoint's hyper-parameters
+                check_ckpt_path(self.config)
+            except (ValueError, FileNotFoundError) as err:
+                parser.error(str(err))
 
         def instantiate_trainer(self, **kwargs: Any):
             trainer_cfg = self.config_init[self.subcommand]["trainer"]
@@ -32,11 +45,7 @@ def _lightning_cli(args: list[str] | None) -> None:
             return super().instantiate_trainer(**kwargs)
 
         def before_fit(self) -> None:
-            from vlzoo.checkpoints import resolve_resume
-
             config = self.config_init[self.subcommand]
-            root = self.trainer.default_root_dir
-            config["ckpt_path"] = resolve_resume(config.get("ckpt_path"), Path(root) / "checkpoints")
             finetune = getattr(self.model, "finetune", None)
             if finetune is not None and finetune.init_from:
                 if config["ckpt_path"] is None:
@@ -70,6 +79,36 @@ def _lightning_cli(args: list[str] | None) -> None:
         seed_everything_default=0,
         args=args,
     )
+
+
+def check_ckpt_path(config) -> None:
+    """``--ckpt_path`` made safe before anything reads it: for ``fit``, the newest
+    complete checkpoint (``last``, or the given path, else the newest complete one beside
+    it; corrupt ones are moved aside as ``*.corrupt``); for the other commands, the given
+    checkpoint must be complete. Its task must be one of vlzoo's (nothing it names is
+    imported). Sets the resolved path in ``config``."""
+    from vlzoo.checkpoints import checkpoint_problem, resolve_resume
+    from vlzoo.tasks.loading import read_checkpoint, task_class
+
+    command = config.get("subcommand")
+    section = config.get(command) if command else None
+    given = section.get("ckpt_path") if section is not None else None
+    if given is None or given in ("best", "hpc", "registry") or (given == "last" and command != "fit"):
+        return
+    if command == "fit":
+        root = section.get("trainer", {}).get("default_root_dir") or "."
+        path = resolve_resume(given, Path(root) / "checkpoints")
+    else:
+        problem = checkpoint_problem(given)
+        if problem is not None:
+            raise ValueError(f"--ckpt_path {given}: {problem}")
+        path = given
+    section["ckpt_path"] = path
+    if path is not None and Path(path).is_file():
+        checkpoint = read_checkpoint(path, mmap=True)
+        task_class(checkpoint, path)
+        if command == "fit":
+            print(f"vlzoo: resuming from {path} (step {checkpoint.get('global_step')})", flush=True)
 
 
 def evaluate_start(trainer, model, datamodule) -> None:
@@ -361,6 +400,12 @@ def main(argv: list[str] | None = None) -> int:
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in LIGHTNING_COMMANDS:
+        from vlzoo.options import numeric_option_error
+
+        error = numeric_option_error(argv[1:])  # at once, before torch and Lightning are imported
+        if error:
+            print(f"vlzoo {argv[0]}: error: {error} (vlzoo {argv[0]} --help lists the options)", file=sys.stderr)
+            return 2
         _lightning_cli(None if from_command_line else argv)
         return 0
     if argv and argv[0] == "finetune" and not {"-h", "--help"} & set(argv):

@@ -32,6 +32,23 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         raise
 
 
+def read_json_file(path: str | os.PathLike, expected: str = "a JSON object") -> Any:
+    """The JSON in ``path``; a file that is not valid UTF-8 JSON, or whose top level is not
+    a dict when ``expected`` says "object", raises a ValueError naming the file, where it
+    breaks and what was expected."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text(encoding="utf-8-sig"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg}); "
+                         f"expected {expected}") from err
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not a UTF-8 text file ({err.reason}); expected {expected}") from err
+    if "object" in expected and not isinstance(value, dict):
+        raise ValueError(f"{path}: expected {expected}, got a JSON {type(value).__name__}")
+    return value
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 

@@ -12,6 +12,7 @@ from data_writers import (
     write_jsonl,
     write_shards,
 )
+from PIL import Image
 
 from vlzoo.data.image_text import ImageTextDataset, ImageTextStream
 from vlzoo.data.sources import (
@@ -216,3 +217,30 @@ def test_byte_order_marks_and_other_field_names(tmp_path):
 def test_missing_path_says_so(tmp_path):
     with pytest.raises(DataSourceError, match=r"data.val: no such file or folder '.*nowhere'"):
         open_source(str(tmp_path / "nowhere"), "val", SourceOptions())
+
+
+def test_relative_paths_that_leave_the_data_folder_are_refused_by_row(tmp_path):
+    """``../outside/secret.png`` is a bad row named by file and line, unless
+    ``allow_outside_root``; absolute paths and paths that stay inside are read."""
+    (tmp_path / "outside").mkdir()
+    secret = tmp_path / "outside" / "secret.png"
+    Image.new("RGB", (8, 8)).save(secret)
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(data / "images" / "a.png")
+    rows = [{"image": "images/a.png", "caption": "inside"}, {"image": "../outside/secret.png", "caption": "out"},
+            {"image": "images/../../outside/secret.png", "caption": "out again"},
+            {"image": str(secret), "caption": "absolute"}]
+    path = write_jsonl(data / "captions.jsonl", rows)
+    source = open_source(str(path), "train", SourceOptions())
+    assert [r["captions"] for r in source.records] == [["inside"], ["absolute"]]
+    assert [loc for loc, _ in source.skipped] == [f"{path}:2", f"{path}:3"]
+    assert all("leaves the data folder" in reason and "allow_outside_root" in reason for _, reason in source.skipped)
+    allowed = open_source(str(path), "train", SourceOptions(allow_outside_root=True))
+    assert len(allowed.records) == 4 and not allowed.skipped
+    karpathy = data / "karpathy.json"
+    karpathy.write_text(json.dumps({"images": [
+        {"split": "test", "filepath": "images", "filename": "a.png", "sentences": [{"raw": "in"}]},
+        {"split": "test", "filepath": "../outside", "filename": "secret.png", "sentences": [{"raw": "out"}]}]}))
+    source = open_source(f"{karpathy}:test", "test", SourceOptions())
+    assert len(source.records) == 1 and source.skipped[0][0] == f"{karpathy}:images[1]"

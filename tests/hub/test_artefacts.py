@@ -1,7 +1,12 @@
 """Zoo artefacts: a config naming ``zoo:FAMILY/VARIANT`` gets that model trained once
-(in a subprocess), cached under $VLZOO_HOME keyed by its config, and reused."""
+(in a subprocess), cached under $VLZOO_HOME keyed by its config, and reused; an
+interrupted build leaves nothing behind."""
 
+import os
+import signal
 import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -49,7 +54,7 @@ def test_missing_artefact_is_trained_once_then_reused(zoo, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("the cached artefact should have been reused")
 
-    monkeypatch.setattr(subprocess, "run", no_training)
+    monkeypatch.setattr(subprocess, "Popen", no_training)
     assert artefacts.artefact_checkpoint("zoo:clip/tiny") == checkpoint
 
     # the vision tower of that CLIP, with its own preprocessing and weights
@@ -98,3 +103,31 @@ def test_failed_training_names_the_config_and_leaves_nothing(zoo):
         artefacts.resolve_artefact("zoo:clip/broken")
     target = artefacts.artefact_dir("zoo:clip/broken")
     assert not target.exists() and not list(target.parent.glob(f".{target.name}.*"))
+
+
+def test_sigterm_during_a_build_stops_it_and_leaves_no_staging(zoo, tmp_path):
+    slow = zoo / "models" / "clip" / "slow.yaml"
+    slow.write_text(TINY_CLIP.replace("max_steps: 2", "max_steps: 100000"))
+    target = artefacts.artefact_dir("zoo:clip/slow")
+    code = "from vlzoo.hub.artefacts import resolve_artefact; resolve_artefact('zoo:clip/slow')"
+    build = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True, env=dict(os.environ))
+    deadline = time.monotonic() + 120
+    while not list(target.parent.glob(f".{target.name}.*/run/config.yaml")) and time.monotonic() < deadline:
+        time.sleep(0.2)  # the fit has started (LightningCLI saved its config)
+    time.sleep(1)
+    build.send_signal(signal.SIGTERM)
+    _, err = build.communicate(timeout=120)
+    assert build.returncode == 143, err[-2000:]
+    assert "training it now" in err and "100000 steps" in err
+    assert not target.exists() and not list(target.parent.glob(f".{target.name}.*"))
+
+
+def test_a_stale_staging_folder_is_removed_and_the_duration_announced(zoo, capsys):
+    (zoo / "models" / "clip" / "again.yaml").write_text(TINY_CLIP)
+    target = artefacts.artefact_dir("zoo:clip/again")
+    stale = target.parent / f".{target.name}.leftover"
+    (stale / "run").mkdir(parents=True)  # as a SIGKILLed build leaves it
+    artefacts._record_duration("zoo:clip/again", 240.0, 4)  # an earlier build: 4 steps in 4 minutes
+    artefacts.resolve_artefact("zoo:clip/again")
+    assert not stale.exists()
+    assert "2 steps; about 2 min, as its last build here" in capsys.readouterr().err

@@ -208,3 +208,17 @@ def test_transformers_clip_directory(tmp_path):
     with torch.no_grad():
         out = ref(input_ids=ids, attention_mask=mask, pixel_values=images)
         assert _max_diff(parts.model.encode_image(images), out.image_embeds) <= 1e-5
+
+
+def test_transformers_directory_errors_name_the_file_and_what_was_expected(tmp_path):
+    ref = _hf_clip()
+    state = {k: v for k, v in ref.state_dict().items() if k != "visual_projection.weight"}
+    ref.save_pretrained(tmp_path, state_dict=state)
+    with pytest.raises(CheckpointKeyError, match="no visual_projection.weight"):
+        load_hf_dir(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "clip", oops}')
+    with pytest.raises(ValueError, match=r"config\.json: not valid JSON \(line 1, column 24.*model_type"):
+        load_hf_dir(tmp_path)
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"config\.json: expected a transformers config object"):
+        load_hf_dir(tmp_path)

@@ -1,7 +1,10 @@
 """Faults a long run survives: non-finite steps skipped and counted (and a stop with a
-checkpoint when they persist); SIGTERM saves a checkpoint, exits 0 and resumes exactly."""
+checkpoint when they persist); SIGTERM saves a checkpoint, exits 0 and resumes exactly;
+SIGKILL loses only the steps since the last save interval."""
 
 import os
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -102,3 +105,34 @@ def test_sigterm_saves_exits_zero_and_resumes_exactly(tmp_path):
     assert a["global_step"] == b["global_step"] == 6
     for name, value in b["state_dict"].items():
         torch.testing.assert_close(a["state_dict"][name], value, atol=1e-6, rtol=0, msg=name)
+
+
+def test_sigkill_resumes_from_the_last_save_interval(tmp_path):
+    """A real ``vlzoo fit`` saving every 3 steps, killed with SIGKILL right after its third
+    save (no validation in between): ``--ckpt_path last`` resumes at step 9 and finishes."""
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "vlzoo.cli", "fit", "--config", str(ROOT / "zoo_configs/models/clip/shapes-tiny.yaml"),
+            "--trainer.default_root_dir", str(run), "--trainer.max_steps", "1000", "--trainer.val_check_interval",
+            "1000", "--trainer.check_val_every_n_epoch", "null", "--trainer.enable_progress_bar", "false",
+            "--data.batch_size", "16", "--data.shapes.train_size", "64", "--data.shapes.val_size", "16",
+            "--data.shapes.test_size", "16", "--checkpoint.every_n_steps", "3", "--checkpoint.on_validation", "false"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    saved = []
+    try:
+        for line in process.stdout:
+            found = re.match(r"vlzoo: step (\d+): saved .*last\.ckpt", line)
+            if found:
+                saved.append(int(found.group(1)))
+            if len(saved) == 3:
+                process.send_signal(signal.SIGKILL)
+                break
+    finally:
+        process.kill()
+        process.wait(timeout=60)
+    assert saved == [3, 6, 9] and process.returncode == -signal.SIGKILL
+    resumed = subprocess.run([*args[:9], "12", *args[10:], "--ckpt_path", "last"], capture_output=True, text=True,
+                             env=env, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from {run / 'checkpoints' / 'last.ckpt'} (step 9)" in resumed.stdout
+    assert "step 12: saved" in resumed.stdout

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from vlzoo.checkpoints import checkpoint_problem
+from vlzoo.tasks.loading import read_checkpoint
 
 SCRIPT = Path(__file__).resolve().parents[1] / "parallel_fit.py"
 FAMILIES = ["clip", "albef", "blip", "blip2", "blip2_stage2"]  # blip2_stage2: a tiny random OPT
@@ -157,3 +158,22 @@ def test_classic_fsdp_on_gpus_matches_ddp(root, family):
     classic = run(root, family, "fsdp1", 2, 4, "--accelerator", "gpu")
     ddp = run(root, family, "ddp", 2, 4, "--accelerator", "gpu")
     assert_same_steps(classic, ddp)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["albef"])  # the momentum family: queues and EMA copies too
+def test_ddp_resume_is_exact(root, family):
+    """2 processes, 2 batches an epoch: a run stopped by max_steps after step 1 (mid-epoch)
+    and resumed from the last.ckpt it left, with a larger max_steps, equals the straight
+    3-step run: losses, gradients, weights, EMA copies and queues."""
+    whole = run(root, family, "ddp", 2, 2, "--steps", "3")
+    first = run(root, family, "ddp", 2, 2, "--steps", "1")
+    last = first["dir"] / "checkpoints" / "last.ckpt"
+    assert read_checkpoint(last)["global_step"] == 1
+    resumed = run(root, family, "ddp", 2, 2, "--steps", "3", "--resume", str(last))
+    assert len(resumed["steps"]) == 2
+    for got, want in zip(resumed["steps"], whole["steps"][1:], strict=True):
+        torch.testing.assert_close(got["loss"], want["loss"], atol=1e-6, rtol=0)
+        torch.testing.assert_close(got["index"], want["index"])  # the same samples
+    for name, value in whole["state"].items():
+        torch.testing.assert_close(resumed["state"][name], value, atol=1e-6, rtol=1e-5, msg=name)

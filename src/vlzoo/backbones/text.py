@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import fields
 from functools import partial
 from pathlib import Path
@@ -21,6 +20,7 @@ from vlzoo.layers.transformer import (
     init_bert_weights,
     padding_mask,
 )
+from vlzoo.utils import read_json_file
 
 OPEN_CLIP_PAD_ID = 0  # open_clip's tokenizer pads with id 0
 OPEN_CLIP_TEXT_POOLING = ("argmax", "first", "last")
@@ -217,7 +217,7 @@ def bert_state_dict(directory: str | Path) -> dict[str, Tensor]:
 
 def bert_config_from_json(path: str | Path) -> BertConfig:
     """Read the BertConfig fields of a Hugging Face ``config.json``."""
-    raw = json.loads(Path(path).read_text())
+    raw = read_json_file(path, "a BERT config object")
     names = {f.name for f in fields(BertConfig)}
     return BertConfig(**{k: v for k, v in raw.items() if k in names})
 

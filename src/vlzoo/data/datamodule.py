@@ -27,20 +27,32 @@ from vlzoo.data.images import DEFAULT_MAX_PIXELS
 from vlzoo.data.resumable import ResumableDataLoader, ResumableSampler, private_generator
 from vlzoo.data.sources import MapSource, SourceOptions, StreamSource, open_source
 from vlzoo.data.tokenizers import Tokenizer
+from vlzoo.options import ClosedUnitInterval, NonNegativeInt, PositiveInt
 
 SPLIT_OF_STAGE = {"fit": "train", "train": "train", "val": "val", "validate": "val", "test": "test", "predict": "test"}
+
+
+def positive(option: str, value: object) -> None:
+    """Refuse anything but an integer > 0 for ``option`` (Python callers; the CLI's parser
+    already refuses it by type)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{option} must be a positive integer, got {value!r}")
 
 
 @dataclass
 class ShapesConfig:
     """Sizes and seed of the embedded shapes splits."""
 
-    image_size: int = 64
-    train_size: int = 20000
-    val_size: int = 500
-    test_size: int = 1000
-    seed: int = 0
+    image_size: PositiveInt = 64
+    train_size: PositiveInt = 20000
+    val_size: PositiveInt = 500
+    test_size: PositiveInt = 1000
+    seed: NonNegativeInt = 0
     cache: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("image_size", "train_size", "val_size", "test_size"):
+            positive(f"data.shapes.{name}", getattr(self, name))
 
 
 @dataclass
@@ -157,6 +169,9 @@ class VLDataModule(L.LightningDataModule):
         on_bad_sample: ``skip`` (count, log once, go on) or ``raise``.
         max_bad_fraction: stop when more than this fraction of a source is bad.
         max_image_pixels: larger images are bad samples (decompression-bomb guard).
+        allow_outside_root: accept relative image paths that leave the annotation file's
+            folder (or ``image_root``), such as ``../other/x.png``; by default such a row is
+            a bad sample, named in the log.
 
     The tokenizer and image preprocessing come from the model being trained (its
     ``tokenizer`` and ``preprocess_config``), or from :meth:`attach`; a model with
@@ -174,9 +189,9 @@ class VLDataModule(L.LightningDataModule):
         val: str = "shapes",
         test: str = "shapes",
         shapes: ShapesConfig = ShapesConfig(),  # noqa: B008 (jsonargparse needs a default instance)
-        batch_size: int = 128,
-        eval_batch_size: int = 256,
-        num_workers: int = 0,
+        batch_size: PositiveInt = 128,
+        eval_batch_size: PositiveInt = 256,
+        num_workers: NonNegativeInt = 0,
         image_column: str | None = None,
         caption_column: str | None = None,
         image_root: str | None = None,
@@ -184,13 +199,21 @@ class VLDataModule(L.LightningDataModule):
         captions: str = "sample",
         streaming: bool = False,
         resampled: bool = False,
-        samples_per_epoch: int | None = None,
-        shuffle_buffer: int = 1000,
+        samples_per_epoch: PositiveInt | None = None,
+        shuffle_buffer: PositiveInt = 1000,
         on_bad_sample: str = "skip",
-        max_bad_fraction: float = 0.5,
-        max_image_pixels: int = DEFAULT_MAX_PIXELS,
+        max_bad_fraction: ClosedUnitInterval = 0.5,
+        max_image_pixels: PositiveInt = DEFAULT_MAX_PIXELS,
+        allow_outside_root: bool = False,
     ):
         super().__init__()
+        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size),
+                            ("shuffle_buffer", shuffle_buffer), ("max_image_pixels", max_image_pixels)):
+            positive(f"data.{name}", value)
+        if not (isinstance(num_workers, int) and num_workers >= 0):
+            raise ValueError(f"data.num_workers must be an integer >= 0, got {num_workers!r}")
+        if not 0 <= max_bad_fraction <= 1:
+            raise ValueError(f"data.max_bad_fraction must be in [0, 1], got {max_bad_fraction!r}")
         if captions not in CAPTION_MODES:
             raise ValueError(f"data.captions must be one of {CAPTION_MODES}, got {captions!r}")
         self.sources = {"train": train, "val": val, "test": test}
@@ -199,7 +222,7 @@ class VLDataModule(L.LightningDataModule):
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
         self.options = SourceOptions(image_column, caption_column, image_root, csv_separator, streaming, resampled,
-                                     samples_per_epoch, shuffle_buffer)
+                                     samples_per_epoch, shuffle_buffer, allow_outside_root)
         self.caption_mode = captions
         self.policy = BadSamplePolicy(on_bad_sample, max_bad_fraction, max_pixels=max_image_pixels)
         self._opened: dict[str, MapSource | StreamSource] = {}
@@ -211,6 +234,7 @@ class VLDataModule(L.LightningDataModule):
         self.qa_only = False
         self._annotations: dict[str, EvalAnnotations] = {}
         self._answer_prior: dict[str, str] | None = None
+        self._resumed_seed: int | None = None
 
     def attach(self, tokenizer: Tokenizer, image_size: int, mean: Sequence[float], std: Sequence[float],
                resize_mode: str = "shortest") -> None:
@@ -281,7 +305,20 @@ class VLDataModule(L.LightningDataModule):
             self.source(split)  # open early: a bad path fails before the first step
 
     def _seed(self) -> int:
+        """The data seed: the resumed run's (:meth:`load_state_dict`), else the run's seed."""
+        if self._resumed_seed is not None:
+            return self._resumed_seed
         return int(os.environ.get("PL_GLOBAL_SEED", self.shapes.seed))
+
+    def state_dict(self) -> dict[str, int]:
+        """Saved in every checkpoint: the data seed, so a resumed run draws the same order
+        and captions in every later epoch (the loader's own state covers the epoch in
+        progress, and Lightning restores it only when a checkpoint is mid-epoch)."""
+        return {"seed": self._seed()}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        if "seed" in state_dict:
+            self._resumed_seed = int(state_dict["seed"])
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         source = self.source(split)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,11 +83,26 @@ def optional_lists(row: dict[str, Any]) -> dict[str, Any]:
     return extras
 
 
-def _image_path(value: Any, root: Path) -> Path:
+def _image_path(value: Any, root: Path, allow_outside: bool = False) -> Path:
     if not isinstance(value, str) or not value.strip():
         raise BadSample("no image path")
+    return confined_path(value, root, allow_outside)
+
+
+def confined_path(value: str, root: Path, allow_outside: bool = False) -> Path:
+    """``value`` as a path: an absolute path as it is, a relative one under ``root``. A
+    relative path that leaves ``root`` (``../outside/x.png``) is a bad sample unless
+    ``allow_outside`` (``data.allow_outside_root``)."""
     path = Path(value)
-    return path if path.is_absolute() else root / path
+    if path.is_absolute():
+        return path
+    joined = root / path
+    inside = os.path.normpath(joined)
+    base = os.path.normpath(root)
+    if not allow_outside and os.path.commonpath([base, inside]) != base:
+        raise BadSample(f"image path {value!r} leaves the data folder {root} (relative paths stay under the "
+                        "annotation file's folder or data.image_root; set data.allow_outside_root: true to allow)")
+    return joined
 
 
 def merge_by_image(rows: RecordList) -> RecordList:
@@ -106,7 +122,7 @@ def merge_by_image(rows: RecordList) -> RecordList:
 
 
 def read_jsonl(path: str | Path, image_root: str | Path | None = None, image_column: str | None = None,
-               caption_column: str | None = None) -> RecordList:
+               caption_column: str | None = None, allow_outside_root: bool = False) -> RecordList:
     """One JSON object a line: ``image`` (path relative to the file or ``image_root``),
     ``caption`` or ``captions``, optional ``qa`` and ``negatives``; other field names
     through ``image_column``/``caption_column``."""
@@ -123,19 +139,21 @@ def read_jsonl(path: str | Path, image_root: str | Path | None = None, image_col
                     row = json.loads(line)
                 except json.JSONDecodeError as err:
                     raise BadSample(f"not valid JSON ({err.msg})") from err
-                out.records.append(_row_record(row, root, location, image_column, caption_column))
+                out.records.append(_row_record(row, root, location, image_column, caption_column,
+                                               allow_outside_root))
             except BadSample as bad:
                 out.skipped.append((location, bad.reason))
     return merge_by_image(out)
 
 
-def _row_record(row: Any, root: Path, location: str, image_key: str | None, caption_key: str | None) -> dict:
+def _row_record(row: Any, root: Path, location: str, image_key: str | None, caption_key: str | None,
+                allow_outside: bool = False) -> dict:
     if not isinstance(row, dict):
         raise BadSample("expected a JSON object")
     image_key = image_key or _first_present(row, IMAGE_COLUMNS, "image")
     caption_key = caption_key or _first_present(row, CAPTION_COLUMNS, "caption")
     captions = clean_captions(row.get(caption_key))
-    return {**optional_lists(row), "image": _image_path(row.get(image_key), root), "captions": captions,
+    return {**optional_lists(row), "image": _image_path(row.get(image_key), root, allow_outside), "captions": captions,
             "location": location}
 
 
@@ -147,7 +165,8 @@ def _first_present(row: dict, names: tuple[str, ...], what: str) -> str:
 
 
 def read_csv(path: str | Path, image_column: str | None = None, caption_column: str | None = None,
-             separator: str | None = None, image_root: str | Path | None = None) -> RecordList:
+             separator: str | None = None, image_root: str | Path | None = None,
+             allow_outside_root: bool = False) -> RecordList:
     """open_clip's CSV/TSV convention: a header row, image paths in ``image_column``
     (default ``filepath``), captions in ``caption_column`` (default ``title``);
     separator tab for ``.tsv``, comma for ``.csv`` unless given."""
@@ -166,7 +185,7 @@ def read_csv(path: str | Path, image_column: str | None = None, caption_column: 
         for row in reader:
             location = f"{path}:{reader.line_num}"
             try:
-                out.records.append({"image": _image_path(row[image_column], root),
+                out.records.append({"image": _image_path(row[image_column], root, allow_outside_root),
                                     "captions": clean_captions(row[caption_column]), "location": location})
             except BadSample as bad:
                 out.skipped.append((location, bad.reason))
@@ -174,7 +193,8 @@ def read_csv(path: str | Path, image_column: str | None = None, caption_column: 
 
 
 def read_json(path: str | Path, split: str, image_root: str | Path | None = None,
-              image_column: str | None = None, caption_column: str | None = None) -> RecordList:
+              image_column: str | None = None, caption_column: str | None = None,
+              allow_outside_root: bool = False) -> RecordList:
     """A Karpathy split file (``{"images": [{"filepath", "filename", "split",
     "sentences"}]}``; images of ``split``, ``train`` including ``restval``) or a JSON
     list of records (one per caption or per image)."""
@@ -185,20 +205,21 @@ def read_json(path: str | Path, split: str, image_root: str | Path | None = None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path}: not a valid UTF-8 JSON file ({err})") from err
     if isinstance(data, dict) and isinstance(data.get("images"), list):
-        return merge_by_image(_karpathy(data["images"], path, root, split))
+        return merge_by_image(_karpathy(data["images"], path, root, split, allow_outside_root))
     if isinstance(data, list):
         out = RecordList()
         for i, row in enumerate(data):
             location = f"{path}:[{i}]"
             try:
-                out.records.append(_row_record(row, root, location, image_column, caption_column))
+                out.records.append(_row_record(row, root, location, image_column, caption_column,
+                                               allow_outside_root))
             except BadSample as bad:
                 out.skipped.append((location, bad.reason))
         return merge_by_image(out)
     raise ValueError(f"{path}: expected a Karpathy split file ({{'images': [...]}}) or a list of records")
 
 
-def _karpathy(images: list, path: Path, root: Path, split: str) -> RecordList:
+def _karpathy(images: list, path: Path, root: Path, split: str, allow_outside: bool = False) -> RecordList:
     wanted = KARPATHY_SPLITS.get(split, (split,))
     out = RecordList()
     for i, entry in enumerate(images):
@@ -209,7 +230,8 @@ def _karpathy(images: list, path: Path, root: Path, split: str) -> RecordList:
             name = entry.get("filename")
             if not isinstance(name, str):
                 raise BadSample("no 'filename'")
-            image = root / entry.get("filepath", "") / name
+            folder = entry.get("filepath", "")
+            image = confined_path(str(Path(folder if isinstance(folder, str) else "") / name), root, allow_outside)
             out.records.append({"image": image, "captions": clean_captions(entry.get("sentences")),
                                 "location": location})
         except BadSample as bad:

@@ -29,6 +29,7 @@ from vlzoo.data.records import (
     IMAGE_COLUMNS,
     RecordList,
     clean_captions,
+    confined_path,
     optional_lists,
     read_csv,
     read_json,
@@ -56,6 +57,7 @@ class SourceOptions:
     resampled: bool = False
     samples_per_epoch: int | None = None
     shuffle_buffer: int = 1000
+    allow_outside_root: bool = False
 
 
 class MapSource:
@@ -109,6 +111,7 @@ class HFMapSource(MapSource):
             dataset = dataset.cast_column(self.image_column, datasets.Image(decode=False))
         self.dataset = dataset
         self.root = Path(options.image_root) if options.image_root else root
+        self.allow_outside = options.allow_outside_root
         rows = RecordList()
         qa_column = dataset["qa"] if "qa" in dataset.column_names else None
         for i, value in enumerate(dataset[caption_column]):
@@ -124,17 +127,16 @@ class HFMapSource(MapSource):
         super().__init__(name, rows)
 
     def read_image(self, record: dict[str, Any]) -> Any:
-        return _hf_image_value(self.dataset[record["image"]][self.image_column], self.root)
+        return _hf_image_value(self.dataset[record["image"]][self.image_column], self.root, self.allow_outside)
 
 
-def _hf_image_value(value: Any, root: Path | None) -> Any:
+def _hf_image_value(value: Any, root: Path | None, allow_outside: bool = False) -> Any:
     if isinstance(value, dict):  # an undecoded datasets.Image
         if value.get("bytes"):
             return value["bytes"]
         value = value.get("path")
     if isinstance(value, str):
-        path = Path(value)
-        return path if path.is_absolute() or root is None else root / path
+        return Path(value) if root is None else confined_path(value, root, allow_outside)
     if value is None:
         raise BadSample("no image")
     return value  # bytes, PIL image or array
@@ -279,6 +281,7 @@ class HFStreamSource(StreamSource):
         self.dataset = dataset
         self.name = name
         self.root = Path(options.image_root) if options.image_root else None
+        self.allow_outside = options.allow_outside_root
         self.shuffle_buffer = options.shuffle_buffer
         length = options.samples_per_epoch or length
         if not length:
@@ -298,7 +301,7 @@ class HFStreamSource(StreamSource):
                 produced = True
                 location = f"{self.name}#rank{rank}.{i}"
                 try:
-                    image = _hf_image_value(row[self.image_column], self.root)
+                    image = _hf_image_value(row[self.image_column], self.root, self.allow_outside)
                 except BadSample as bad:
                     yield location, bad, None, {}
                     continue
@@ -347,13 +350,14 @@ def _open(spec: str, split: str, options: SourceOptions, shapes: Any) -> MapSour
     if suffix in (".jsonl", ".json", ".csv", ".tsv") and not Path(path).is_file():
         raise FileNotFoundError(f"no such file {path}")
     if suffix == ".jsonl":
-        return MapSource(path, read_jsonl(path, options.image_root, options.image_column, options.caption_column))
+        return MapSource(path, read_jsonl(path, options.image_root, options.image_column, options.caption_column,
+                                          options.allow_outside_root))
     if suffix in (".csv", ".tsv"):
         return MapSource(path, read_csv(path, options.image_column, options.caption_column,
-                                        options.csv_separator, options.image_root))
+                                        options.csv_separator, options.image_root, options.allow_outside_root))
     if suffix == ".json":
         return MapSource(path, read_json(path, chosen_split or split, options.image_root,
-                                         options.image_column, options.caption_column))
+                                         options.image_column, options.caption_column, options.allow_outside_root))
     if Path(path).is_dir() and _is_saved_dataset(Path(path)):
         return open_saved(Path(path), chosen_split or HF_SPLIT_NAMES[split], options)
     if not Path(path).exists():

@@ -18,17 +18,22 @@ shapes causal LM), ``hf/`` (``save_pretrained`` layout).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from vlzoo import __version__
-from vlzoo.utils import file_lock, vlzoo_home
+from vlzoo.utils import atomic_write_json, file_lock, vlzoo_home
 
 ZOO_PREFIX = "zoo:"
 CHECKPOINT_NAME = "model.ckpt"
@@ -134,19 +139,26 @@ def artefact_hf_dir(reference: str) -> Path:
 
 def _train_artefact(reference: str, target: Path) -> None:
     """Run ``vlzoo fit`` on the artefact's config into a temporary run directory, then
-    move the best checkpoint (and exports) into ``target`` atomically."""
+    move the best checkpoint (and exports) into ``target`` atomically. Says first that it
+    trains and for about how long (from the last build of the same model here). The
+    staging folder goes on any exit: an error, Ctrl-C, SIGTERM (which also stops the
+    training process); one left by a SIGKILL is removed by the next build."""
     config = zoo_config_path(reference)
-    print(f"[vlzoo] {reference} is not cached: training it with {config} (once; cached at {target})",
-          file=sys.stderr, flush=True)
+    steps = _max_steps(config)
+    print(f"[vlzoo] {reference} is not cached: training it now with {config} ({steps or '?'} steps; "
+          f"{_expected_duration(reference, steps)}; once, cached at {target})", file=sys.stderr, flush=True)
     target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{target.name}.*"):  # we hold the lock: nobody else is building it
+        shutil.rmtree(stale, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    started = time.monotonic()
     try:
         run_dir = staging / "run"
         command = [sys.executable, "-m", "vlzoo.cli", "fit", "--config", str(config),
                    "--trainer.default_root_dir", str(run_dir)]
-        result = subprocess.run(command, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        if result.returncode:
-            raise RuntimeError(f"{reference}: training with {config} failed (exit {result.returncode}); "
+        returncode = _run_to_completion(command)
+        if returncode:
+            raise RuntimeError(f"{reference}: training with {config} failed (exit {returncode}); "
                                f"command: {' '.join(command)}")
         out = staging / "artefact"
         out.mkdir()
@@ -158,8 +170,81 @@ def _train_artefact(reference: str, target: Path) -> None:
         if target.exists():
             shutil.rmtree(target)
         os.replace(out, target)
+        _record_duration(reference, time.monotonic() - started, steps)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+class _Terminated(SystemExit):
+    """SIGTERM while an artefact trains: unwinds (cleaning up) and exits 143."""
+
+
+@contextmanager
+def _sigterm_unwinds():
+    """SIGTERM raises :class:`_Terminated` inside the block (main thread only), so
+    ``finally`` clauses run; the previous handler is restored after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def unwind(signum, frame):
+        raise _Terminated(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, unwind)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run_to_completion(command: list[str]) -> int:
+    """Run ``command``; if this process is interrupted (Ctrl-C, SIGTERM), stop it too."""
+    with _sigterm_unwinds():
+        process = subprocess.Popen(command, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        try:
+            return process.wait()
+        finally:
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+
+
+def _max_steps(config: Path) -> int | None:
+    steps = (OmegaConf.to_container(OmegaConf.load(config), resolve=False).get("trainer") or {}).get("max_steps")
+    return steps if isinstance(steps, int) and steps > 0 else None
+
+
+def _durations_file() -> Path:
+    return vlzoo_home() / "artefacts" / "build_times.json"
+
+
+def _expected_duration(reference: str, steps: int | None) -> str:
+    """``about N min`` from the last build of ``reference`` on this machine (scaled by
+    its step count), or a note that there is no timing yet."""
+    try:
+        last = json.loads(_durations_file().read_text()).get(reference)
+    except (OSError, ValueError):
+        last = None
+    if not isinstance(last, dict) or not last.get("seconds"):
+        return "no earlier build here to time it by; its progress follows"
+    seconds = float(last["seconds"])
+    if steps and last.get("steps"):
+        seconds *= steps / float(last["steps"])
+    return f"about {seconds / 60:.0f} min, as its last build here"
+
+
+def _record_duration(reference: str, seconds: float, steps: int | None) -> None:
+    path = _durations_file()
+    try:
+        times = json.loads(path.read_text())
+    except (OSError, ValueError):
+        times = {}
+    times[reference] = {"seconds": round(seconds, 1), "steps": steps}
+    atomic_write_json(path, times)
 
 
 def _best_checkpoint(run_dir: Path) -> Path:

@@ -42,11 +42,9 @@ def parts_from_task(task, source: str) -> LoadedParts:
 
 def zoo_config_init_args(path: str | Path) -> tuple[type, dict]:
     """(task class, its init arguments as config dataclasses) of a zoo config YAML."""
-    import importlib
-
     import yaml
 
-    from vlzoo.tasks.loading import as_config
+    from vlzoo.tasks.loading import as_config, task_by_name
 
     path = Path(path)
     if not path.is_file():
@@ -54,8 +52,7 @@ def zoo_config_init_args(path: str | Path) -> tuple[type, dict]:
     model = (yaml.safe_load(path.read_text()) or {}).get("model")
     if not isinstance(model, dict) or "class_path" not in model:
         raise ValueError(f"{path}: expected a 'model:' section with 'class_path' and 'init_args'")
-    module, _, name = model["class_path"].rpartition(".")
-    cls = getattr(importlib.import_module(module), name)
+    cls = task_by_name(model["class_path"], f"{path}: model.class_path")
     hints = typing.get_type_hints(cls.__init__)
     init_args = {}
     for key, value in (model.get("init_args") or {}).items():
@@ -177,15 +174,14 @@ def load_entry(entry) -> LoadedParts:
 def _load_open_clip_entry(entry, local: Path) -> LoadedParts:
     """open_clip weights: a hub snapshot directory (``open_clip_config.json`` optional)
     or a single file; the architecture from the snapshot's config or open_clip's own."""
-    import json
-
     from vlzoo.hub.convert.clip import OPEN_CLIP_WEIGHT_FILES, load_open_clip_file
+    from vlzoo.utils import read_json_file
 
     preprocess = {k: entry.preprocess[k] for k in ("mean", "std", "interpolation")}
     source, model_cfg = entry.source["open_clip"], None
     if local.is_dir():
         if (local / "open_clip_config.json").is_file():
-            model_cfg = json.loads((local / "open_clip_config.json").read_text()).get("model_cfg")
+            model_cfg = read_json_file(local / "open_clip_config.json", "an open_clip config object").get("model_cfg")
         weights = next((local / f for f in OPEN_CLIP_WEIGHT_FILES if (local / f).is_file()), None)
         if weights is None:
             raise FileNotFoundError(f"{entry.name}: {local} holds none of {OPEN_CLIP_WEIGHT_FILES}")

@@ -46,13 +46,24 @@ def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
     return obj
 
 
+def refuse_non_finite(state: dict[str, Tensor], source: str) -> None:
+    """A ValueError naming the tensors of ``state`` that hold NaN or infinity (a corrupt
+    or diverged checkpoint would otherwise load silently)."""
+    bad = [name for name, t in state.items()
+           if isinstance(t, Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ValueError(f"{source}: {len(bad)} tensor(s) hold NaN or infinite values: {bad[:10]}"
+                         f"{' ...' if len(bad) > 10 else ''}; refusing to load them")
+
+
 def load_strict(
     module: nn.Module,
     state: dict[str, Tensor],
     source: str = "state dict",
     allow_missing: Iterable[str] = (),
 ) -> None:
-    """Load ``state`` into ``module``; any missing or unexpected key is an error naming it.
+    """Load ``state`` into ``module``; any missing or unexpected key is an error naming it,
+    and so is a tensor holding NaN or infinity.
 
     ``allow_missing``: key substrings that may be missing (e.g. randomly initialised
     cross-attention when loading a text-only BERT).
@@ -71,4 +82,5 @@ def load_strict(
     wrong = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if v.shape != own[k].shape]
     if wrong:
         raise ValueError(f"{source}: shape mismatch (checkpoint vs model) for {wrong[:10]}")
+    refuse_non_finite(state, source)
     module.load_state_dict(state, strict=False)

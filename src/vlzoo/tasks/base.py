@@ -9,7 +9,6 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor, nn
 
 from vlzoo.config import EvalConfig, FinetuneConfig, OptimConfig, VisionConfig
@@ -217,11 +216,16 @@ class VLTask(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def configure_callbacks(self):
-        from vlzoo.callbacks import Preemption, RNGState, RunStats, SkippedSamples
+        """RNG states, preemption, run statistics, skipped-sample counts, and a
+        :class:`~vlzoo.callbacks.RunCheckpoint` with its defaults unless the trainer has
+        one (``vlzoo fit --checkpoint.every_n_steps ...``)."""
+        from vlzoo.callbacks import Preemption, RNGState, RunCheckpoint, RunStats, SkippedSamples
 
-        return [ModelCheckpoint(monitor=self.monitor, mode=self.monitor_mode, save_last=True,
-                                filename="best-step{step}", auto_insert_metric_name=False), RunStats(),
-                SkippedSamples(), RNGState(), Preemption()]
+        callbacks = [RunStats(), SkippedSamples(), RNGState(), Preemption()]
+        trainer_callbacks = self.trainer.callbacks if self._trainer is not None else []
+        if not any(isinstance(c, RunCheckpoint) for c in trainer_callbacks):
+            callbacks.insert(0, RunCheckpoint())  # replaces the Trainer's default ModelCheckpoint
+        return callbacks
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
         """Forward and backward (the closure), then the optimizer step and

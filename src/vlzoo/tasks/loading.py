@@ -1,19 +1,21 @@
 """Load a ``vlzoo fit`` checkpoint back into its task, safely.
 
-Checkpoints are read with ``torch.load(weights_only=True)`` (no arbitrary pickles);
-the task class comes from the checkpoint itself (LightningCLI's ``_class_path``, or
-the ``vlzoo_task`` entry every :class:`~vlzoo.tasks.VLTask` writes).
+Checkpoints are read with ``torch.load(weights_only=True)`` (no arbitrary pickles).
+The task class is the one the checkpoint names (LightningCLI's ``_class_path``, or the
+``vlzoo_task`` entry every :class:`~vlzoo.tasks.VLTask` writes), looked up in a fixed
+table of vlzoo's tasks: nothing a file names is ever imported.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
+import zipfile
 from pathlib import Path
 
 import torch
 
 from vlzoo import config as config_module
+from vlzoo.hub.weights import refuse_non_finite
 from vlzoo.models import generation
 
 
@@ -38,25 +40,60 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path}: not a vlzoo/Lightning checkpoint (a checkpoint is a zip archive written by "
+                         "torch.save; this file is a plain pickle, truncated, or something else)")
     try:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as err:
         raise ValueError(f"{path}: not a readable vlzoo/Lightning checkpoint ({err})") from err
 
 
-def task_class(checkpoint: dict, path: str | Path):
-    """The LightningModule class recorded in ``checkpoint``."""
-    class_path = checkpoint.get("vlzoo_task") or checkpoint.get("hyper_parameters", {}).get("_class_path")
+TASK_NAMES = ("CLIPTask", "ALBEFTask", "BLIPTask", "BLIP2Task", "BLIP2LLMTask", "CausalLMTask", "ClassifyTask",
+              "BLIPVQATask")
+
+
+def task_classes() -> dict[str, type]:
+    """Every class path a vlzoo checkpoint or config may name for its task
+    (``vlzoo.tasks.CLIPTask`` and ``vlzoo.tasks.clip.CLIPTask``) -> the class."""
+    import vlzoo.tasks as tasks  # the package imports this module: looked up at call time
+
+    table = {}
+    for name in TASK_NAMES:
+        cls = getattr(tasks, name)
+        table[f"vlzoo.tasks.{name}"] = table[f"{cls.__module__}.{cls.__qualname__}"] = cls
+    return table
+
+
+def task_by_name(class_path: object, where: str) -> type:
+    """The vlzoo task class ``class_path`` names; anything else is refused, unimported."""
+    cls = task_classes().get(class_path) if isinstance(class_path, str) else None
+    if cls is None:
+        known = ", ".join(f"vlzoo.tasks.{n}" for n in TASK_NAMES)
+        raise ValueError(f"{where}: names the task {class_path!r}, which is not a vlzoo task (expected one of "
+                         f"{known}); vlzoo never imports a module that a file names")
+    return cls
+
+
+def task_class(checkpoint: dict, path: str | Path) -> type:
+    """The LightningModule class recorded in ``checkpoint`` (from the fixed table)."""
+    hparams = checkpoint.get("hyper_parameters") or {}
+    class_path = checkpoint.get("vlzoo_task") or (hparams.get("_class_path") if isinstance(hparams, dict) else None)
     if not class_path:
         raise ValueError(f"{path}: the checkpoint does not say which vlzoo task wrote it")
-    module, _, name = class_path.rpartition(".")
-    return getattr(importlib.import_module(module), name)
+    cls = task_by_name(class_path, str(path))
+    other = hparams.get("_class_path") if isinstance(hparams, dict) else None
+    if other is not None and other != class_path:
+        task_by_name(other, f"{path}: hyper_parameters._class_path")  # LightningCLI would instantiate it
+    return cls
 
 
 def load_task(path: str | Path, map_location: str | torch.device = "cpu", eval_mode: bool = True):
     """The task (with ``.model``, ``.tokenizer``, ``.preprocess_config``) saved at ``path``,
     loaded strictly."""
-    cls = task_class(read_checkpoint(path, map_location, mmap=True), path)  # Lightning reads the tensors below
+    checkpoint = read_checkpoint(path, map_location, mmap=True)
+    cls = task_class(checkpoint, path)
+    refuse_non_finite(checkpoint.get("state_dict", {}), str(path))
     task = cls.load_from_checkpoint(path, map_location=map_location, strict=True, weights_only=True)
     return task.eval() if eval_mode else task
 

@@ -10,7 +10,6 @@ into ``in_proj``, projections transposed).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,8 @@ from torch import Tensor
 from vlzoo.config import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, CLIPConfig, TextConfig, VisionConfig
 from vlzoo.hub.convert import LoadedParts, rename_keys
 from vlzoo.hub.convert.hf import timm_mlp_ratio
-from vlzoo.hub.weights import load_state_dict_file, load_strict
+from vlzoo.hub.weights import CheckpointKeyError, load_state_dict_file, load_strict
+from vlzoo.utils import read_json_file
 
 # open_clip key -> vlzoo key. Text-tower keys live at the top level of open_clip's CLIP.
 OPEN_CLIP_RULES = [
@@ -96,6 +96,11 @@ HF_CLIP_RULES = [
 def hf_clip_to_open_clip(state: dict[str, Tensor]) -> dict[str, Tensor]:
     """transformers ``CLIPModel`` state dict -> open_clip ``CLIP`` layout."""
     out = rename_keys(state, HF_CLIP_RULES, source="transformers CLIPModel checkpoint")
+    absent = [hf for hf, key in (("text_projection.weight", "text_projection"), ("visual_projection.weight",
+                                                                                 "visual.proj")) if key not in out]
+    if absent:
+        raise CheckpointKeyError(f"transformers CLIPModel checkpoint: no {', '.join(absent)} (a CLIPModel has both "
+                                 "projections; a CLIPVisionModel or CLIPTextModel alone cannot be loaded as CLIP)")
     for key in ("text_projection", "visual.proj"):
         out[key] = out[key].t().contiguous()  # Linear (E, W) -> matrix (W, E)
     for key in [k for k in out if ".self_attn.q_proj." in k]:
@@ -138,7 +143,7 @@ def hf_preprocess_cfg(directory: Path) -> dict[str, Any]:
     path = directory / "preprocessor_config.json"
     if not path.is_file():
         return {}
-    raw = json.loads(path.read_text())
+    raw = read_json_file(path, "a transformers image processor config object")
     pre = {k: raw[f"image_{k}"] for k in ("mean", "std") if f"image_{k}" in raw}
     pre["interpolation"] = {2: "bilinear", 3: "bicubic"}.get(raw.get("resample", 3), "bicubic")
     return pre
@@ -158,7 +163,7 @@ def build_converted_clip(config: CLIPConfig, state: dict[str, Tensor], source: s
 def load_open_clip_dir(directory: Path) -> LoadedParts:
     """A directory in open_clip's hub layout: ``open_clip_config.json`` (``model_cfg``,
     ``preprocess_cfg``) and ``open_clip_model.safetensors`` or ``open_clip_pytorch_model.bin``."""
-    raw = json.loads((directory / "open_clip_config.json").read_text())
+    raw = read_json_file(directory / "open_clip_config.json", "an open_clip config object with 'model_cfg'")
     if "model_cfg" not in raw:
         raise ValueError(f"{directory / 'open_clip_config.json'}: no 'model_cfg' entry")
     weights = next((directory / f for f in OPEN_CLIP_WEIGHT_FILES if (directory / f).is_file()), None)

@@ -3,13 +3,13 @@ dispatch from ``config.json``'s ``model_type`` to the right converter."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from torch import Tensor
 
 from vlzoo.hub.convert import LoadedParts
-from vlzoo.hub.weights import load_state_dict_file
+from vlzoo.hub.weights import CheckpointKeyError, load_state_dict_file
+from vlzoo.utils import read_json_file
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -52,7 +52,10 @@ def hf_weights(directory: str | Path) -> dict[str, Tensor]:
     for name in INDEX_FILES:
         index = directory / name
         if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            weight_map = read_json_file(index, "a weights index with a 'weight_map' object").get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{index}: no 'weight_map' object (expected shard names per tensor)")
+            shards = sorted(set(weight_map.values()))
             state: dict[str, Tensor] = {}
             for shard in shards:
                 state.update(load_state_dict_file(directory / shard))
@@ -65,13 +68,25 @@ def read_hf_config(directory: str | Path) -> dict:
     path = Path(directory) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{directory}: no config.json (not a Hugging Face model directory)")
-    return json.loads(path.read_text())
+    return read_json_file(path, "a transformers config object with a 'model_type'")
 
 
 def load_hf_dir(directory: str | Path) -> LoadedParts:
-    """A local transformers directory of model_type ``clip``, ``blip`` or ``blip-2``."""
+    """A local transformers directory of model_type ``clip``, ``blip`` or ``blip-2``; a
+    config field or tensor the converter needs and does not find is an error naming the
+    directory and the key."""
     directory = Path(directory)
     hf_config = read_hf_config(directory)
+    try:
+        return _load_hf_model_type(directory, hf_config)
+    except CheckpointKeyError:
+        raise
+    except KeyError as err:
+        raise ValueError(f"{directory}: the config.json or weights lack {err.args[0]!r}, which a transformers "
+                         f"{hf_config.get('model_type')!r} model has") from err
+
+
+def _load_hf_model_type(directory: Path, hf_config: dict) -> LoadedParts:
     model_type = hf_config.get("model_type")
     if model_type == "clip":
         from vlzoo.hub.convert.clip import load_hf_clip

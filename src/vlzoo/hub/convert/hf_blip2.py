@@ -31,7 +31,6 @@ puts the soft prompt in front of the embedded text: the same LLM input.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +47,7 @@ from vlzoo.config import (
 )
 from vlzoo.hub.convert import LoadedParts, rename_keys
 from vlzoo.hub.convert.hf import hf_vit_rules, timm_mlp_ratio
+from vlzoo.utils import read_json_file
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -167,7 +167,7 @@ def hf_blip2_preprocess(directory: Path) -> dict[str, Any]:
     path = Path(directory) / "preprocessor_config.json"
     if not path.is_file():
         return {}
-    raw = json.loads(path.read_text())
+    raw = read_json_file(path, "a transformers image processor config object")
     pre = {k: tuple(raw[f"image_{k}"]) for k in ("mean", "std") if f"image_{k}" in raw}
     resample = raw.get("resample", 3)  # a PIL code (BICUBIC = 3) or a name
     if isinstance(resample, str):
