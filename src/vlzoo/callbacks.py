@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from vlzoo.distributed import gather_objects
-from vlzoo.options import MinusOneOrMore, PositiveFloat, PositiveInt
+from vlzoo.options import MinusOneOrMore, PositiveFloat, PositiveInt, check_options
 
 log = logging.getLogger("vlzoo.data")
 
@@ -166,12 +166,8 @@ class RunCheckpoint(ModelCheckpoint):
     def __init__(self, every_n_steps: PositiveInt | None = None, every_minutes: PositiveFloat | None = 10.0,
                  on_validation: bool = True, save_top_k: MinusOneOrMore = 1, monitor: str | None = None,
                  mode: str | None = None, dirpath: str | None = None):
-        if every_n_steps is not None and (isinstance(every_n_steps, bool) or every_n_steps < 1):
-            raise ValueError(f"checkpoint.every_n_steps must be a positive integer or null, got {every_n_steps!r}")
-        if every_minutes is not None and not every_minutes > 0:
-            raise ValueError(f"checkpoint.every_minutes must be positive or null, got {every_minutes!r}")
-        if save_top_k < -1:
-            raise ValueError(f"checkpoint.save_top_k must be -1 (all), 0 or more, got {save_top_k!r}")
+        check_options(checkpoint__every_n_steps=every_n_steps, checkpoint__every_minutes=every_minutes,
+                      checkpoint__save_top_k=save_top_k)
         if mode not in (None, "min", "max"):
             raise ValueError(f"checkpoint.mode must be 'min' or 'max', got {mode!r}")
         super().__init__(dirpath=dirpath, filename="best-step{step}", monitor=monitor, mode=mode or "max",
@@ -327,11 +323,12 @@ class Preemption(L.Callback):
 
     def _save(self, trainer) -> None:
         keeper = trainer.checkpoint_callback
-        directory = getattr(keeper, "dirpath", None) or f"{trainer.default_root_dir}/checkpoints"
-        path = f"{directory}/last.ckpt"
-        if keeper is not None and hasattr(keeper, "last_model_path"):
-            keeper.last_model_path = path  # saved in the state: the resumed run keeps writing last.ckpt
-        trainer.save_checkpoint(path)
+        if isinstance(keeper, RunCheckpoint):
+            keeper.write_last(trainer)
+            path = keeper.last_path
+        else:  # a trainer without vlzoo's checkpoint callback
+            path = f"{trainer.default_root_dir}/checkpoints/last.ckpt"
+            trainer.save_checkpoint(path)
         self.saved, self._saved_step = path, trainer.global_step
         if trainer.is_global_zero:
             print(f"vlzoo: SIGTERM at step {trainer.global_step}: saved {path}; resume with --ckpt_path last",

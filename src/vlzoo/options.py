@@ -52,6 +52,33 @@ NUMERIC_OPTIONS: dict[str, tuple[type, str]] = {
 }
 
 
+def option_problem(option: str, value: object) -> str | None:
+    """What is wrong with ``value`` for the numeric ``option`` (None: accepted, not a
+    numeric option, or null)."""
+    spec = NUMERIC_OPTIONS.get(option)
+    if spec is None or value is None or isinstance(value, str) and value.lower() in ("null", "none"):
+        return None
+    if option == "seed_everything" and isinstance(value, bool):
+        return None
+    kind, accepted = spec
+    try:
+        kind(value)
+    except (ValueError, TypeError):
+        return f"{value!r} is not valid: expected {accepted}"
+    return None
+
+
+def check_options(**values: object) -> None:
+    """For Python callers (the CLI's parser refuses the same by type): a ValueError
+    naming the first option whose value is refused; ``values`` keyed by option name
+    with ``__`` for dots (``data__batch_size``)."""
+    for key, value in values.items():
+        option = key.replace("__", ".")
+        problem = option_problem(option, value)
+        if problem:
+            raise ValueError(f"{option}: {problem}")
+
+
 def numeric_option_error(argv: list[str]) -> str | None:
     """The first bad numeric option of a Lightning command line (``--config FILE``
     sections and ``--key value`` / ``--key=value`` overrides), as a one-line message
@@ -59,16 +86,10 @@ def numeric_option_error(argv: list[str]) -> str | None:
     or unknown (the full parse judges everything else). Like the parser, a bad value
     is refused even when a later one would override it."""
     for option, value, origin in _given_values(argv):
-        spec = NUMERIC_OPTIONS.get(option)
-        if spec is None or value is None or isinstance(value, str) and value.lower() in ("null", "none"):
-            continue
-        kind, accepted = spec
-        if option == "seed_everything" and isinstance(value, bool):
-            continue
-        try:
-            kind(value)
-        except (ValueError, TypeError):
-            return f"--{option}: {value!r} ({origin}) is not valid: expected {accepted}"
+        problem = option_problem(option, value)
+        if problem:
+            value_text, _, rest = problem.partition(" is not valid")
+            return f"--{option}: {value_text} ({origin}) is not valid{rest}"
     return None
 
 

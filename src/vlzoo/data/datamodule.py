@@ -27,16 +27,9 @@ from vlzoo.data.images import DEFAULT_MAX_PIXELS
 from vlzoo.data.resumable import ResumableDataLoader, ResumableSampler, private_generator
 from vlzoo.data.sources import MapSource, SourceOptions, StreamSource, open_source
 from vlzoo.data.tokenizers import Tokenizer
-from vlzoo.options import ClosedUnitInterval, NonNegativeInt, PositiveInt
+from vlzoo.options import ClosedUnitInterval, NonNegativeInt, PositiveInt, check_options
 
 SPLIT_OF_STAGE = {"fit": "train", "train": "train", "val": "val", "validate": "val", "test": "test", "predict": "test"}
-
-
-def positive(option: str, value: object) -> None:
-    """Refuse anything but an integer > 0 for ``option`` (Python callers; the CLI's parser
-    already refuses it by type)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{option} must be a positive integer, got {value!r}")
 
 
 @dataclass
@@ -51,8 +44,8 @@ class ShapesConfig:
     cache: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("image_size", "train_size", "val_size", "test_size"):
-            positive(f"data.shapes.{name}", getattr(self, name))
+        check_options(**{f"data__shapes__{name}": getattr(self, name)
+                         for name in ("image_size", "train_size", "val_size", "test_size", "seed")})
 
 
 @dataclass
@@ -207,13 +200,9 @@ class VLDataModule(L.LightningDataModule):
         allow_outside_root: bool = False,
     ):
         super().__init__()
-        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size),
-                            ("shuffle_buffer", shuffle_buffer), ("max_image_pixels", max_image_pixels)):
-            positive(f"data.{name}", value)
-        if not (isinstance(num_workers, int) and num_workers >= 0):
-            raise ValueError(f"data.num_workers must be an integer >= 0, got {num_workers!r}")
-        if not 0 <= max_bad_fraction <= 1:
-            raise ValueError(f"data.max_bad_fraction must be in [0, 1], got {max_bad_fraction!r}")
+        check_options(data__batch_size=batch_size, data__eval_batch_size=eval_batch_size,
+                      data__num_workers=num_workers, data__samples_per_epoch=samples_per_epoch,
+                      data__shuffle_buffer=shuffle_buffer, data__max_image_pixels=max_image_pixels)
         if captions not in CAPTION_MODES:
             raise ValueError(f"data.captions must be one of {CAPTION_MODES}, got {captions!r}")
         self.sources = {"train": train, "val": val, "test": test}

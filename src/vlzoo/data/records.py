@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from vlzoo.data.images import BadSample
+from vlzoo.utils import read_json_file
 
 IMAGE_COLUMNS = ("image", "filepath", "image_path", "img", "jpg", "png", "file_name", "path", "url")
 CAPTION_COLUMNS = ("captions", "caption", "title", "text", "txt", "sentences", "sentence")
@@ -200,10 +201,7 @@ def read_json(path: str | Path, split: str, image_root: str | Path | None = None
     list of records (one per caption or per image)."""
     path = Path(path)
     root = Path(image_root) if image_root else path.parent
-    try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not a valid UTF-8 JSON file ({err})") from err
+    data = read_json_file(path, "a Karpathy split file or a list of records")
     if isinstance(data, dict) and isinstance(data.get("images"), list):
         return merge_by_image(_karpathy(data["images"], path, root, split, allow_outside_root))
     if isinstance(data, list):

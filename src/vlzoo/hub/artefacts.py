@@ -222,13 +222,19 @@ def _durations_file() -> Path:
     return vlzoo_home() / "artefacts" / "build_times.json"
 
 
+def _durations() -> dict:
+    """reference -> {seconds, steps} of its last build here ({} when none is recorded)."""
+    try:
+        times = json.loads(_durations_file().read_text())
+    except (OSError, ValueError):
+        return {}
+    return times if isinstance(times, dict) else {}
+
+
 def _expected_duration(reference: str, steps: int | None) -> str:
     """``about N min`` from the last build of ``reference`` on this machine (scaled by
     its step count), or a note that there is no timing yet."""
-    try:
-        last = json.loads(_durations_file().read_text()).get(reference)
-    except (OSError, ValueError):
-        last = None
+    last = _durations().get(reference)
     if not isinstance(last, dict) or not last.get("seconds"):
         return "no earlier build here to time it by; its progress follows"
     seconds = float(last["seconds"])
@@ -238,13 +244,7 @@ def _expected_duration(reference: str, steps: int | None) -> str:
 
 
 def _record_duration(reference: str, seconds: float, steps: int | None) -> None:
-    path = _durations_file()
-    try:
-        times = json.loads(path.read_text())
-    except (OSError, ValueError):
-        times = {}
-    times[reference] = {"seconds": round(seconds, 1), "steps": steps}
-    atomic_write_json(path, times)
+    atomic_write_json(_durations_file(), {**_durations(), reference: {"seconds": round(seconds, 1), "steps": steps}})
 
 
 def _best_checkpoint(run_dir: Path) -> Path:

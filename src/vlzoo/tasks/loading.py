@@ -77,24 +77,21 @@ def task_by_name(class_path: object, where: str) -> type:
 
 def task_class(checkpoint: dict, path: str | Path) -> type:
     """The LightningModule class recorded in ``checkpoint`` (from the fixed table)."""
-    hparams = checkpoint.get("hyper_parameters") or {}
-    class_path = checkpoint.get("vlzoo_task") or (hparams.get("_class_path") if isinstance(hparams, dict) else None)
-    if not class_path:
+    hparams = checkpoint.get("hyper_parameters")
+    named = {"vlzoo_task": checkpoint.get("vlzoo_task"),  # LightningCLI would instantiate _class_path: check both
+             "hyper_parameters._class_path": hparams.get("_class_path") if isinstance(hparams, dict) else None}
+    classes = [task_by_name(name, f"{path}: {where}") for where, name in named.items() if name is not None]
+    if not classes:
         raise ValueError(f"{path}: the checkpoint does not say which vlzoo task wrote it")
-    cls = task_by_name(class_path, str(path))
-    other = hparams.get("_class_path") if isinstance(hparams, dict) else None
-    if other is not None and other != class_path:
-        task_by_name(other, f"{path}: hyper_parameters._class_path")  # LightningCLI would instantiate it
-    return cls
+    return classes[0]
 
 
 def load_task(path: str | Path, map_location: str | torch.device = "cpu", eval_mode: bool = True):
     """The task (with ``.model``, ``.tokenizer``, ``.preprocess_config``) saved at ``path``,
     loaded strictly."""
-    checkpoint = read_checkpoint(path, map_location, mmap=True)
-    cls = task_class(checkpoint, path)
-    refuse_non_finite(checkpoint.get("state_dict", {}), str(path))
+    cls = task_class(read_checkpoint(path, map_location, mmap=True), path)  # Lightning reads the tensors below
     task = cls.load_from_checkpoint(path, map_location=map_location, strict=True, weights_only=True)
+    refuse_non_finite(task.state_dict(), str(path))
     return task.eval() if eval_mode else task
 
 
