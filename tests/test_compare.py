@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from vlzoo.cli import main
-from vlzoo.compare import effective_config, load_recipe
+from vlzoo.compare import fit_arguments, load_recipe, shared_config
 
 RECIPE = "zoo_configs/recipes/shapes.yaml"
 
@@ -29,16 +29,33 @@ def tiny_recipe(tmp_path, **overrides):
     return path
 
 
-def test_the_shipped_recipe_is_valid_and_shares_its_settings(tmp_path):
+def effective_config(recipe, name: str, tmp_path, capsys) -> dict:
+    """What ``vlzoo fit`` parses for model ``name`` (``--print_config``: every layer
+    applied, nothing built)."""
+    shared = tmp_path / "shared.yaml"
+    shared.write_text(yaml.safe_dump(shared_config(recipe)))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        main([*fit_arguments(recipe, name, shared, tmp_path / name, None), "--print_config"])
+    assert stop.value.code in (0, None)
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def test_the_shipped_recipe_is_valid_and_shares_its_settings(tmp_path, capsys):
     recipe = load_recipe(RECIPE)
     assert list(recipe.models) == ["clip", "albef", "blip", "blip2"]
-    configs = {n: effective_config(recipe, n, tmp_path / n, None) for n in recipe.models}
+    configs = {n: effective_config(recipe, n, tmp_path, capsys) for n in recipe.models}
     for config in configs.values():
         assert config["trainer"]["max_steps"] == recipe.shared["steps"]
         assert config["data"]["batch_size"] == recipe.shared["global_batch"]
-        assert config["model"]["init_args"]["optim"] == recipe.shared["optimizer"]
+        assert config["data"]["shapes"]["image_size"] == recipe.shared["data"]["shapes"]["image_size"]
+        optim = config["model"]["init_args"]["optim"]
+        assert {k: optim[k] for k in recipe.shared["optimizer"]} == {
+            k: list(v) if isinstance(v, tuple) else v for k, v in recipe.shared["optimizer"].items()}
+        assert config["model"]["init_args"]["eval"]["rerank_k"] == recipe.shared["eval"]["rerank_k"]
         assert config["seed_everything"] == recipe.shared["seed"]
     assert configs["albef"]["model"]["init_args"]["model"]["queue_size"] % recipe.shared["global_batch"] == 0
+    assert configs["albef"]["model"]["init_args"]["model"]["fusion_layers"] == 2  # the model's own, kept
 
 
 def test_compare_runs_every_family_and_skips_finished_ones(tmp_path, capsys):

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+from jsonargparse import ActionConfigFile
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser
 
@@ -26,6 +27,7 @@ TASK_RECIPES = sorted((ROOT / "tasks").rglob("*.yaml"))
 
 def cli_parser() -> LightningArgumentParser:
     parser = LightningArgumentParser(parser_mode="omegaconf+", exit_on_error=False)
+    parser.add_argument("--config", action=ActionConfigFile)
     parser.add_argument("--seed_everything", type=int | bool, default=0)
     parser.add_lightning_class_args(Trainer, "trainer")
     parser.add_lightning_class_args(VLTask, "model", subclass_mode=True)
@@ -65,16 +67,35 @@ def test_there_are_task_recipes_for_each_task():
 
 
 @pytest.mark.parametrize("path", TASK_RECIPES, ids=lambda p: str(p.relative_to(ROOT)))
-def test_task_recipe_parses_with_a_model(path):
-    """A recipe plus a model config (as ``vlzoo finetune`` composes them) is a valid run config."""
+def test_task_recipe_parses_with_a_model(path, tmp_path):
+    """A recipe plus the starting model's layer (as ``vlzoo finetune`` layers them) is a valid run config."""
     import yaml
 
-    from vlzoo.recipes import finetune_config
+    from vlzoo.recipes import start_config
 
     family = path.stem.removesuffix("-shapes")
     schema = {"clip": CLIPConfig, "albef": ALBEFConfig, "blip": BLIPConfig, "blip2": BLIP2Config,
               "blip2_llm": BLIP2LLMConfig}[family]
-    config = finetune_config(path, schema(), "some-checkpoint.ckpt", "runs/x")
-    cfg = cli_parser().parse_string(yaml.safe_dump(config))
+    layer = tmp_path / "start.yaml"
+    layer.write_text(yaml.safe_dump(start_config(path, schema(), "some-checkpoint.ckpt", "runs/x")))
+    cfg = cli_parser().parse_args(["--config", str(path), "--config", str(layer)])
     assert cfg.model.init_args.finetune.init_from == "some-checkpoint.ckpt"
     assert cfg.trainer.default_root_dir == "runs/x"
+
+
+def test_the_data_module_gets_the_models_inputs_by_a_link():
+    """``vlzoo fit`` links ``data.inputs`` from the instantiated model: the tokenizer and
+    preprocessing are the model's, and ``data.inputs`` is no option of its own."""
+    from vlzoo.cli import link_model_inputs
+
+    parser = cli_parser()
+    link_model_inputs(parser)
+    config = ROOT / "models/clip/shapes-tiny.yaml"
+    init = parser.instantiate_classes(parser.parse_path(str(config)))
+    inputs = init.data.inputs
+    assert inputs.tokenizer is init.model.tokenizer
+    assert (inputs.image_size, tuple(inputs.mean)) == (init.model.preprocess_config.image_size,
+                                                       tuple(init.model.preprocess_config.mean))
+    with pytest.raises(Exception, match="inputs"):
+        parser.parse_args(["--config", str(config), "--data.inputs", "x"])
+

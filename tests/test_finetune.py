@@ -93,13 +93,14 @@ def test_classification_finetune_runs_from_a_clip_checkpoint(starts, tmp_path):
 
 
 def test_zeroshot_head_predicts_as_zeroshot_classification(starts):
+    from vlzoo.families import load_task
+    from vlzoo.hub.loaders import load_parts
     from vlzoo.tasks import ClassifyTask
-    from vlzoo.tasks.loading import load_task
 
     clip = load_task(starts["clip"])
     classes = ["red circle", "blue square", "green star"]
     task = ClassifyTask(clip.config, classes=classes, finetune={"init_from": starts["clip"]})
-    task.load_initial_weights()
+    task.load_initial_weights(load_parts(starts["clip"]))
     pixels = torch.randn(8, 3, 16, 16)
     expected = (clip.model.encode_image(pixels) @ task.class_embeddings(classes).T).argmax(-1)
     assert torch.equal(task.predict_classes(pixels).argmax(-1), expected)

@@ -11,6 +11,39 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from vlzoo import config as config_module
+from vlzoo.models import generation
+
+
+def safe_checkpoint_globals() -> list[type]:
+    """The config classes a task checkpoint may hold in its hyper-parameters."""
+    names = ("VisionConfig", "TextConfig", "CLIPConfig", "MomentumConfig", "ALBEFConfig", "BLIPConfig",
+             "BLIP2Config", "BLIP2LLMConfig", "CausalLMConfig", "OptimConfig", "EvalConfig", "FinetuneConfig",
+             "LoRAConfig")
+    return [getattr(config_module, n) for n in names] + [generation.GenerationConfig]
+
+
+# ``torch.load(weights_only=True)`` (ours and Lightning's: ``trainer.test(ckpt_path=...)``,
+# resume) may build vlzoo's config dataclasses and nothing else. Registered once, for the
+# process: the ``torch.serialization.safe_globals`` context would unregister them on exit.
+torch.serialization.add_safe_globals(safe_checkpoint_globals())
+
+
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict:
+    """``torch.load(weights_only=True)`` with the vlzoo config classes allowed; a
+    truncated or foreign file raises an error that names it. ``mmap`` maps tensors
+    instead of reading them (for looking at the metadata only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path}: not a vlzoo/Lightning checkpoint (a checkpoint is a zip archive written by "
+                         "torch.save; this file is a plain pickle, truncated, or something else)")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except Exception as err:
+        raise ValueError(f"{path}: not a readable vlzoo/Lightning checkpoint ({err})") from err
+
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes ``path.tmp-PID`` in the same folder, fsyncs it, then renames it over

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,11 @@ LIGHTNING_COMMANDS = {
 def _lightning_cli(args: list[str] | None) -> None:
     from lightning.pytorch.cli import LightningCLI
 
+    from vlzoo import families
     from vlzoo.data.datamodule import VLDataModule
     from vlzoo.tasks.base import VLTask
+
+    families.load_plugins()  # their tasks and configs are known before any checkpoint is read
 
     class VLZooCLI(LightningCLI):
         """LightningCLI with checkpoints that keep up (``--checkpoint.*``), a checked
@@ -30,6 +34,7 @@ def _lightning_cli(args: list[str] | None) -> None:
             from vlzoo.callbacks import RunCheckpoint
 
             parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
+            link_model_inputs(parser)
 
         def parse_arguments(self, parser, args) -> None:
             super().parse_arguments(parser, args)
@@ -44,14 +49,30 @@ def _lightning_cli(args: list[str] | None) -> None:
                 trainer_cfg["logger"] = default_loggers(trainer_cfg.get("default_root_dir") or ".")
             return super().instantiate_trainer(**kwargs)
 
+        def _resolve_init_from(self) -> bool:
+            """The explicit step that reads ``finetune.init_from`` (any model reference) and
+            hands it to the task; whether the task has one."""
+            finetune = getattr(self.model, "finetune", None)
+            if finetune is None or not finetune.init_from:
+                return False
+            from vlzoo.hub.loaders import load_parts_once
+
+            self.model.use_initial_weights(load_parts_once(finetune.init_from))
+            return True
+
         def before_fit(self) -> None:
             config = self.config_init[self.subcommand]
             finetune = getattr(self.model, "finetune", None)
-            if finetune is not None and finetune.init_from:
-                if config["ckpt_path"] is None:
-                    evaluate_start(self.trainer, self.model, self.datamodule)
-                else:  # resumed: the run's own checkpoint has the weights; init_from is not read again
-                    self.model.skip_initial_weights()
+            if finetune is not None and finetune.init_from and config["ckpt_path"] is not None:
+                self.model.skip_initial_weights()  # resumed: the run's own checkpoint has the weights
+            elif self._resolve_init_from():
+                evaluate_start(self.trainer, self.model, self.datamodule)
+
+        def before_validate(self) -> None:
+            self._resolve_init_from()
+
+        def before_test(self) -> None:
+            self._resolve_init_from()
 
         def after_fit(self) -> None:
             trainer = self.trainer
@@ -70,15 +91,25 @@ def _lightning_cli(args: list[str] | None) -> None:
         def after_validate(self) -> None:
             write_run_summary(self.trainer, _stage_metrics(self.trainer.callback_metrics, "val/"))
 
-    VLZooCLI(
-        model_class=VLTask,
-        subclass_mode_model=True,
-        datamodule_class=VLDataModule,
-        parser_kwargs={"parser_mode": "omegaconf+"},
-        save_config_kwargs={"overwrite": True},
-        seed_everything_default=0,
-        args=args,
-    )
+    with warnings.catch_warnings():  # args given on purpose (vlzoo finetune), whatever sys.argv holds
+        warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
+        VLZooCLI(
+            model_class=VLTask,
+            subclass_mode_model=True,
+            datamodule_class=VLDataModule,
+            parser_kwargs={"parser_mode": "omegaconf+"},
+            save_config_kwargs={"overwrite": True},
+            seed_everything_default=0,
+            args=args,
+        )
+
+
+def link_model_inputs(parser) -> None:
+    """``data.inputs`` (tokenizer, image preprocessing, extra fields) from the instantiated
+    model: the model's knobs set what the data module feeds it, and are no data options."""
+    from vlzoo.data.datamodule import ModelInputs
+
+    parser.link_arguments("model", "data.inputs", compute_fn=ModelInputs.of, apply_on="instantiate")
 
 
 def check_ckpt_path(config) -> None:
@@ -87,8 +118,8 @@ def check_ckpt_path(config) -> None:
     it; corrupt ones are moved aside as ``*.corrupt``); for the other commands, the given
     checkpoint must be complete. Its task must be one of vlzoo's (nothing it names is
     imported). Sets the resolved path in ``config``."""
-    from vlzoo.checkpoints import checkpoint_problem, resolve_resume
-    from vlzoo.tasks.loading import read_checkpoint, task_class
+    from vlzoo.checkpoints import checkpoint_problem, read_checkpoint, resolve_resume
+    from vlzoo.families import task_class
 
     command = config.get("subcommand")
     section = config.get(command) if command else None
@@ -188,9 +219,9 @@ def _export(args: argparse.Namespace) -> None:
 def _capfilt(args: argparse.Namespace) -> None:
     import torch
 
-    from vlzoo.data.capfilt import run_capfilt
+    from vlzoo.capfilt import run_capfilt
+    from vlzoo.families import load_task
     from vlzoo.models.generation import GenerationConfig
-    from vlzoo.tasks.loading import load_task
 
     source = args.data
     if source.startswith("shapes"):
@@ -364,7 +395,8 @@ def finetune_parser(commands=None) -> argparse.ArgumentParser:
                     "(zoo_configs/tasks/TASK/FAMILY.yaml). Any other option is a `vlzoo fit` override "
                     "(--trainer.max_steps 500, --data.train my.jsonl, --model.init_args.finetune.freeze [vision]). "
                     "The starting model is tested first (start/test/... in ROOT/metrics.json), then trained and "
-                    "tested again; ROOT/finetune_config.yaml records the run.",
+                    "tested again; ROOT/start_model.yaml is the starting model's layer over the recipe, ROOT/config.yaml "
+                    "records the whole run.",
         epilog="example: vlzoo finetune --model runs/clip-shapes-tiny/checkpoints/last.ckpt --task classify "
                "--recipe zoo_configs/tasks/classify/clip-shapes.yaml --out runs/clip-shapes-classify")
     parser = commands.add_parser("finetune", **kwargs) if commands is not None else argparse.ArgumentParser(
@@ -377,11 +409,11 @@ def finetune_parser(commands=None) -> argparse.ArgumentParser:
 
 
 def _finetune(argv: list[str], from_command_line: bool) -> int:
-    from vlzoo.recipes import write_finetune_config
+    from vlzoo.recipes import write_finetune_configs
 
     args, rest = finetune_parser().parse_known_args(argv)
     try:  # errors of the model reference and recipe in one line; training errors keep their traceback
-        config = write_finetune_config(args.model, args.task, args.recipe, args.out)
+        configs = write_finetune_configs(args.model, args.task, args.recipe, args.out)
     except (ValueError, KeyError, FileNotFoundError) as err:
         if not from_command_line:
             raise
@@ -391,8 +423,8 @@ def _finetune(argv: list[str], from_command_line: bool) -> int:
     if "--data.train" in given and not {"--data.val", "--data.test"} <= given:
         print("vlzoo finetune: warning: --data.train is set but --data.val/--data.test are not: validation and "
               "testing use the recipe's (shapes by default)", file=sys.stderr)
-    sys.argv = [sys.argv[0], "fit", "--config", str(config), *rest]  # what LightningCLI reads and records
-    _lightning_cli(None)
+    layered = [arg for config in configs for arg in ("--config", str(config))]
+    _lightning_cli(["fit", *layered, *rest])  # ROOT/config.yaml records the run, every layer applied
     return 0
 
 

@@ -11,7 +11,6 @@ whose run finished is skipped when the command is run again.
 
 from __future__ import annotations
 
-import copy
 import json
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from vlzoo.plots import plot_comparison
 from vlzoo.utils import atomic_write_json, atomic_write_text
 
 SHARED_KEYS = ("seed", "steps", "global_batch", "precision", "optimizer", "data", "eval")
@@ -71,37 +71,35 @@ def load_recipe(path: str | Path) -> Recipe:
     return Recipe(path, {k: raw[k] for k in SHARED_KEYS}, models)
 
 
-def _set(tree: dict, dotted: str, value: Any) -> None:
-    node = tree
-    *parents, last = dotted.split(".")
-    for key in parents:
-        node = node.setdefault(key, {})
-    node[last] = value
-
-
-def effective_config(recipe: Recipe, name: str, run_dir: Path, vision_checkpoint: Path | None) -> dict:
-    """The fit config of model ``name``: its zoo config, the recipe's shared settings on
-    top, then the model's own ``overrides`` (dotted keys) and a ``vision_from`` tower."""
-    spec = recipe.models[name]
-    config = copy.deepcopy(yaml.safe_load(spec["config"].read_text()))
+def shared_config(recipe: Recipe) -> dict:
+    """The recipe's shared settings as a ``vlzoo fit`` config, layered over each model's
+    own zoo config (``--config MODEL --config SHARED``: jsonargparse merges them key by
+    key, the later file winning)."""
     s = recipe.shared
     steps = int(s["steps"])
-    shared = {
-        "seed_everything": s["seed"], "trainer.max_steps": steps, "trainer.val_check_interval": steps,
-        "trainer.check_val_every_n_epoch": None, "trainer.precision": s["precision"],
-        "trainer.default_root_dir": str(run_dir), "trainer.devices": 1,
-        "data.batch_size": int(s["global_batch"]), "model.init_args.optim": dict(s["optimizer"]),
+    return {
+        "seed_everything": s["seed"],
+        "trainer": {"max_steps": steps, "val_check_interval": steps, "check_val_every_n_epoch": None,
+                    "precision": s["precision"], "devices": 1},
+        "data": {**s["data"], "batch_size": int(s["global_batch"])},
+        "model": {"init_args": {"optim": dict(s["optimizer"]), "eval": dict(s["eval"])}},
     }
-    for key, value in s["data"].items():
-        shared[f"data.{key}"] = value
-    for key, value in s["eval"].items():
-        shared[f"model.init_args.eval.{key}"] = value
-    for key, value in {**shared, **(spec.get("overrides") or {})}.items():
-        _set(config, key, value)
+
+
+def fit_arguments(recipe: Recipe, name: str, shared: Path, run_dir: Path, vision_checkpoint: Path | None
+                  ) -> list[str]:
+    """``vlzoo fit`` arguments of model ``name``: its zoo config, the recipe's shared config
+    (file ``shared``) on top, then the model's own ``overrides`` (dotted keys) and a
+    ``vision_from`` tower as command-line options, which jsonargparse applies last."""
+    spec = recipe.models[name]
+    args = ["fit", "--config", str(spec["config"]), "--config", str(shared),
+            "--trainer.default_root_dir", str(run_dir)]
+    for key, value in (spec.get("overrides") or {}).items():
+        args += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
     if vision_checkpoint is not None:
-        _set(config, "model.init_args.model.vision.impl", "vlzoo")
-        _set(config, "model.init_args.model.vision.name", str(vision_checkpoint))
-    return config
+        args += ["--model.init_args.model.vision.impl", "vlzoo", "--model.init_args.model.vision.name",
+                 str(vision_checkpoint)]
+    return args
 
 
 def family_settings(config: dict) -> dict:
@@ -121,9 +119,9 @@ def run_model(recipe: Recipe, name: str, out: Path, results: dict[str, Any], pos
         return
     source = recipe.models[name].get("vision_from")
     vision = _best_checkpoint(out / "runs" / source) if source else None
-    config = effective_config(recipe, name, run_dir, vision)
-    config_path = out / "configs" / f"{name}.yaml"
-    atomic_write_text(config_path, yaml.safe_dump(config, sort_keys=False))
+    shared = out / "configs" / "shared.yaml"
+    atomic_write_text(shared, yaml.safe_dump(shared_config(recipe), sort_keys=False))
+    args = fit_arguments(recipe, name, shared, run_dir, vision)
     if run_dir.exists():  # an interrupted run: start it again cleanly
         import shutil
 
@@ -131,10 +129,10 @@ def run_model(recipe: Recipe, name: str, out: Path, results: dict[str, Any], pos
     print(f"[{position}] {name}: {recipe.shared['steps']} steps x {recipe.shared['global_batch']} "
           f"({recipe.models[name]['config'].name}" + (f", vision of {source}" if source else "") + ")", flush=True)
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "vlzoo.cli", "fit", "--config", str(config_path)], check=False)
+    done = subprocess.run([sys.executable, "-m", "vlzoo.cli", *args], check=False)
     wall = time.perf_counter() - start
     if done.returncode != 0:
-        raise RuntimeError(f"vlzoo compare: {name} failed (exit {done.returncode}); its config is {config_path}")
+        raise RuntimeError(f"vlzoo compare: {name} failed (exit {done.returncode}); command: vlzoo {' '.join(args)}")
     metrics = json.loads(metrics_path.read_text())
     metrics.update({DONE_KEY: True, "wall_time_s": wall})
     atomic_write_json(metrics_path, metrics)
@@ -154,7 +152,7 @@ def _best_checkpoint(run_dir: Path) -> Path:
 
 def _result(name: str, run_dir: Path) -> dict:
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    config = yaml.safe_load((run_dir.parent.parent / "configs" / f"{name}.yaml").read_text())
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())  # what vlzoo fit parsed, every layer applied
     return {"metrics": {k: v for k, v in metrics.items() if k.startswith(("test/", "val/", "train/"))},
             "params_total": metrics.get("params_total"), "params_trainable": metrics.get("params_trainable"),
             "train_samples_per_s": metrics.get("train/samples_per_s"),
@@ -237,6 +235,5 @@ def write_results(recipe: Recipe, results: dict[str, Any], out: Path) -> None:
             + results_table(results) + "\n\nPer-family settings (beyond the recipe) are in results.json "
             "(`family_settings`).\n")
     atomic_write_text(out / "results.md", text)
-    from vlzoo.plots import plot_comparison
 
     plot_comparison(results, out / "comparison.png")

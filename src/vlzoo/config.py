@@ -291,3 +291,17 @@ def load_yaml_section(path: str | Path, section: str, schema: type) -> Any:
     except Exception as err:  # omegaconf names the offending key
         raise ValueError(f"{path}: section {section!r} does not match {schema.__name__}: {err}") from err
     return OmegaConf.to_object(merged)
+
+
+def as_config(value: object, schema: type, where: str):
+    """``value`` as a ``schema`` dataclass: as is, or built from a plain dict (what
+    LightningCLI stores in checkpoints); an unknown or mistyped field is an error
+    naming ``where``."""
+    if isinstance(value, schema):
+        return value
+    if not isinstance(value, dict):
+        raise ValueError(f"{where}: expected a {schema.__name__} or a dict, got {type(value).__name__}")
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), value))
+    except Exception as err:
+        raise ValueError(f"{where}: does not match {schema.__name__}: {err}") from err

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from vlzoo.config import FinetuneConfig, LoRAConfig
+from vlzoo.weights import load_strict
 
 FREEZE_ALIASES = {"qformer": ("qformer.", "query_tokens")}
 _BLOCK = re.compile(r"\.(?:blocks|layer|layers|resblocks|h)\.(\d+)\.")
@@ -186,7 +187,6 @@ def load_initial_weights(model: nn.Module, state: dict[str, Tensor], source: str
                          allow_missing: tuple[str, ...] = ()) -> None:
     """Strictly load ``state`` (a plain state dict) into ``model``, which may carry LoRA
     adapters (their weights stay as initialised)."""
-    from vlzoo.hub.weights import load_strict
 
     if has_lora(model):
         state = base_layer_keys(state, model)

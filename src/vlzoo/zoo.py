@@ -17,8 +17,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from vlzoo import families
 from vlzoo.config import VisionConfig
 from vlzoo.hub.convert import LoadedParts
+from vlzoo.hub.generation import ANSWER_DEFAULTS, CAPTION_DEFAULTS, generation_config
+from vlzoo.hub.loaders import load_parts, parts_from_zoo_config
+from vlzoo.hub.manifest import config_path, load_manifest
 from vlzoo.models.blip2 import max_query_similarity
 
 
@@ -92,7 +96,7 @@ class ZooModel(nn.Module):
                                   f"cannot {what} (it can: {', '.join(sorted(self.capabilities)) or 'nothing'})")
 
     def _require_decoder_tokenizer(self) -> None:
-        tokenizer = self.extra.get("llm_tokenizer") if self.family == "blip2_llm" else self.tokenizer
+        tokenizer = self.extra["llm_tokenizer"] if "llm_tokenizer" in self.extra else self.tokenizer  # BLIP-2 stage 2
         if tokenizer is None:
             raise ValueError(f"{self.source or self.family}: loaded without a tokenizer, so generated ids cannot be "
                              "decoded to text (put the tokenizer files in the model directory)")
@@ -153,19 +157,26 @@ class ZooModel(nn.Module):
         max_length, min_length, top_p, ...)."""
         self._require("generate", "generate text")
         self._require_decoder_tokenizer()
-        from vlzoo.hub.generation import generate_text
-
-        return generate_text(self, self.pixel_values(pixel_values), prompt, **kwargs)
+        caption = families.get(self.family).caption
+        if caption is None:
+            raise CapabilityError(f"no text generation for family {self.family!r}")
+        config = generation_config(self.extra, "generation", CAPTION_DEFAULTS, kwargs)
+        return caption(self, self.pixel_values(pixel_values), prompt, config)
 
     @torch.no_grad()
     def vqa(self, pixel_values, questions: str | Sequence[str], **kwargs: Any) -> list[str]:
         """One answer per (image, question) pair."""
         self._require("vqa", "answer questions")
         self._require_decoder_tokenizer()
-        from vlzoo.hub.generation import answer_questions
-
+        answer = families.get(self.family).answer
+        if answer is None:
+            raise CapabilityError(f"no question answering for family {self.family!r}")
         questions = [questions] if isinstance(questions, str) else list(questions)
-        return answer_questions(self, self.pixel_values(pixel_values), questions, **kwargs)
+        pixel_values = self.pixel_values(pixel_values)
+        if len(questions) != len(pixel_values):
+            raise ValueError(f"{len(pixel_values)} images but {len(questions)} questions (one question per image)")
+        config = generation_config(self.extra, "vqa_generation", ANSWER_DEFAULTS, kwargs)
+        return answer(self, pixel_values, questions, config)
 
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
@@ -176,8 +187,6 @@ def list_models(filter: str | None = None) -> list[str]:  # noqa: A002 - the doc
     """Names in the checkpoints manifest, sorted; ``filter``: a substring or a
     shell-style pattern (``blip-*``)."""
     import fnmatch
-
-    from vlzoo.hub.manifest import load_manifest
 
     names = sorted(load_manifest())
     if not filter:
@@ -190,8 +199,6 @@ def create_model(name_or_config: str | Path, pretrained: bool = False) -> ZooMod
     """A model from a manifest name or a zoo config YAML; ``pretrained`` loads the
     manifest's weights (as :func:`load`), otherwise the architecture is randomly
     initialised from the entry's zoo config."""
-    from vlzoo.hub.manifest import config_path, load_manifest
-
     ref = str(name_or_config)
     entries = load_manifest()
     family = None
@@ -203,8 +210,6 @@ def create_model(name_or_config: str | Path, pretrained: bool = False) -> ZooMod
         if pretrained:
             raise ValueError(f"{ref}: pretrained=True needs a manifest name (see vlzoo.list_models())")
         path = Path(ref)
-    from vlzoo.hub.loaders import parts_from_zoo_config
-
     parts = parts_from_zoo_config(path, family)
     if family is not None and parts.family != family:
         raise ValueError(f"{ref}: the manifest says family {family!r}, its config {path} builds {parts.family!r}")
@@ -214,7 +219,5 @@ def create_model(name_or_config: str | Path, pretrained: bool = False) -> ZooMod
 def load(ref: str | Path, device: str | torch.device | None = None) -> ZooModel:
     """A pretrained model in eval mode, with ``.preprocess`` and ``.tokenizer``. See the
     module docstring for what ``ref`` may be."""
-    from vlzoo.hub.loaders import load_parts
-
     model = ZooModel(load_parts(ref))
     return model.to(device) if device is not None else model

@@ -10,8 +10,8 @@ from pathlib import Path
 import lightning as L
 import pytest
 
+from vlzoo.capfilt import noisy_shapes_source, web_caption_rates
 from vlzoo.cli import main
-from vlzoo.data.capfilt import noisy_shapes_source, web_caption_rates
 from vlzoo.data.datamodule import ShapesConfig, VLDataModule
 
 IMAGES, NOISE = 200, 0.2

@@ -11,10 +11,9 @@ import time
 import pytest
 import torch
 
-from vlzoo.backbones import resolve_vision_config
+from vlzoo import artefacts
+from vlzoo.checkpoints import read_checkpoint
 from vlzoo.config import VisionConfig
-from vlzoo.hub import artefacts
-from vlzoo.tasks.loading import read_checkpoint
 
 TINY_CLIP = """
 seed_everything: 0
@@ -58,7 +57,7 @@ def test_missing_artefact_is_trained_once_then_reused(zoo, monkeypatch):
     assert artefacts.artefact_checkpoint("zoo:clip/tiny") == checkpoint
 
     # the vision tower of that CLIP, with its own preprocessing and weights
-    resolved, state = resolve_vision_config(VisionConfig(impl="vlzoo", name="zoo:clip/tiny", output_layer=-2))
+    resolved, state = artefacts.resolve_vision(VisionConfig(impl="vlzoo", name="zoo:clip/tiny", output_layer=-2))
     assert resolved.impl == "timm" and resolved.image_size == 16 and tuple(resolved.mean) == (0.4, 0.4, 0.4)
     assert resolved.output_layer == -2
     saved = read_checkpoint(checkpoint)["state_dict"]
@@ -109,7 +108,7 @@ def test_sigterm_during_a_build_stops_it_and_leaves_no_staging(zoo, tmp_path):
     slow = zoo / "models" / "clip" / "slow.yaml"
     slow.write_text(TINY_CLIP.replace("max_steps: 2", "max_steps: 100000"))
     target = artefacts.artefact_dir("zoo:clip/slow")
-    code = "from vlzoo.hub.artefacts import resolve_artefact; resolve_artefact('zoo:clip/slow')"
+    code = "from vlzoo.artefacts import resolve_artefact; resolve_artefact('zoo:clip/slow')"
     build = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True, env=dict(os.environ))
     deadline = time.monotonic() + 120
     while not list(target.parent.glob(f".{target.name}.*/run/config.yaml")) and time.monotonic() < deadline:

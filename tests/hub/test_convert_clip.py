@@ -16,9 +16,8 @@ from vlzoo.hub.convert.clip import (
     load_open_clip_dir,
     open_clip_config_from_hf,
 )
-from vlzoo.hub.convert.hf import load_hf_dir
-from vlzoo.hub.loaders import load_path
-from vlzoo.hub.weights import CheckpointKeyError
+from vlzoo.hub.loaders import load_hf_dir, load_path
+from vlzoo.weights import CheckpointKeyError
 
 VIT_CFG = {"embed_dim": 32, "quick_gelu": True,
            "vision_cfg": {"image_size": 32, "layers": 2, "width": 48, "patch_size": 8, "head_width": 16},

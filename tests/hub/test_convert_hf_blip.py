@@ -21,8 +21,8 @@ from vlzoo.hub.convert.hf_blip import (  # noqa: E402
     hf_blip_parts,
     load_hf_blip,
 )
-from vlzoo.hub.weights import CheckpointKeyError  # noqa: E402
 from vlzoo.models.generation import GenerationConfig  # noqa: E402
+from vlzoo.weights import CheckpointKeyError  # noqa: E402
 
 PAD, CLS, SEP, DEC, ENC, VOCAB = 0, 2, 3, 62, 63, 64
 ATOL = 1e-5

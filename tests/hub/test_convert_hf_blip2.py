@@ -16,18 +16,18 @@ from transformers import (
     BlipImageProcessor,
 )
 
-from vlzoo.hub.convert.hf import load_hf_dir
 from vlzoo.hub.convert.hf_blip2 import (
     RETRIEVAL,
     blip2_config_from_hf,
-    build_blip2_retrieval,
     convert_hf_blip2_state,
     load_hf_blip2,
     timm_mlp_ratio,
 )
-from vlzoo.hub.weights import CheckpointKeyError, load_strict
+from vlzoo.hub.loaders import load_hf_dir
 from vlzoo.models.blip2 import max_query_similarity
+from vlzoo.models.builders import build_blip2_retrieval
 from vlzoo.models.generation import GenerationConfig
+from vlzoo.weights import CheckpointKeyError, load_strict
 
 QUERIES, LLM_VOCAB = 4, 96
 IMAGE_TOKEN = LLM_VOCAB - 1  # transformers' image_token_index placeholder

@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vlzoo.hub.convert.original import load_original
-from vlzoo.hub.weights import CheckpointKeyError
+from vlzoo.hub.loaders import load_original_entry
+from vlzoo.weights import CheckpointKeyError
 
 DV, DT, E, Q = 24, 32, 16, 32  # ViT width, text width, ITC dim, queue size
 HEADS = 2
@@ -308,7 +308,7 @@ def assert_queue(model, q: dict) -> None:
 def test_albef_pretrain_file(tmp_path, vocab):
     state = random_state(albef_keys(pretrain=True), vocab)
     q = queues(ids=False)
-    parts = load_original(entry(tmp_path, "albef"), save(tmp_path, {**state, **q}, optimizer={"state": {}}))
+    parts = load_original_entry(entry(tmp_path, "albef"), save(tmp_path, {**state, **q}, optimizer={"state": {}}))
     model = parts.model
     assert parts.family == "albef" and parts.capabilities == {"encode", "itm"} and parts.source == "albef-tiny-original"
     assert_landed(model, state)
@@ -323,7 +323,7 @@ def test_albef_finetuned_file_without_momentum(tmp_path, vocab):
     """A retrieval fine-tune (BertModel text encoder, idx_queue), its momentum copies removed."""
     state = {k: v for k, v in random_state(albef_keys(pretrain=False), vocab).items() if "_m." not in k}
     q = queues(ids=True)
-    parts = load_original(entry(tmp_path, "albef"), save(tmp_path, {**state, **q}))
+    parts = load_original_entry(entry(tmp_path, "albef"), save(tmp_path, {**state, **q}))
     model = parts.model
     assert_landed(model, state)
     assert_queue(model, q)
@@ -346,7 +346,7 @@ def test_blip_files(tmp_path, vocab, kind):
         else:
             state["text_decoder.cls.predictions.decoder.weight"] = state["text_encoder.embeddings.word_embeddings.weight"]
     q = queues(ids=kind == "retrieval", ptr_name="ptr_queue" if kind == "retrieval" else "queue_ptr")
-    parts = load_original(entry(tmp_path, "blip"), save(tmp_path, {**state, **(q if encoder else {})}))
+    parts = load_original_entry(entry(tmp_path, "blip"), save(tmp_path, {**state, **(q if encoder else {})}))
     model = parts.model
     expected = {"pretrain": {"encode", "itm", "generate"}, "retrieval": {"encode", "itm"}, "caption": {"generate"},
                 "untied_lm_head": {"encode", "itm"}}[kind]
@@ -373,7 +373,7 @@ def test_blip_decoder_copy_differs(tmp_path, vocab):
     """A file whose decoder copy of a shared tensor differs: the encoder's is kept, no generate."""
     state = random_state(blip_keys(True, True), vocab)  # independent random copies: all differ
     state["text_decoder.cls.predictions.decoder.weight"] = state["text_encoder.embeddings.word_embeddings.weight"]
-    parts = load_original(entry(tmp_path, "blip"), save(tmp_path, {**state, **queues(ids=False)}))
+    parts = load_original_entry(entry(tmp_path, "blip"), save(tmp_path, {**state, **queues(ids=False)}))
     assert parts.capabilities == {"encode", "itm"}
     assert any("differ from text_encoder's" in n for n in parts.extra["notes"])
     assert torch.equal(parts.model.text.encoder.layer[0].output.dense.weight,
@@ -384,14 +384,14 @@ def test_pickled_object_refused(tmp_path, vocab):
     state = random_state(albef_keys(pretrain=False), vocab)
     path = save(tmp_path, state, args=argparse.Namespace(lr=1e-5))
     with pytest.raises(ValueError, match="refused"):
-        load_original(entry(tmp_path, "albef"), path)
+        load_original_entry(entry(tmp_path, "albef"), path)
 
 
 def test_missing_or_extra_key_is_named(tmp_path, vocab):
     state = random_state(albef_keys(pretrain=False), vocab)
     missing = {k: v for k, v in state.items() if k != "visual_encoder.blocks.0.mlp.fc1.bias"}
     with pytest.raises(CheckpointKeyError, match=r"vision\.model\.blocks\.0\.mlp\.fc1\.bias"):
-        load_original(entry(tmp_path, "albef"), save(tmp_path, missing))
+        load_original_entry(entry(tmp_path, "albef"), save(tmp_path, missing))
     extra = {**state, "visual_encoder.head.weight": torch.zeros(10, DV)}
     with pytest.raises(KeyError, match=r"visual_encoder\.head\.weight"):
-        load_original(entry(tmp_path, "albef"), save(tmp_path, extra))
+        load_original_entry(entry(tmp_path, "albef"), save(tmp_path, extra))

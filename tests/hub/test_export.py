@@ -72,7 +72,7 @@ def _tiny_hf_blip2_opt(directory):
 
 @pytest.mark.parametrize("make", [_tiny_hf_blip_vqa, _tiny_hf_blip2_opt], ids=["blip_vqa", "blip2_llm"])
 def test_export_of_converted_models_is_bit_identical(tmp_path, make):
-    from vlzoo.hub.convert.hf import load_hf_dir
+    from vlzoo.hub.loaders import load_hf_dir
 
     make(tmp_path / "hf")
     parts = load_hf_dir(tmp_path / "hf")

@@ -23,15 +23,14 @@ from vlzoo.hub.convert.hf_blip import (  # noqa: E402
     CAPTIONING,
     RETRIEVAL,
     VQA,
-    BlipTokenIds,
     blip_config_from_hf,
-    build_blip_from_hf,
     load_hf_blip,
     to_hf_blip,
 )
-from vlzoo.hub.convert.hf_blip2 import build_blip2_retrieval, load_hf_blip2, to_hf_blip2  # noqa: E402
+from vlzoo.hub.convert.hf_blip2 import load_hf_blip2, to_hf_blip2  # noqa: E402
 from vlzoo.hub.export import export_to_hf  # noqa: E402
 from vlzoo.hub.loaders import load_parts  # noqa: E402
+from vlzoo.models.builders import BlipTokenIds, build_blip2_retrieval, build_blip_from_hf  # noqa: E402
 from vlzoo.models.generation import GenerationConfig  # noqa: E402
 
 ATOL = 1e-5

@@ -7,8 +7,8 @@ import torch
 from transformers import AutoTokenizer, BertModel
 
 from vlzoo.backbones import BertTextEncoder
-from vlzoo.hub.weights import CheckpointKeyError, load_strict
 from vlzoo.layers.transformer import BertConfig, TransformerStack, causal_padding_mask
+from vlzoo.weights import CheckpointKeyError, load_strict
 
 
 def minilm_dir() -> Path:

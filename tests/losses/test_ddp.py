@@ -10,7 +10,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from vlzoo.config import CLIPConfig, TextConfig, VisionConfig
 from vlzoo.losses import clip_loss, siglip_loss
-from vlzoo.tasks.clip import build_clip
+from vlzoo.models.builders import build_clip
 
 BATCH = 8  # union batch; 4 per rank
 

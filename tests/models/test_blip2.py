@@ -13,7 +13,7 @@ from vlzoo.data.llm_text import (
 )
 from vlzoo.models.blip2 import BLIP2LLM, max_query_similarity
 from vlzoo.models.generation import GenerationConfig
-from vlzoo.tasks.blip2 import build_blip2
+from vlzoo.tasks.blip2 import build_resolved_blip2
 
 
 def batch(tokenizer, n: int = 4):
@@ -30,7 +30,7 @@ def test_max_query_similarity():
 
 def test_stage1_losses_train_everything_but_the_frozen_encoder():
     torch.manual_seed(0)
-    model, tok, _ = build_blip2(tiny_config())
+    model, tok, _ = build_resolved_blip2(tiny_config())
     model.train()
     assert not model.vision.training  # stays in eval mode
     out = model(*batch(tok))
@@ -42,7 +42,7 @@ def test_stage1_losses_train_everything_but_the_frozen_encoder():
 
 def test_itc_is_cross_entropy_over_max_query_similarity():
     torch.manual_seed(0)
-    model, _, _ = build_blip2(tiny_config())
+    model, _, _ = build_resolved_blip2(tiny_config())
     queries = torch.nn.functional.normalize(torch.randn(3, 4, 16), dim=-1)
     texts = torch.nn.functional.normalize(torch.randn(3, 16), dim=-1)
     loss, sim_t2i, sim_i2t = model.itc(queries, texts, torch.arange(3))
@@ -56,7 +56,7 @@ def test_itc_is_cross_entropy_over_max_query_similarity():
 
 def test_itm_score_is_the_mean_over_queries():
     torch.manual_seed(0)
-    model, tok, _ = build_blip2(tiny_config())
+    model, tok, _ = build_resolved_blip2(tiny_config())
     model.eval()
     images, ids, mask, _ = batch(tok, 2)
     tokens = model.image_tokens(images)
@@ -66,17 +66,17 @@ def test_itm_score_is_the_mean_over_queries():
 
 def test_frozen_encoder_in_bf16_and_qformer_in_fp32():
     torch.manual_seed(0)
-    model, tok, _ = build_blip2(tiny_config(frozen_precision="bf16"))
+    model, tok, _ = build_resolved_blip2(tiny_config(frozen_precision="bf16"))
     assert all(p.dtype == torch.bfloat16 for p in model.vision.parameters())
     assert all(p.dtype == torch.float32 for p in model.qformer.parameters())
     assert model.image_tokens(batch(tok)[0]).dtype == torch.float32
     with pytest.raises(ValueError, match="frozen precision"):
-        build_blip2(tiny_config(frozen_precision="int4"))
+        build_resolved_blip2(tiny_config(frozen_precision="int4"))
 
 
 def test_qformer_only_captioning_after_stage1():
     torch.manual_seed(0)
-    model, tok, _ = build_blip2(tiny_config())
+    model, tok, _ = build_resolved_blip2(tiny_config())
     model.eval()
     ids = model.generate(batch(tok, 2)[0], GenerationConfig(method="greedy", max_length=6, min_length=2))
     assert ids.shape[0] == 2 and 2 <= ids.shape[1] <= 6
@@ -110,7 +110,7 @@ def _llm(kind: str):
 
 
 def _stage2(kind: str):
-    stage1, _, _ = build_blip2(tiny_config())
+    stage1, _, _ = build_resolved_blip2(tiny_config())
     llm, tok = _llm(kind)
     return BLIP2LLM(stage1.vision.encoder, stage1.qformer, llm), tok
 

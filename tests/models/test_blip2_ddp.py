@@ -9,14 +9,14 @@ import torch.multiprocessing as mp
 from tiny_configs import tiny_blip2_config
 from torch.nn.parallel import DistributedDataParallel
 
-from vlzoo.tasks.blip2 import build_blip2
+from vlzoo.tasks.blip2 import build_resolved_blip2
 
 BATCH = 8  # union batch; 4 per rank
 
 
 def tiny():
     torch.manual_seed(0)
-    model, tok, _ = build_blip2(tiny_blip2_config())
+    model, tok, _ = build_resolved_blip2(tiny_blip2_config())
     return model, tok
 
 

@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 
 from vlzoo.config import ALBEFConfig, BLIPConfig, TextConfig, VisionConfig
 from vlzoo.models import itm as itm_module
-from vlzoo.tasks.momentum import build_albef, build_blip
+from vlzoo.models.builders import build_albef, build_blip
 
 UNION, STEPS = 8, 3
 

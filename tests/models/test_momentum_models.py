@@ -5,8 +5,8 @@ import torch
 
 from vlzoo.config import ALBEFConfig, BLIPConfig, TextConfig, VisionConfig
 from vlzoo.models import FeatureQueue
+from vlzoo.models.builders import build_albef, build_blip, prompt_prefix
 from vlzoo.models.generation import GenerationConfig
-from vlzoo.tasks.momentum import build_albef, build_blip, prompt_prefix
 
 B = 4
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer, BertModel, Blip2QFormerConfig, Blip2QFormerModel
 
-from vlzoo.hub.weights import load_strict
 from vlzoo.layers.transformer import BertConfig
 from vlzoo.models.qformer import QFormer
+from vlzoo.weights import load_strict
 
 WIDTH, VISION = 32, 24
 

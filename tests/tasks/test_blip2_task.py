@@ -10,9 +10,9 @@ from tiny_configs import tiny_blip2_config as tiny_config
 from vlzoo.config import BLIP2LLMConfig, CausalLMConfig, EvalConfig, OptimConfig
 from vlzoo.data.datamodule import ShapesConfig, VLDataModule
 from vlzoo.data.llm_text import shapes_lm_tokenizer
+from vlzoo.families import load_task
 from vlzoo.models.generation import GenerationConfig
 from vlzoo.tasks import BLIP2LLMTask, BLIP2Task, CausalLMTask
-from vlzoo.tasks.loading import load_task
 
 OPTIM = OptimConfig(lr=2e-3, warmup_steps=5, weight_decay=0.05)
 GREEDY = GenerationConfig(method="greedy", max_length=6, min_length=1)
@@ -47,7 +47,7 @@ def test_rerank_itc_term_scales_the_first_stage(term, weight, expected):
     task = BLIP2Task(tiny_config(), OPTIM, EvalConfig(rerank_itc=term, rerank_itc_weight=weight), GREEDY)
     with torch.no_grad():
         task.model.temp.fill_(0.05)
-    assert task.rerank_itc_weight() == pytest.approx(expected)
+    assert task.evaluator.rerank_itc_weight() == pytest.approx(expected)
 
 
 def test_unknown_rerank_itc_term_is_refused():

@@ -8,9 +8,10 @@ import pytest
 import torch
 from tiny_configs import save_task_checkpoint, tiny_task
 
+from vlzoo.checkpoints import read_checkpoint
+from vlzoo.families import load_task
 from vlzoo.hub.loaders import task_from_zoo_config
-from vlzoo.hub.weights import load_strict
-from vlzoo.tasks.loading import load_task, read_checkpoint
+from vlzoo.weights import load_strict
 
 
 @pytest.fixture()

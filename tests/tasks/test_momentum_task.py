@@ -7,9 +7,9 @@ import torch
 
 from vlzoo.config import ALBEFConfig, BLIPConfig, EvalConfig, OptimConfig, TextConfig, VisionConfig
 from vlzoo.data.datamodule import ShapesConfig, VLDataModule
+from vlzoo.families import load_task
 from vlzoo.models.generation import GenerationConfig
 from vlzoo.tasks import ALBEFTask, BLIPTask
-from vlzoo.tasks.loading import load_task
 
 
 class LossRecorder(L.Callback):

@@ -18,8 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vlzoo.checkpoints import checkpoint_problem
-from vlzoo.tasks.loading import read_checkpoint
+from vlzoo.checkpoints import checkpoint_problem, read_checkpoint
 
 SCRIPT = Path(__file__).resolve().parents[1] / "parallel_fit.py"
 FAMILIES = ["clip", "albef", "blip", "blip2", "blip2_stage2"]  # blip2_stage2: a tiny random OPT

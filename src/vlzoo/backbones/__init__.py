@@ -16,42 +16,14 @@ VISION_IMPLS = ("timm", "open_clip", "vlzoo")
 TEXT_IMPLS = ("open_clip", "bert")
 
 
-def resolve_vision_config(cfg: VisionConfig) -> tuple[VisionConfig, dict | None]:
-    """impl ``vlzoo`` (``name``: a vlzoo checkpoint or ``zoo:FAMILY/VARIANT``) -> the
-    tower's own config and its weights; any other config as is, without weights."""
-    if cfg.impl != "vlzoo":
-        return cfg, None
-    if not cfg.name:
-        raise ValueError("vision.name: a vlzoo checkpoint path or zoo:FAMILY/VARIANT is required for impl 'vlzoo'")
-    from vlzoo.hub.artefacts import artefact_checkpoint
-    from vlzoo.tasks.loading import vision_tower_from_checkpoint
-
-    resolved, state = vision_tower_from_checkpoint(artefact_checkpoint(cfg.name), cfg)
-    if resolved.impl == "vlzoo":
-        raise ValueError(f"vision.name {cfg.name}: its vision config is itself a reference; expected a built tower")
-    return resolved, state
-
-
-def build_vision_tower(cfg: VisionConfig, embed_dim: int) -> tuple[VisionEncoder, VisionConfig]:
-    """A vision encoder and its concrete config (the one whose image size, mean and std
-    preprocess its inputs): impl ``vlzoo`` builds the tower of a vlzoo checkpoint and
-    loads its weights strictly; any other impl is built from ``cfg`` itself."""
-    resolved, state = resolve_vision_config(cfg)
-    if state is None:
-        return build_vision_encoder(resolved, embed_dim), resolved
-    from vlzoo.hub.weights import load_strict
-
-    encoder = build_vision_encoder(resolved, embed_dim)
-    load_strict(encoder, state, source=f"vision tower of {cfg.name}")
-    return encoder, resolved
-
-
 def build_vision_encoder(cfg: VisionConfig, embed_dim: int) -> VisionEncoder:
     """A vision encoder from its config; ``embed_dim`` sizes open_clip's own projection.
-    impl ``vlzoo``: see :func:`build_vision_tower` (which also returns the tower's own
-    preprocessing config)."""
+    impl ``vlzoo`` (a tower of a vlzoo checkpoint) is a reference that
+    :func:`vlzoo.artefacts.resolve_vision` resolves first, above the builders."""
     if cfg.impl == "vlzoo":
-        return build_vision_tower(cfg, embed_dim)[0]
+        raise ValueError(f"vision: impl 'vlzoo' ({cfg.name}) is a reference to another checkpoint's tower; "
+                         "resolve it first with vlzoo.artefacts.resolve_vision (the tasks, vlzoo fit and "
+                         "vlzoo.load do)")
     common = dict(image_size=cfg.image_size, output_layer=cfg.output_layer, patch_dropout=cfg.patch_dropout)
     if cfg.impl == "timm":
         if not cfg.name:
@@ -126,6 +98,6 @@ def _apply_common(encoder, grad_checkpointing: bool, locked: bool) -> None:
 
 __all__ = [
     "EncoderOutput", "VisionEncoder", "TextEncoder", "TimmVisionEncoder", "OpenCLIPVisionEncoder",
-    "OpenCLIPTextEncoder", "BertTextEncoder", "build_vision_encoder", "build_text_encoder", "resolve_vision_config",
-    "build_vision_tower", "bert_config_from_kwargs", "check_context_length",
+    "OpenCLIPTextEncoder", "BertTextEncoder", "build_vision_encoder", "build_text_encoder",
+    "bert_config_from_kwargs", "check_context_length",
 ]

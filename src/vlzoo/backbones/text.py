@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from vlzoo.backbones.base import EncoderOutput, TextEncoder
-from vlzoo.backbones.vision import _open_clip_tower_cfg
+from vlzoo.backbones.vision import _open_clip_tower_cfg, open_clip_tower
 from vlzoo.layers.transformer import (
     BertConfig,
     BertEmbeddings,
@@ -21,6 +21,7 @@ from vlzoo.layers.transformer import (
     padding_mask,
 )
 from vlzoo.utils import read_json_file
+from vlzoo.weights import hf_weights, load_strict
 
 OPEN_CLIP_PAD_ID = 0  # open_clip's tokenizer pads with id 0
 OPEN_CLIP_TEXT_POOLING = ("argmax", "first", "last")
@@ -55,12 +56,10 @@ class OpenCLIPTextEncoder(TextEncoder):
         **overrides: Any,
     ):
         super().__init__()
-        from open_clip.model import CLIPTextCfg, _build_text_tower
-
         cfg = _open_clip_tower_cfg(name, "text_cfg")
         cfg.update(overrides, vocab_size=vocab_size, context_length=context_length)
         _check_text_cfg(cfg)
-        self.tower = _build_text_tower(embed_dim, CLIPTextCfg(**cfg), quick_gelu=quick_gelu)
+        self.tower = open_clip_tower("text", embed_dim, cfg, quick_gelu)
         if getattr(self.tower, "cls_emb", None) is not None:
             raise ValueError("open_clip text towers with embed_cls (CoCa) are not supported")
         self.width = self.tower.width
@@ -76,7 +75,7 @@ class OpenCLIPTextEncoder(TextEncoder):
             raise ValueError(f"text of {length} tokens exceeds context_length {self.context_length}")
         if self._needs_full_context:  # open_clip's result depends on the padding after the text
             input_ids = torch.nn.functional.pad(input_ids, (0, self.context_length - length), value=OPEN_CLIP_PAD_ID)
-        n = input_ids.shape[1]
+        n = input_ids.shape[1]  # open_clip's own forward needs the full context; this runs the batch's length
         x = t.token_embedding(input_ids) + t.positional_embedding[:n]
         causal = t.attn_mask[:n, :n] if t.attn_mask is not None else None
         x = t.ln_final(t.transformer(x, attn_mask=causal))
@@ -195,8 +194,6 @@ class BertTextEncoder(TextEncoder):
     @classmethod
     def from_pretrained(cls, directory: str | Path, **kwargs: Any) -> BertTextEncoder:
         """Build from a Hugging Face BERT directory (``config.json`` + weights), strictly."""
-        from vlzoo.hub.weights import load_strict
-
         directory = Path(directory)
         config = bert_config_from_json(directory / "config.json")
         encoder = cls(config, **kwargs)
@@ -207,8 +204,6 @@ class BertTextEncoder(TextEncoder):
 def bert_state_dict(directory: str | Path) -> dict[str, Tensor]:
     """The encoder weights of a Hugging Face BERT directory, keys as ``BertModel``'s
     (``bert.`` prefix dropped; pooler, MLM head and position-id buffer left out)."""
-    from vlzoo.hub.convert.hf import hf_weights
-
     state = hf_weights(directory)
     state = {k.removeprefix("bert."): v for k, v in state.items()}
     ignored = ("pooler.", "embeddings.position_ids", "cls.")

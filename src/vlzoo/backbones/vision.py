@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+from contextlib import contextmanager
 from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 from vlzoo.backbones.base import EncoderOutput, VisionEncoder, resolve_layer
 
@@ -83,13 +84,12 @@ class OpenCLIPVisionEncoder(VisionEncoder):
         **overrides: Any,
     ):
         super().__init__()
-        from open_clip.model import CLIPVisionCfg, _build_vision_tower
-        from open_clip.modified_resnet import ModifiedResNet
+        from open_clip.modified_resnet import ModifiedResNet  # heavy: open_clip only when used
 
         cfg = _open_clip_tower_cfg(name, "vision_cfg")
         cfg.update(overrides, image_size=image_size, patch_dropout=patch_dropout)
         _check_vision_cfg(cfg, output_layer)
-        self.tower = _build_vision_tower(embed_dim, CLIPVisionCfg(**cfg), quick_gelu=quick_gelu)
+        self.tower = open_clip_tower("vision", embed_dim, cfg, quick_gelu)
         self.is_resnet = isinstance(self.tower, ModifiedResNet)
         if self.is_resnet and output_layer != -1:
             raise ValueError("open_clip ModifiedResNet towers only support output_layer=-1")
@@ -110,28 +110,20 @@ class OpenCLIPVisionEncoder(VisionEncoder):
         if self.is_resnet:
             x = t.layer4(t.layer3(t.layer2(t.layer1(t.stem(pixel_values)))))  # (B, C, h, w)
             return EncoderOutput(x.flatten(2).transpose(1, 2), t.attnpool(x))
-        x = t._embeds(pixel_values)  # (B, 1+N, W): patches, class token, pos-embed, dropout, ln_pre
-        for block in t.transformer.resblocks[: self._blocks_to_run]:
-            if self.grad_checkpointing and self.training:
-                x = checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
-        if self._blocks_to_run < len(t.transformer.resblocks):
+        last = self._blocks_to_run == len(t.transformer.resblocks)
+        out = t.forward_intermediates(pixel_values, indices=[self._blocks_to_run - 1], stop_early=True,
+                                      normalize_intermediates=last and t.attn_pool is None,
+                                      intermediates_only=not last, output_fmt="NLC", output_extra_tokens=True)
+        x = torch.cat([out["image_intermediates_prefix"][0], out["image_intermediates"][0]], dim=1)  # (B, 1+N, W)
+        if not last:
             return EncoderOutput(x, x[:, 0])
-        if t.attn_pool is not None:  # open_clip's (CoCa) order: attention pool, ln_post, global pool
-            tokens = t.ln_post(t.attn_pool(x))  # (B, queries, embed_dim)
-            pooled, _ = t._global_pool(tokens)
-        else:
-            pooled, _ = t._pool(x)
-            tokens = t.ln_post(x)
-        if t.proj is not None:
-            pooled = pooled @ t.proj
-        return EncoderOutput(tokens, pooled)
+        if t.attn_pool is not None:  # open_clip's (CoCa) order: attention pool, then ln_post
+            x = t.ln_post(t.attn_pool(x))  # (B, queries, embed_dim)
+        return EncoderOutput(x, out["image_features"])  # tokens after ln_post; pooled as open_clip, projected
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
-        if self.is_resnet:
-            self.tower.set_grad_checkpointing(enable)
+        self.tower.set_grad_checkpointing(enable)
 
 
 def _check_vision_cfg(cfg: dict[str, Any], output_layer: int) -> None:
@@ -146,6 +138,44 @@ def _check_vision_cfg(cfg: dict[str, Any], output_layer: int) -> None:
         raise ValueError("open_clip towers with vision_cfg.attentional_pool only support output_layer=-1")
     if cfg.get("pool_type", "tok") == "none":
         raise ValueError("open_clip vision_cfg.pool_type 'none' is not supported (expected 'tok' or 'avg')")
+
+
+# the smallest tower open_clip builds: stands in for the tower of a CLIP that is not used
+_UNUSED_TOWER = {
+    "vision": {"image_size": 8, "patch_size": 8, "width": 8, "layers": 1, "head_width": 8},
+    "text": {"context_length": 2, "vocab_size": 2, "width": 8, "heads": 1, "layers": 1},
+}
+
+
+def open_clip_tower(kind: str, embed_dim: int, cfg: dict[str, Any], quick_gelu: bool) -> torch.nn.Module:
+    """open_clip's ``vision`` (``VisionTransformer`` / ``ModifiedResNet``) or ``text``
+    (``TextTransformer``) tower for ``cfg`` (``CLIPVisionCfg`` / ``CLIPTextCfg`` fields),
+    through its public ``create_model`` (the other tower is a stand-in of a few hundred
+    parameters, dropped)."""
+    import open_clip  # heavy: open_clip only when used
+
+    other = "text" if kind == "vision" else "vision"
+    with _quiet_random_init():
+        model = open_clip.create_model("ViT-B-32", pretrained=None, force_custom_text=True, embed_dim=embed_dim,
+                                       quick_gelu=quick_gelu, **{f"{kind}_cfg": cfg, f"{other}_cfg": _UNUSED_TOWER[other]})
+    return model.visual if kind == "vision" else model.text
+
+
+class _NoRandomInitNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
+@contextmanager
+def _quiet_random_init():
+    """Without open_clip's notice that a model it built has random weights (vlzoo builds
+    towers at random on purpose; the weights follow)."""
+    notice = _NoRandomInitNotice()
+    logging.getLogger().addFilter(notice)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(notice)
 
 
 def _open_clip_tower_cfg(name: str | None, key: str) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -46,6 +47,33 @@ class ShapesConfig:
     def __post_init__(self) -> None:
         check_options(**{f"data__shapes__{name}": getattr(self, name)
                          for name in ("image_size", "train_size", "val_size", "test_size", "seed")})
+
+
+@dataclass
+class ModelInputs:
+    """What the data module needs from the model it feeds: the tokenizer, the image
+    preprocessing, and which extra fields a training item carries. ``vlzoo fit`` links
+    it from the instantiated model (``link_arguments``: ``data.inputs``)."""
+
+    tokenizer: Tokenizer
+    image_size: int
+    mean: Sequence[float]
+    std: Sequence[float]
+    resize_mode: str = "shortest"
+    with_qa: bool = False  # one QA pair per training item (uses_qa)
+    with_labels: bool = False  # the records with a class label only, with their labels (uses_labels)
+    qa_only: bool = False  # the records with QA pairs only (needs_qa)
+
+    @classmethod
+    def of(cls, task) -> ModelInputs:
+        """The inputs a vlzoo task (``tokenizer``, ``preprocess_config``, ``uses_qa``,
+        ``uses_labels``, ``needs_qa``) reads."""
+        if not hasattr(task, "tokenizer"):
+            raise RuntimeError(f"a {type(task).__name__} has no tokenizer: the data module cannot feed it")
+        pre = task.preprocess_config
+        return cls(task.tokenizer, pre.image_size, pre.mean, pre.std, getattr(pre, "resize_mode", "shortest"),
+                   bool(getattr(task, "uses_qa", False)), bool(getattr(task, "uses_labels", False)),
+                   bool(getattr(task, "needs_qa", False)))
 
 
 @dataclass
@@ -166,8 +194,11 @@ class VLDataModule(L.LightningDataModule):
             folder (or ``image_root``), such as ``../other/x.png``; by default such a row is
             a bad sample, named in the log.
 
-    The tokenizer and image preprocessing come from the model being trained (its
-    ``tokenizer`` and ``preprocess_config``), or from :meth:`attach`; a model with
+        inputs: what the model reads (:class:`ModelInputs`); ``vlzoo fit`` links it from the
+            model (``link_arguments``), so it is no option of its own.
+
+    Without ``inputs`` the tokenizer and image preprocessing come from the model the
+    Trainer fits (its ``tokenizer`` and ``preprocess_config``), or from :meth:`attach`; a model with
     ``uses_qa = True`` also gets one QA pair per training item; one with
     ``uses_labels = True`` trains on the records with a class ``label`` only (shapes:
     the one-object scenes) and gets their labels; one with ``needs_qa = True`` trains on
@@ -198,6 +229,7 @@ class VLDataModule(L.LightningDataModule):
         max_bad_fraction: ClosedUnitInterval = 0.5,
         max_image_pixels: PositiveInt = DEFAULT_MAX_PIXELS,
         allow_outside_root: bool = False,
+        inputs: Any = None,
     ):
         super().__init__()
         check_options(data__batch_size=batch_size, data__eval_batch_size=eval_batch_size,
@@ -224,12 +256,25 @@ class VLDataModule(L.LightningDataModule):
         self._annotations: dict[str, EvalAnnotations] = {}
         self._answer_prior: dict[str, str] | None = None
         self._resumed_seed: int | None = None
+        self._resize_said = False
+        self.inputs: ModelInputs | None = inputs
 
     def attach(self, tokenizer: Tokenizer, image_size: int, mean: Sequence[float], std: Sequence[float],
                resize_mode: str = "shortest") -> None:
         """Set the tokenizer and preprocessing explicitly (when no Trainer/model is attached)."""
         self.collator = ImageTextCollator(tokenizer, image_size, mean, std)
         self.resize_mode = resize_mode
+
+    def _say_if_resized(self) -> None:
+        """One line when the shapes images are rendered at another size than the model
+        reads (``data.shapes.image_size`` vs ``model...vision.image_size``): they are
+        resized, which is allowed but never silent."""
+        rendered, read = self.shapes.image_size, self.collator.image_size
+        if rendered != read and "shapes" in self.sources.values() and not self._resize_said:
+            self._resize_said = True
+            print(f"vlzoo: data.shapes.image_size {rendered} differs from the model's image size {read} "
+                  f"(model.init_args.model.vision.image_size): shapes images are rendered at {rendered} and "
+                  f"resized to {read}", file=sys.stderr, flush=True)
 
     def set_rank(self, rank: int, world_size: int) -> None:
         """Read as process ``rank`` of ``world_size`` (default: the Trainer's, else 0 of 1)."""
@@ -281,14 +326,16 @@ class VLDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.collator is None:
-            module = self.trainer.lightning_module if self.trainer is not None else None
-            if module is None or not hasattr(module, "tokenizer"):
-                raise RuntimeError("VLDataModule needs a model with a tokenizer, or attach(...) first")
-            pre = module.preprocess_config
-            self.attach(module.tokenizer, pre.image_size, pre.mean, pre.std, getattr(pre, "resize_mode", "shortest"))
-            self.with_qa = bool(getattr(module, "uses_qa", False))
-            self.with_labels = bool(getattr(module, "uses_labels", False))
-            self.qa_only = bool(getattr(module, "needs_qa", False))
+            inputs = self.inputs
+            if inputs is None:  # used from Python without inputs: the model the Trainer fits
+                module = self.trainer.lightning_module if self.trainer is not None else None
+                if module is None:
+                    raise RuntimeError("VLDataModule needs its model's inputs (inputs=ModelInputs.of(task)), "
+                                       "a Trainer with a model, or attach(...) first")
+                inputs = ModelInputs.of(module)
+            self.attach(inputs.tokenizer, inputs.image_size, inputs.mean, inputs.std, inputs.resize_mode)
+            self.with_qa, self.with_labels, self.qa_only = inputs.with_qa, inputs.with_labels, inputs.qa_only
+            self._say_if_resized()
         splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
         for split in splits.get(stage, ("train", "val", "test")):
             self.source(split)  # open early: a bad path fails before the first step

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from vlzoo.data.tokenizers import _train_shapes_tokenizer
 from vlzoo.losses import IGNORE
 
 
@@ -25,8 +26,6 @@ def shapes_lm_tokenizer(add_bos: bool = True):
     BOS ([CLS]) prepended when ``add_bos``, no EOS appended; pad [PAD], eos [SEP]."""
     from tokenizers import Tokenizer, processors
     from transformers import PreTrainedTokenizerFast
-
-    from vlzoo.data.tokenizers import _train_shapes_tokenizer
 
     tok = Tokenizer.from_str(_train_shapes_tokenizer().to_str())
     bos = [("[CLS]", tok.token_to_id("[CLS]"))]

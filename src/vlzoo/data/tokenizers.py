@@ -18,6 +18,8 @@ from functools import lru_cache
 
 import torch
 
+from vlzoo.data.shapes import caption_corpus
+
 SHAPES_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "[ENC]")
 
 
@@ -109,8 +111,6 @@ class ShapesTokenizer(Tokenizer):
 def _train_shapes_tokenizer():
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import models, normalizers, pre_tokenizers, processors, trainers
-
-    from vlzoo.data.shapes import caption_corpus
 
     tok = HFTokenizer(models.WordLevel(unk_token="[UNK]"))
     tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])

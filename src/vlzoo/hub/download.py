@@ -42,7 +42,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from vlzoo.hub import artefacts
+from vlzoo import artefacts
 from vlzoo.utils import atomic_write_text, file_lock, vlzoo_home
 
 SOURCE_KINDS = ("hf", "url", "open_clip", "zoo")

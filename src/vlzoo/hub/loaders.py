@@ -8,51 +8,50 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from vlzoo.hub.convert import LoadedParts
+import yaml
 
-TASK_FAMILIES = {"CLIPTask": "clip", "ALBEFTask": "albef", "BLIPTask": "blip", "BLIP2Task": "blip2",
-                 "BLIP2LLMTask": "blip2_llm", "ClassifyTask": "clip", "BLIPVQATask": "blip_vqa"}
-FAMILY_CAPABILITIES = {
-    "clip": {"encode"}, "albef": {"encode", "itm"}, "blip": {"encode", "itm", "generate"},
-    "blip2": {"encode", "itm", "generate"}, "blip2_llm": {"generate", "vqa"}, "blip_vqa": {"vqa"},
-}
-EXPORT_CONFIG = "vlzoo_config.yaml"
-EXPORT_WEIGHTS = "model.safetensors"
+from vlzoo import families
+from vlzoo.config import as_config
+from vlzoo.finetune import has_lora, merge_lora
+from vlzoo.hub.convert import LoadedParts
+from vlzoo.hub.convert.clip import OPEN_CLIP_WEIGHT_FILES, load_open_clip_dir, load_open_clip_file
+from vlzoo.hub.convert.original import load_original
+from vlzoo.hub.download import fetch, fetch_hf_repo
+from vlzoo.hub.export import EXPORT_CONFIG, load_export
+from vlzoo.hub.manifest import config_path, get_entry
+from vlzoo.models.builders import concrete_config
+from vlzoo.utils import read_json_file
+from vlzoo.weights import CheckpointKeyError, read_hf_config
 
 
 def parts_from_task(task, source: str) -> LoadedParts:
     """The model of a vlzoo task (LightningModule) with its tokenizer and preprocessing."""
-    family = TASK_FAMILIES.get(type(task).__name__)
+    family = families.of_task(type(task))
     if family is None:
+        trained = sorted(t.__name__ for f in families.all_families().values() for t in f.tasks)
         raise ValueError(f"{source}: a {type(task).__name__} is not a vision-language zoo model "
-                         f"(expected one of {sorted(TASK_FAMILIES)})")
-    from vlzoo.finetune import has_lora, merge_lora
-
+                         f"(expected one of {trained})")
     if has_lora(task.model):  # LoRA fine-tuned: adapters folded into plain weights
         merge_lora(task.model)
     extra: dict[str, Any] = {"generation": getattr(task, "generation", None),
                              "vqa_generation": getattr(task, "vqa_generation", None), "task_class": type(task)}
     if getattr(task, "classes", None):
         extra["classes"] = list(task.classes)
-    if family == "blip2_llm":
+    if hasattr(task, "llm_tokenizer"):  # BLIP-2 stage 2 decodes with its LLM's tokenizer
         extra["llm_tokenizer"] = task.llm_tokenizer
-    return LoadedParts(family, task.model.eval(), task.config, task.preprocess_config, task.tokenizer,
-                       frozenset(FAMILY_CAPABILITIES[family]), source, extra)
+    return LoadedParts(family.name, task.model.eval(), task.config, task.preprocess_config, task.tokenizer,
+                       family.capabilities, source, extra)
 
 
 def zoo_config_init_args(path: str | Path) -> tuple[type, dict]:
     """(task class, its init arguments as config dataclasses) of a zoo config YAML."""
-    import yaml
-
-    from vlzoo.tasks.loading import as_config, task_by_name
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"zoo config {path} does not exist")
     model = (yaml.safe_load(path.read_text()) or {}).get("model")
     if not isinstance(model, dict) or "class_path" not in model:
         raise ValueError(f"{path}: expected a 'model:' section with 'class_path' and 'init_args'")
-    cls = task_by_name(model["class_path"], f"{path}: model.class_path")
+    cls = families.task_by_name(model["class_path"], f"{path}: model.class_path")
     hints = typing.get_type_hints(cls.__init__)
     init_args = {}
     for key, value in (model.get("init_args") or {}).items():
@@ -69,21 +68,21 @@ def task_from_zoo_config(path: str | Path):
 
 
 def parts_from_zoo_config(path: str | Path, family: str | None = None) -> LoadedParts:
-    """The randomly initialised model a zoo config describes. ``family`` ``blip_vqa``
-    builds BLIP's VQA architecture (question encoder + answer decoder) from the BLIP
-    config of a BLIPTask zoo config."""
-    if family != "blip_vqa":
-        return parts_from_task(task_from_zoo_config(path), str(path))
-    from vlzoo.config import BLIPConfig
-    from vlzoo.tasks.vqa import build_blip_vqa_model
-
-    config = zoo_config_init_args(path)[1].get("model")
-    if not isinstance(config, BLIPConfig):
-        raise ValueError(f"{path}: a blip_vqa entry needs a BLIPTask zoo config (model: a BLIPConfig)")
-    model, tokenizer, config = build_blip_vqa_model(config)
-    model.eval()
-    return LoadedParts("blip_vqa", model, config, config.vision, tokenizer,
-                       frozenset(FAMILY_CAPABILITIES["blip_vqa"]), str(path))
+    """The randomly initialised model a zoo config describes. ``family``: build that
+    family's architecture from the config's model config when it is not the family the
+    config's task trains (e.g. ``blip_vqa``: BLIP's VQA architecture, question encoder +
+    answer decoder, from the BLIP config of a BLIPTask zoo config)."""
+    cls, init_args = zoo_config_init_args(path)
+    trained = families.of_task(cls)
+    if family is None or (trained is not None and trained.name == family):
+        return parts_from_task(cls(**init_args), str(path))
+    wanted = families.get(family)
+    config = init_args.get("model")
+    if not isinstance(config, wanted.config):
+        raise ValueError(f"{path}: a {family} model needs a zoo config whose model is a {wanted.config.__name__}")
+    model, tokenizer = wanted.build(config)
+    return LoadedParts(family, model.eval(), concrete_config(config, model), config.vision, tokenizer,
+                       wanted.capabilities, str(path))
 
 
 # ------------------------------------------------------------------ references
@@ -105,14 +104,10 @@ def load_parts(ref: str | Path) -> LoadedParts:
     """Resolve ``ref``: ``hf://org/repo``, an existing file or directory, or a manifest name."""
     text = str(ref)
     if text.startswith("hf://"):
-        from vlzoo.hub.download import fetch_hf_repo
-
         return load_path(fetch_hf_repo(text.removeprefix("hf://")))
     path = Path(text).expanduser()
     if path.exists():
         return load_path(path)
-    from vlzoo.hub.manifest import get_entry
-
     try:
         entry = get_entry(text)
     except (KeyError, FileNotFoundError) as err:
@@ -123,21 +118,13 @@ def load_parts(ref: str | Path) -> LoadedParts:
 def load_path(path: Path) -> LoadedParts:
     """A local checkpoint file or model directory."""
     if path.is_file():
-        from vlzoo.tasks.loading import load_task
-
-        return parts_from_task(load_task(path), str(path))
+        return parts_from_task(families.load_task(path), str(path))
     if (path / EXPORT_CONFIG).is_file():
-        from vlzoo.hub.export import load_export
-
         return load_export(path)
-    from vlzoo.hub.convert.hf import MODEL_TYPES, load_hf_dir, read_hf_config
-
     has_hf_config = (path / "config.json").is_file()
     # open_clip's hub layout may hold a config.json too (timm's, no transformers model_type)
     if (path / "open_clip_config.json").is_file() and (
-            not has_hf_config or read_hf_config(path).get("model_type") not in MODEL_TYPES):
-        from vlzoo.hub.convert.clip import load_open_clip_dir
-
+            not has_hf_config or families.of_model_type(read_hf_config(path).get("model_type")) is None):
         return load_open_clip_dir(path)
     if has_hf_config:
         return load_hf_dir(path)
@@ -151,10 +138,28 @@ def load_path(path: Path) -> LoadedParts:
                      "a Hugging Face config.json, an open_clip_config.json, or a run directory with checkpoints/)")
 
 
+def load_hf_dir(directory: str | Path) -> LoadedParts:
+    """A local transformers directory whose ``model_type`` a registered family converts
+    (``clip``, ``blip``, ``blip-2``); a config field or tensor the converter needs and does
+    not find is an error naming the directory and the key."""
+    directory = Path(directory)
+    hf_config = read_hf_config(directory)
+    family = families.of_model_type(hf_config.get("model_type"))
+    if family is None:
+        known = [f.hf_model_type for f in families.all_families().values() if f.hf_model_type]
+        raise ValueError(f"{directory / 'config.json'}: model_type {hf_config.get('model_type')!r} is not "
+                         f"supported; expected one of {known}")
+    try:
+        return family.load_hf(directory, hf_config)
+    except CheckpointKeyError:
+        raise
+    except KeyError as err:
+        raise ValueError(f"{directory}: the config.json or weights lack {err.args[0]!r}, which a transformers "
+                         f"{hf_config.get('model_type')!r} model has") from err
+
+
 def load_entry(entry) -> LoadedParts:
     """Fetch (or find in the cache) a manifest entry's weights and convert them."""
-
-    from vlzoo.hub.download import fetch
 
     local = Path(fetch(entry.name, entry.source, entry.sha256))
     if entry.format == "open_clip":
@@ -162,21 +167,30 @@ def load_entry(entry) -> LoadedParts:
     elif entry.format in ("hf", "vlzoo"):
         parts = load_path(local)
     else:
-        from vlzoo.hub.convert.original import load_original
-
-        parts = load_original(entry, local)
+        parts = load_original_entry(entry, local)
     if parts.family != entry.family:
         raise ValueError(f"manifest entry {entry.name!r} says family {entry.family!r}, "
                          f"but its weights load as {parts.family!r}")
     return dataclasses.replace(parts, source=entry.name)
 
 
+def load_original_entry(entry, local: Path) -> LoadedParts:
+    """An original ALBEF/BLIP release: the model built from the entry's zoo config, the
+    release's weights converted by the family whose format it is."""
+    family = families.of_format(entry.format)
+    if family is None:
+        formats = [f.original_format for f in families.all_families().values() if f.original_format]
+        raise ValueError(f"{entry.name}: format {entry.format!r} is not one of {sorted(formats)}")
+    parts = parts_from_task(task_from_zoo_config(config_path(entry)), entry.name)
+    if parts.family != family.name:
+        raise ValueError(f"{entry.name}: format {entry.format} needs a {family.name} zoo config, "
+                         f"{entry.config} builds {parts.family}")
+    return load_original(entry, local, parts, family.convert_original)
+
+
 def _load_open_clip_entry(entry, local: Path) -> LoadedParts:
     """open_clip weights: a hub snapshot directory (``open_clip_config.json`` optional)
     or a single file; the architecture from the snapshot's config or open_clip's own."""
-    from vlzoo.hub.convert.clip import OPEN_CLIP_WEIGHT_FILES, load_open_clip_file
-    from vlzoo.utils import read_json_file
-
     preprocess = {k: entry.preprocess[k] for k in ("mean", "std", "interpolation")}
     source, model_cfg = entry.source["open_clip"], None
     if local.is_dir():

@@ -16,7 +16,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from vlzoo.hub.convert import FAMILIES
+from vlzoo import families
 
 MANIFEST_NAME = "checkpoints_manifest.yaml"
 NAME_PREFIXES = ("clip-", "albef-", "blip-", "blip2-")
@@ -157,8 +157,8 @@ def validate_entry(raw: Any, index: int, root: Path | None = None) -> ManifestEn
     name = raw["name"]
     if not isinstance(name, str) or not name.startswith(NAME_PREFIXES) or not re.fullmatch(r"[a-z0-9][a-z0-9.-]*", name):
         _fail(f"{where}.name", f"expected lower-case, starting with one of {NAME_PREFIXES}, got {name!r}")
-    if raw["family"] not in FAMILIES:
-        _fail(f"{where}.family", f"expected one of {FAMILIES}, got {raw['family']!r}")
+    if raw["family"] not in families.names():
+        _fail(f"{where}.family", f"expected one of {families.names()}, got {raw['family']!r}")
     if raw["format"] not in FORMATS:
         _fail(f"{where}.format", f"expected one of {FORMATS}, got {raw['format']!r}")
     config = raw["config"]

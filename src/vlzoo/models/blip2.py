@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from vlzoo.backbones import VisionEncoder
 from vlzoo.backbones.text import pool_tokens
+from vlzoo.data.llm_text import left_padded_prompts, seq2seq_batch
 from vlzoo.distributed import gather_no_grad, gather_with_grad
 from vlzoo.layers.transformer import LMHead
 from vlzoo.losses import IGNORE, caption_lm_loss, positive_targets
@@ -351,3 +352,25 @@ class BLIP2LLM(QFormerOverFrozenVision):
         out = self.llm.generate(inputs_embeds=embeds, attention_mask=mask, eos_token_id=eos, pad_token_id=pad,
                                 synced_gpus=generation_in_lockstep(), **kwargs)
         return out[:, 1:] if self.is_encoder_decoder else out  # drop the decoder's start token
+
+
+def llm_prompt_batch(model: BLIP2LLM, llm_tokenizer, prompts: list[str], max_length: int) -> dict[str, Tensor]:
+    """Text prompts (B,) for generation through ``model``'s LLM: the encoder's input for
+    an encoder-decoder LLM, left-padded ids for a decoder-only one; each (B, P)."""
+    if model.is_encoder_decoder:
+        batch = seq2seq_batch(llm_tokenizer, prompts, [""] * len(prompts), max_length)
+        batch.pop("labels")
+    else:
+        batch = left_padded_prompts(llm_tokenizer, prompts, max_length)
+    device = model.llm_proj.weight.device
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def llm_answer(model: BLIP2LLM, llm_tokenizer, soft: Tensor, prompts: list[str], config: GenerationConfig,
+               max_length: int = 64) -> list[str]:
+    """Text generated after a soft prompt (B, Q, H) and each text prompt, decoded."""
+    prompt = llm_prompt_batch(model, llm_tokenizer, prompts, max_length)
+    ids = model.generate(soft, prompt["input_ids"], prompt["attention_mask"], config,
+                         eos_token_id=llm_tokenizer.eos_token_id)
+    return [t.strip() for t in llm_tokenizer.batch_decode(ids, skip_special_tokens=True)]

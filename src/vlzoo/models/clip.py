@@ -84,3 +84,33 @@ class CLIP(nn.Module):
         names |= {f"vision.{n}" for n in self.vision.no_weight_decay()}
         names |= {f"text.{n}" for n in self.text.no_weight_decay()}
         return names
+
+
+class CLIPClassifier(nn.Module):
+    """A CLIP (same parameter names) plus ``head``: (B, D) normalised image embeddings
+    -> (B, C) class logits."""
+
+    encode_image = CLIP.encode_image
+    encode_text = CLIP.encode_text
+    no_weight_decay = CLIP.no_weight_decay
+
+    def __init__(self, clip: CLIP, num_classes: int):
+        super().__init__()
+        self.vision, self.text = clip.vision, clip.text
+        self.image_projection, self.text_projection = clip.image_projection, clip.text_projection
+        self.logit_scale = clip.logit_scale
+        if clip.logit_bias is not None:
+            self.logit_bias = clip.logit_bias
+        self.embed_dim = clip.embed_dim
+        self.head = nn.Linear(clip.embed_dim, num_classes)
+
+    def forward(self, pixel_values: Tensor) -> Tensor:
+        """(B, 3, H, W) -> (B, C) logits."""
+        return self.head(self.encode_image(pixel_values))
+
+    @torch.no_grad()
+    def set_zeroshot_head(self, class_embeds: Tensor) -> None:
+        """Head = the zero-shot classifier: weights ``exp(logit_scale) * class_embeds``
+        ((C, D), normalised), bias 0."""
+        self.head.weight.copy_(self.logit_scale.exp() * class_embeds)
+        self.head.bias.zero_()

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from vlzoo.backbones.text import bert_config_from_json, bert_state_dict
 from vlzoo.layers.transformer import (
     BertConfig,
     BertEmbeddings,
@@ -27,6 +28,7 @@ from vlzoo.layers.transformer import (
     padding_mask,
     qformer_mask,
 )
+from vlzoo.weights import load_strict
 
 
 @dataclass
@@ -108,9 +110,6 @@ class QFormer(nn.Module):
         """A Q-Former initialised from a Hugging Face BERT directory, strictly: every BERT
         weight is used; the queries' feed-forward starts as a copy of the text's; the
         cross-attention and queries stay random (as in BLIP-2)."""
-        from vlzoo.backbones.text import bert_config_from_json, bert_state_dict
-        from vlzoo.hub.weights import load_strict
-
         directory = Path(directory)
         qformer = cls(bert_config_from_json(directory / "config.json"), vision_width, num_queries,
                       cross_attention_every)

@@ -5,11 +5,8 @@ from vlzoo.tasks.blip2 import BLIP2LLMTask, BLIP2Task
 from vlzoo.tasks.classify import ClassifyTask
 from vlzoo.tasks.clip import CLIPTask
 from vlzoo.tasks.lm import CausalLMTask
-from vlzoo.tasks.loading import (
-    load_task,  # importing it lets torch.load(weights_only=True) read tasks
-)
 from vlzoo.tasks.momentum import ALBEFTask, BLIPTask, MomentumTask
 from vlzoo.tasks.vqa import BLIPVQATask
 
 __all__ = ["VLTask", "CLIPTask", "MomentumTask", "ALBEFTask", "BLIPTask", "BLIP2Task", "BLIP2LLMTask", "CausalLMTask", "ClassifyTask",
-           "BLIPVQATask", "load_task"]
+           "BLIPVQATask"]

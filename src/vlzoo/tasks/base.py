@@ -9,18 +9,18 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import Tensor, nn
 
-from vlzoo.config import EvalConfig, FinetuneConfig, OptimConfig, VisionConfig
+from vlzoo.callbacks import Preemption, RNGState, RunCheckpoint, RunStats, SkippedSamples
+from vlzoo.checkpoints import AtomicCheckpointIO
+from vlzoo.config import EvalConfig, FinetuneConfig, OptimConfig, VisionConfig, as_config
 from vlzoo.data.datamodule import EvalAnnotations
+from vlzoo.data.image_text import TooManyBadSamples
 from vlzoo.data.tokenizers import Tokenizer
 from vlzoo.distributed import gather_objects, local_tensor
-from vlzoo.eval.retrieval import (
-    CaptionIndex,
-    compositional_accuracy,
-    mean_over_prompts,
-    recall_at_k,
-)
+from vlzoo.eval.evaluator import Evaluator, RetrievalEvaluator, class_embeddings
+from vlzoo.finetune import layer_scales, load_initial_weights, prepare_model, trainable_summary
 from vlzoo.parallel import (
     FSDPOptions,
     average_replicated_gradients,
@@ -40,7 +40,6 @@ def parameter_groups(model: nn.Module, weight_decay: float, lr: float, layer_dec
     for ``model.no_weight_decay()`` (norms, biases, embeddings, temperature) and every
     0-/1-d parameter; one group per learning-rate scale under ``layer_decay``
     (:func:`vlzoo.finetune.layer_scales`)."""
-    from vlzoo.finetune import layer_scales
 
     skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     scales = layer_scales(model, layer_decay)
@@ -79,17 +78,20 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float
 
 
 class VLTask(L.LightningModule):
-    """Shared training/evaluation logic; subclasses build ``self.model`` and the loss.
+    """What every task shares: optimizer groups and schedule, non-finite step skipping,
+    fine-tuning structure, FSDP hooks, checkpoint bookkeeping, and the evaluation loop
+    (per-image outputs collected, gathered over ranks, scored by :attr:`evaluator`).
 
-    Subclasses set ``self.model``, ``self.tokenizer`` and ``self.preprocess_config``
-    and implement :meth:`training_step`, :meth:`embed_images`, :meth:`embed_texts`.
-    Evaluation (``val``/``test``) reports ``{stage}/r{1,5,10}_{i2t,t2i}``,
-    ``{stage}/compositional_acc`` and ``{stage}/zeroshot_acc``.
+    Subclasses set ``self.model``, ``self.tokenizer`` and ``self.preprocess_config``,
+    implement :meth:`training_step` and :meth:`embed_images`, and choose their
+    :class:`~vlzoo.eval.evaluator.Evaluator` (:meth:`make_evaluator`; default ITC
+    retrieval: ``{stage}/r{1,5,10}_{i2t,t2i}``, ``compositional_acc``, ``zeroshot_acc``).
     """
 
     model: nn.Module
     tokenizer: Tokenizer
     preprocess_config: VisionConfig
+    family: str | None = None  # the registry name of the model family it trains (vlzoo.families)
     monitor: str = "val/r1_t2i"
     monitor_mode: str = "max"  # whether a larger monitored value is better
 
@@ -97,12 +99,12 @@ class VLTask(L.LightningModule):
         super().__init__()
         self.optim = optim
         self.eval_config = eval
-        from vlzoo.tasks.loading import as_config
-
         self.finetune = as_config(finetune or FinetuneConfig(), FinetuneConfig, "finetune")
         self._finetune_ready = False
         self._weights_loaded = False
+        self._initial_parts = None  # what finetune.init_from names, once resolved
         self._eval_outputs: list[tuple[Tensor, Tensor]] = []
+        self._evaluator: Evaluator | None = None
         self._skipped_steps = 0
         self._nonfinite_in_a_row = 0
 
@@ -121,8 +123,6 @@ class VLTask(L.LightningModule):
         """Once: LoRA adapters, frozen parts, gradient checkpointing (``self.finetune``)."""
         if self._finetune_ready:
             return
-        from vlzoo.finetune import prepare_model, trainable_summary
-
         done = prepare_model(self.model, self.finetune)
         self._finetune_ready = True
         if done:
@@ -136,23 +136,27 @@ class VLTask(L.LightningModule):
         """(state dict for ``self.model``, key substrings allowed to be missing) from the
         :class:`~vlzoo.hub.convert.LoadedParts` of ``finetune.init_from``. Default: a
         model of this task's own family, as is."""
-        from vlzoo.hub.loaders import TASK_FAMILIES
-
-        family = TASK_FAMILIES.get(type(self).__name__)
-        if parts.family != family:
+        if parts.family != self.family:
             raise ValueError(f"finetune.init_from {parts.source}: a {parts.family} model cannot start a "
-                             f"{type(self).__name__} ({family} weights expected)")
+                             f"{type(self).__name__} ({self.family} weights expected)")
         return parts.model.state_dict(), ()
 
-    def load_initial_weights(self) -> None:
-        """Load ``finetune.init_from`` into ``self.model`` (strictly, see :meth:`initial_state`)."""
-        from vlzoo.finetune import load_initial_weights
-        from vlzoo.hub.loaders import load_parts_once
+    def use_initial_weights(self, parts) -> None:
+        """The model ``finetune.init_from`` names, resolved by the caller (``vlzoo fit`` and
+        ``vlzoo finetune`` do it with :func:`vlzoo.hub.loaders.load_parts`): loaded into
+        ``self.model`` at :meth:`configure_model`."""
+        self._initial_parts = parts
 
-        parts = load_parts_once(self.finetune.init_from)
+    def load_initial_weights(self, parts=None) -> None:
+        """Load ``parts`` (default: those given to :meth:`use_initial_weights`) into
+        ``self.model``, strictly (see :meth:`initial_state`)."""
+        parts = parts if parts is not None else self._initial_parts
+        if parts is None:
+            raise ValueError(f"finetune.init_from {self.finetune.init_from}: not resolved. vlzoo fit resolves it; "
+                             "from Python, call task.use_initial_weights(vlzoo.hub.loaders.load_parts(REF)) first")
         state, allow_missing = self.initial_state(parts)
         load_initial_weights(self.model, state, f"finetune.init_from {self.finetune.init_from}", allow_missing)
-        self._weights_loaded = True
+        self._weights_loaded, self._initial_parts = True, None
         print(f"vlzoo: started from {self.finetune.init_from} ({parts.family})", file=sys.stderr, flush=True)
 
     def total_loss(self, losses: dict[str, Tensor]) -> Tensor:
@@ -168,10 +172,6 @@ class VLTask(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         """Checkpoints are written atomically wherever the strategy uses plain torch.save."""
-        from lightning.pytorch.plugins.io import TorchCheckpointIO
-
-        from vlzoo.checkpoints import AtomicCheckpointIO
-
         strategy = self.trainer.strategy
         if type(strategy.checkpoint_io) is TorchCheckpointIO:
             strategy.checkpoint_io = AtomicCheckpointIO()
@@ -185,7 +185,8 @@ class VLTask(L.LightningModule):
         over the data-parallel mesh, at the blocks, frozen parts and root of
         ``self.model`` (see :mod:`vlzoo.parallel`)."""
         self.prepare_finetune()
-        if self.finetune.init_from and not self._weights_loaded:
+        # without a trainer the task is being rebuilt from its own checkpoint (load_from_checkpoint)
+        if self.finetune.init_from and not self._weights_loaded and self._trainer is not None:
             self.load_initial_weights()
         if self.device_mesh is None:
             return
@@ -219,8 +220,6 @@ class VLTask(L.LightningModule):
         """RNG states, preemption, run statistics, skipped-sample counts, and a
         :class:`~vlzoo.callbacks.RunCheckpoint` with its defaults unless the trainer has
         one (``vlzoo fit --checkpoint.every_n_steps ...``)."""
-        from vlzoo.callbacks import Preemption, RNGState, RunCheckpoint, RunStats, SkippedSamples
-
         callbacks = [RunStats(), SkippedSamples(), RNGState(), Preemption()]
         trainer_callbacks = self.trainer.callbacks if self._trainer is not None else []
         if not any(isinstance(c, RunCheckpoint) for c in trainer_callbacks):
@@ -271,39 +270,40 @@ class VLTask(L.LightningModule):
         """(B, 3, H, W) -> (B, D) normalised embeddings."""
         raise NotImplementedError
 
-    def eval_image_outputs(self, pixel_values: Tensor) -> dict[str, Tensor]:
-        """Per-image tensors evaluation keeps: ``embeds`` (B, D), plus what a family's
-        :meth:`score_pairs` needs (e.g. image tokens for ITM)."""
-        return {"embeds": self.embed_images(pixel_values)}
-
     def embed_texts(self, texts: list[str]) -> Tensor:
         """Strings -> (T, D) normalised embeddings (``self.model.encode_text``), in
         batches of ``eval.text_batch_size``."""
         size = self.eval_config.text_batch_size
-        chunks = [self.model.encode_text(**self._tokenize(texts[i : i + size])) for i in range(0, len(texts), size)]
+        chunks = [self.model.encode_text(**self.tokenize(texts[i : i + size])) for i in range(0, len(texts), size)]
         return torch.cat(chunks)
 
-    @torch.no_grad()
     def class_embeddings(self, classes: list[str]) -> Tensor:
         """(C, D) normalised mean text embedding of each class over ``eval.zeroshot_templates``."""
-        templates = self.eval_config.zeroshot_templates
-        return mean_over_prompts(self.embed_texts([t.format(c) for c in classes for t in templates]), len(classes))
+        return class_embeddings(self.embed_texts, classes, self.eval_config.zeroshot_templates)
 
     def itc_similarity(self, image_embeds: Tensor, text_embeds: Tensor) -> Tensor:
         """(N, ...) image and (T, D) text embeddings -> (N, T) similarity. Default: cosine."""
         return image_embeds @ text_embeds.T
 
-    def score_pairs(self, images: dict[str, Tensor], rows: Tensor, texts: list[str]) -> Tensor:
-        """Match score of image ``rows[i]`` with ``texts[i]`` -> (P,). Default: cosine."""
-        return (images["embeds"][rows] * self.embed_texts(texts)).sum(-1)
+    @property
+    def evaluator(self) -> Evaluator:
+        """This task's :class:`~vlzoo.eval.evaluator.Evaluator` (built on first use)."""
+        if self._evaluator is None:
+            self._evaluator = self.make_evaluator()
+        return self._evaluator
 
-    def _tokenize(self, texts: list[str]) -> dict[str, Tensor]:
+    def make_evaluator(self) -> Evaluator:
+        """ITC retrieval, compositional and zero-shot metrics; families override."""
+        return RetrievalEvaluator(self, self.eval_config)
+
+    def tokenize(self, texts: list[str]) -> dict[str, Tensor]:
+        """Strings -> ``input_ids``/``attention_mask`` (B, L) on this task's device."""
         return {k: v.to(self.device) for k, v in self.tokenizer(texts).items()}
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         if len(batch["index"]) == 0:  # every image of the batch was a bad sample
             return
-        outputs = {k: v.float().cpu() for k, v in self.eval_image_outputs(batch["pixel_values"]).items()}
+        outputs = {k: v.float().cpu() for k, v in self.evaluator.image_outputs(batch["pixel_values"]).items()}
         self._eval_outputs.append((batch["index"].cpu(), outputs))
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
@@ -335,8 +335,6 @@ class VLTask(L.LightningModule):
             return
         gathered = self._gathered_image_outputs()  # every rank takes part, even one without images
         if gathered is None:
-            from vlzoo.data.image_text import TooManyBadSamples
-
             split = {"val": "val", "test": "test"}.get(stage, stage)
             raise TooManyBadSamples(f"data.{split}: no image of the {stage} split could be read (every sample was "
                                     "bad; see the warnings above): check image paths and data.image_root")
@@ -345,43 +343,8 @@ class VLTask(L.LightningModule):
         ann: EvalAnnotations = self.trainer.datamodule.annotations(stage)
         if len(index) != len(ann.captions):  # images that failed to decode were skipped
             ann = ann.subset(index.tolist())
-        metrics = self.evaluate(images, ann)
+        metrics = self.evaluator.evaluate(images, ann, getattr(self.trainer.datamodule, "answer_prior", None))
         self.log_dict({f"{stage}/{k}": v for k, v in metrics.items()}, sync_dist=False)
-
-    @torch.no_grad()
-    def evaluate(self, images: dict[str, Tensor], ann: EvalAnnotations) -> dict[str, float]:
-        """Retrieval, compositional and zero-shot metrics from per-image outputs."""
-        index = CaptionIndex.build(ann.captions)
-        text_embeds = self.embed_texts(index.texts)  # (T, D)
-        metrics = recall_at_k(self.itc_similarity(images["embeds"], text_embeds).float().cpu(), index)
-        metrics["compositional_acc"] = self._compositional(images, ann)
-        if ann.zeroshot_classes:
-            metrics["zeroshot_acc"] = self._zeroshot(images["embeds"], ann)
-        return metrics
-
-    def _compositional(self, images: dict[str, Tensor], ann: EvalAnnotations) -> float:
-        rows, positives, negatives = [], [], []
-        for i, negs in enumerate(ann.negatives):
-            for neg in negs:
-                rows.append(i)
-                positives.append(ann.captions[i][0])
-                negatives.append(neg)
-        if not rows:
-            return float("nan")
-        row_index = torch.tensor(rows, device=self.device)
-        return compositional_accuracy(
-            self.score_pairs(images, row_index, positives).cpu(), self.score_pairs(images, row_index, negatives).cpu()
-        )
-
-    def _zeroshot(self, image_embeds: Tensor, ann: EvalAnnotations) -> float:
-        labelled = [(i, y) for i, y in enumerate(ann.zeroshot_labels) if y is not None]
-        if not labelled:
-            return float("nan")
-        class_embeds = self.class_embeddings(ann.zeroshot_classes)  # (C, D)
-        rows = torch.tensor([i for i, _ in labelled], device=image_embeds.device)
-        labels = torch.tensor([y for _, y in labelled], device=image_embeds.device)
-        predictions = self.itc_similarity(image_embeds[rows], class_embeds).argmax(-1)
-        return (predictions == labels).float().mean().item()
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:  # noqa: D102
         return {"index": batch["index"], "image_embeds": self.embed_images(batch["pixel_values"])}

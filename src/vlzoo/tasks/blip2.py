@@ -8,61 +8,43 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from vlzoo.backbones import bert_config_from_kwargs, build_vision_tower, check_context_length
-from vlzoo.backbones.text import resize_token_embeddings
+from vlzoo.artefacts import artefact_checkpoint, artefact_hf_dir, resolve_vision
+from vlzoo.backbones import build_vision_encoder
+from vlzoo.checkpoints import read_checkpoint
 from vlzoo.config import (
     BLIP2Config,
     BLIP2LLMConfig,
     EvalConfig,
     FinetuneConfig,
     OptimConfig,
-    TextConfig,
     VisionConfig,
+    as_config,
 )
-from vlzoo.data.datamodule import EvalAnnotations
-from vlzoo.data.llm_text import causal_lm_batch, left_padded_prompts, seq2seq_batch
+from vlzoo.data.llm_text import causal_lm_batch, load_lm_tokenizer, seq2seq_batch
 from vlzoo.data.tokenizers import Tokenizer, build_tokenizer
-from vlzoo.eval.captioning import caption_metrics
-from vlzoo.eval.vqa import answer_every_pair, vqa_metrics
-from vlzoo.hub.weights import load_strict
-from vlzoo.models.blip2 import BLIP2, BLIP2LLM, FROZEN_DTYPES, LLM_KINDS, max_query_similarity
+from vlzoo.eval.evaluator import PromptedLLMEvaluator
+from vlzoo.models.blip2 import (
+    BLIP2,
+    BLIP2LLM,
+    FROZEN_DTYPES,
+    LLM_KINDS,
+    llm_answer,
+    max_query_similarity,
+)
+from vlzoo.models.builders import build_blip2, build_qformer, concrete_qformer_config
 from vlzoo.models.generation import GenerationConfig
-from vlzoo.models.qformer import QFormer
 from vlzoo.tasks.base import VLTask
-from vlzoo.tasks.loading import as_config
 from vlzoo.tasks.momentum import CaptionEvalMixin, TwoStageRetrievalTask
+from vlzoo.weights import load_strict
 
 
-def build_qformer(cfg: BLIP2Config, tokenizer: Tokenizer, vision_width: int) -> QFormer:
-    """The Q-Former of ``cfg.qformer``: from a BERT directory (``pretrained``) or sized
-    by ``kwargs`` (BertConfig fields); word embeddings grown for [DEC] when needed."""
-    q = cfg.qformer
-    if q.impl != "bert":
-        raise ValueError(f"qformer.impl must be 'bert' (the Q-Former is BERT-style), got {q.impl!r}")
-    if q.pretrained:
-        qformer = QFormer.from_bert(q.pretrained, vision_width, cfg.num_queries, cfg.cross_attention_every)
-        if tokenizer.vocab_size > qformer.config.vocab_size:
-            resize_token_embeddings(qformer, tokenizer.vocab_size)
-    else:
-        qformer = QFormer(bert_config_from_kwargs(q, tokenizer, "qformer"), vision_width, cfg.num_queries,
-                          cfg.cross_attention_every)
-    check_context_length(q, qformer.config, "qformer")
-    return qformer
-
-
-def build_blip2(cfg: BLIP2Config) -> tuple[BLIP2, Tokenizer, VisionConfig]:
-    """(BLIP2, tokenizer, the frozen tower's concrete vision config) from a config; a
-    ``zoo:``/checkpoint vision reference is resolved (trained and cached if missing)."""
-    tokenizer = build_tokenizer(cfg.qformer.tokenizer, cfg.qformer.context_length, blip_tokens=True)
-    vision, vision_cfg = build_vision_tower(cfg.vision, cfg.embed_dim)
-    info = tokenizer.info
-    model = BLIP2(
-        vision, build_qformer(cfg, tokenizer, vision.width), dec_id=info.dec_id, pad_id=info.pad_id,
-        eos_id=info.eos_id, embed_dim=cfg.embed_dim, temperature=cfg.temperature,
-        min_temperature=cfg.min_temperature, max_temperature=cfg.max_temperature,
-        text_pooling=cfg.qformer.pooling or "cls", label_smoothing=cfg.label_smoothing,
-        frozen_precision=cfg.frozen_precision,
-    )
+def build_resolved_blip2(cfg: BLIP2Config) -> tuple[BLIP2, Tokenizer, VisionConfig]:
+    """(BLIP2, tokenizer, the frozen tower's concrete vision config): the vision reference
+    resolved first (a ``zoo:`` tower trained and cached when missing), then built."""
+    vision_cfg, vision_state = resolve_vision(cfg.vision)
+    model, tokenizer = build_blip2(dataclasses.replace(cfg, vision=vision_cfg))
+    if vision_state is not None:
+        load_strict(model.vision.encoder, vision_state, source=f"vision tower of {cfg.vision.name}")
     return model, tokenizer, vision_cfg
 
 
@@ -106,16 +88,12 @@ class FrozenFeaturesMixin:
         return self.feature_cache.get(batch["index"], batch["pixel_values"], self.model.vision)
 
 
-def concrete_qformer_config(qformer_cfg: TextConfig, qformer: QFormer) -> TextConfig:
-    """The Q-Former's text config with its actual sizes and no ``pretrained`` path: what a
-    checkpoint records (its weights are in the state dict)."""
-    return dataclasses.replace(qformer_cfg, pretrained=None, kwargs=dataclasses.asdict(qformer.config))
-
-
 class BLIP2Task(FrozenFeaturesMixin, CaptionEvalMixin, TwoStageRetrievalTask):
     """Trains BLIP-2 stage 1; evaluation: two-stage retrieval (ITC max over queries,
     ITM rerank), compositional accuracy, zero-shot, and Q-Former-only captions
     (``bleu4``, ``cider``)."""
+
+    family = "blip2"
 
     def __init__(
         self,
@@ -130,7 +108,7 @@ class BLIP2Task(FrozenFeaturesMixin, CaptionEvalMixin, TwoStageRetrievalTask):
         model = as_config(model, BLIP2Config, "model")
         self.config = model
         self.generation = generation
-        self.model, self.tokenizer, self.preprocess_config = build_blip2(model)
+        self.model, self.tokenizer, self.preprocess_config = build_resolved_blip2(model)
         # the checkpoint records the concrete tower and Q-Former (weights in the state dict), not references
         self.hparams["model"] = dataclasses.asdict(dataclasses.replace(
             model, vision=self.preprocess_config, qformer=concrete_qformer_config(model.qformer, self.model.qformer)))
@@ -173,10 +151,11 @@ class BLIP2Task(FrozenFeaturesMixin, CaptionEvalMixin, TwoStageRetrievalTask):
 def load_llm(reference: str, kind: str | None = None, precision: str | None = None):
     """(model, tokenizer, kind) of a Hugging Face LLM: a hub name, a local directory or
     ``zoo:lm/...``; ``kind`` ``causal`` or ``seq2seq`` (None: from its config)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
-
-    from vlzoo.data.llm_text import load_lm_tokenizer
-    from vlzoo.hub.artefacts import artefact_hf_dir
+    from transformers import (  # heavy: stage 2 only
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForSeq2SeqLM,
+    )
 
     source = str(artefact_hf_dir(reference))
     config = AutoConfig.from_pretrained(source)
@@ -190,15 +169,18 @@ def load_llm(reference: str, kind: str | None = None, precision: str | None = No
 
 def stage1_parts(reference: str) -> tuple[BLIP2Config, dict[str, Tensor]]:
     """The config and weights of a stage-1 checkpoint (``zoo:`` or a path)."""
-    from vlzoo.hub.artefacts import artefact_checkpoint
-    from vlzoo.tasks.loading import read_checkpoint
-
     path = artefact_checkpoint(reference)
     checkpoint = read_checkpoint(path)
-    if not str(checkpoint.get("vlzoo_task", "")).endswith(".BLIP2Task"):
+    model_config = checkpoint.get("hyper_parameters", {}).get("model")
+    if not isinstance(model_config, BLIP2Config | dict) or not any(k.startswith("model.qformer.")
+                                                                    for k in checkpoint["state_dict"]):
         raise ValueError(f"stage1 {reference}: {path} is not a BLIP-2 stage-1 checkpoint "
                          f"(written by {checkpoint.get('vlzoo_task')})")
-    stage1 = as_config(checkpoint["hyper_parameters"]["model"], BLIP2Config, f"{path}: model")
+    try:
+        stage1 = as_config(model_config, BLIP2Config, f"{path}: model")
+    except ValueError as err:
+        raise ValueError(f"stage1 {reference}: {path} is not a BLIP-2 stage-1 checkpoint "
+                         f"(written by {checkpoint.get('vlzoo_task')}): {err}") from None
     return stage1, checkpoint["state_dict"]
 
 
@@ -211,7 +193,10 @@ def build_blip2_llm(cfg: BLIP2LLMConfig):
         cfg = dataclasses.replace(cfg, stage1=None, vision=stage1.vision, qformer=stage1.qformer,
                                   num_queries=stage1.num_queries, cross_attention_every=stage1.cross_attention_every)
     tokenizer = build_tokenizer(cfg.qformer.tokenizer, cfg.qformer.context_length, blip_tokens=True)
-    vision, vision_cfg = build_vision_tower(cfg.vision, 1)  # no projection of its own is used
+    vision_cfg, vision_state = resolve_vision(cfg.vision)
+    vision = build_vision_encoder(vision_cfg, 1)  # no projection of its own is used
+    if vision_state is not None:
+        load_strict(vision, vision_state, source=f"vision tower of {cfg.vision.name}")
     qformer = build_qformer(cfg, tokenizer, vision.width)
     llm, llm_tokenizer, kind = load_llm(cfg.llm, cfg.llm_kind, cfg.llm_precision)
     model = BLIP2LLM(vision, qformer, llm, cfg.frozen_precision, cfg.llm_precision)
@@ -225,33 +210,13 @@ def build_blip2_llm(cfg: BLIP2LLMConfig):
     return model, tokenizer, llm_tokenizer, concrete
 
 
-def llm_prompt_batch(model: BLIP2LLM, llm_tokenizer, prompts: list[str], max_length: int) -> dict[str, Tensor]:
-    """Text prompts (B,) for generation through ``model``'s LLM: the encoder's input for
-    an encoder-decoder LLM, left-padded ids for a decoder-only one; each (B, P)."""
-    if model.is_encoder_decoder:
-        batch = seq2seq_batch(llm_tokenizer, prompts, [""] * len(prompts), max_length)
-        batch.pop("labels")
-    else:
-        batch = left_padded_prompts(llm_tokenizer, prompts, max_length)
-    device = model.llm_proj.weight.device
-    return {k: v.to(device) for k, v in batch.items()}
-
-
-@torch.no_grad()
-def llm_answer(model: BLIP2LLM, llm_tokenizer, soft: Tensor, prompts: list[str], config: GenerationConfig,
-               max_length: int = 64) -> list[str]:
-    """Text generated after a soft prompt (B, Q, H) and each text prompt, decoded."""
-    prompt = llm_prompt_batch(model, llm_tokenizer, prompts, max_length)
-    ids = model.generate(soft, prompt["input_ids"], prompt["attention_mask"], config,
-                         eos_token_id=llm_tokenizer.eos_token_id)
-    return [t.strip() for t in llm_tokenizer.batch_decode(ids, skip_special_tokens=True)]
-
-
 class BLIP2LLMTask(FrozenFeaturesMixin, VLTask):
     """Trains BLIP-2 stage 2: LM loss of each image's caption after ``caption_prompt``
     and (``train_vqa``) of one answer after ``vqa_prompt``, through the frozen LLM.
     Evaluation: ``bleu4``/``cider`` of generated captions, ``vqa_acc`` on every QA pair
     of the split and ``vqa_majority_acc`` of the majority-answer baseline."""
+
+    family = "blip2_llm"
 
     monitor = "val/cider"
 
@@ -294,7 +259,7 @@ class BLIP2LLMTask(FrozenFeaturesMixin, VLTask):
         otherwise the plain one (``soft`` when already computed for these images)."""
         if not self.config.instruction_aware:
             return self._soft_prompt(image_tokens) if soft is None else soft
-        instruction = self._tokenize(questions)
+        instruction = self.tokenize(questions)
         return self.model.soft_prompt(image_tokens, instruction["input_ids"], instruction["attention_mask"])
 
     def _vqa_prompts(self, questions: list[str]) -> list[str]:
@@ -309,7 +274,7 @@ class BLIP2LLMTask(FrozenFeaturesMixin, VLTask):
         if self.config.train_vqa and "questions" in batch:
             vqa = self._text_batch(self._vqa_prompts(batch["questions"]), batch["answers"])
             if self.config.instruction_aware:
-                instruction = self._tokenize(batch["questions"])
+                instruction = self.tokenize(batch["questions"])
         return self.model(self.frozen_tokens(batch), caption, vqa, instruction)
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
@@ -339,27 +304,24 @@ class BLIP2LLMTask(FrozenFeaturesMixin, VLTask):
         return self.answer(soft, self._vqa_prompts(questions), self.vqa_generation)
 
     # ------------------------------------------------------------ evaluation
-    def eval_image_outputs(self, pixel_values: Tensor) -> dict[str, Tensor]:
-        return {"tokens": self.model.image_tokens(pixel_values)}
+    def make_evaluator(self) -> PromptedLLMEvaluator:
+        return PromptedLLMEvaluator(self, self.eval_config)
 
-    @torch.no_grad()
-    def evaluate(self, images: dict[str, Tensor], ann: EvalAnnotations) -> dict[str, float]:
-        tokens, size = images["tokens"], self.eval_config.itm_batch_size
-        soft = torch.cat([self._soft_prompt(tokens[s : s + size]) for s in range(0, len(tokens), size)])  # per image
-        captions = []
-        for s in range(0, len(tokens), size):
-            captions += self.answer(soft[s : s + size], [self.config.caption_prompt] * len(soft[s : s + size]))
-        metrics = caption_metrics(captions, ann.captions)
-        if any(ann.qa):
+    def image_tokens(self, pixel_values: Tensor) -> Tensor:
+        """(B, 3, H, W) -> (B, N, Dv) frozen encoder tokens after ``ln_vision``."""
+        return self.model.image_tokens(pixel_values)
 
-            def answer(rows: list[int], questions: list[str]) -> list[str]:
-                rows = torch.tensor(rows, device=tokens.device)
-                question_soft = self._question_soft_prompt(tokens[rows], questions, soft[rows])
-                return self.answer(question_soft, self._vqa_prompts(questions), self.vqa_generation)
+    def soft_prompt(self, image_tokens: Tensor) -> Tensor:
+        return self._soft_prompt(image_tokens)
 
-            predictions, qa = answer_every_pair(ann.qa, answer, size)
-            metrics.update(vqa_metrics(predictions, qa, self.trainer.datamodule.answer_prior()))
-        return metrics
+    def caption_from_soft(self, soft: Tensor) -> list[str]:
+        """Captions after ``caption_prompt`` from (B, Q, H) soft prompts."""
+        return self.answer(soft, [self.config.caption_prompt] * len(soft))
+
+    def answer_from_soft(self, image_tokens: Tensor, soft: Tensor, questions: list[str]) -> list[str]:
+        """Answers to one question per image (its tokens and plain soft prompt given)."""
+        question_soft = self._question_soft_prompt(image_tokens, questions, soft)
+        return self.answer(question_soft, self._vqa_prompts(questions), self.vqa_generation)
 
     # ----------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:

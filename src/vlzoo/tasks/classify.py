@@ -6,46 +6,15 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from vlzoo.config import CLIPConfig, EvalConfig, FinetuneConfig, OptimConfig
-from vlzoo.data.datamodule import EvalAnnotations
-from vlzoo.models.clip import CLIP
+from vlzoo.config import CLIPConfig, EvalConfig, FinetuneConfig, OptimConfig, as_config
+from vlzoo.eval.evaluator import ClassificationEvaluator
+from vlzoo.models.builders import build_clip
+from vlzoo.models.clip import CLIPClassifier
 from vlzoo.tasks.base import VLTask
-from vlzoo.tasks.clip import build_clip
-from vlzoo.tasks.loading import as_config
 
 HEAD_INITS = ("zeroshot", "random")
-
-
-class CLIPClassifier(nn.Module):
-    """A CLIP (same parameter names) plus ``head``: (B, D) normalised image embeddings
-    -> (B, C) class logits."""
-
-    encode_image = CLIP.encode_image
-    encode_text = CLIP.encode_text
-    no_weight_decay = CLIP.no_weight_decay
-
-    def __init__(self, clip: CLIP, num_classes: int):
-        super().__init__()
-        self.vision, self.text = clip.vision, clip.text
-        self.image_projection, self.text_projection = clip.image_projection, clip.text_projection
-        self.logit_scale = clip.logit_scale
-        if clip.logit_bias is not None:
-            self.logit_bias = clip.logit_bias
-        self.embed_dim = clip.embed_dim
-        self.head = nn.Linear(clip.embed_dim, num_classes)
-
-    def forward(self, pixel_values: Tensor) -> Tensor:
-        """(B, 3, H, W) -> (B, C) logits."""
-        return self.head(self.encode_image(pixel_values))
-
-    @torch.no_grad()
-    def set_zeroshot_head(self, class_embeds: Tensor) -> None:
-        """Head = the zero-shot classifier: weights ``exp(logit_scale) * class_embeds``
-        ((C, D), normalised), bias 0."""
-        self.head.weight.copy_(self.logit_scale.exp() * class_embeds)
-        self.head.bias.zero_()
 
 
 class ClassifyTask(VLTask):
@@ -55,6 +24,8 @@ class ClassifyTask(VLTask):
     :meth:`~vlzoo.data.datamodule.VLDataModule.class_names`). ``head_init``:
     ``zeroshot`` (from the class prompts ``eval.zeroshot_templates``) or ``random``.
     """
+
+    family = "clip"
 
     monitor = "val/acc"
     uses_labels = True
@@ -109,8 +80,8 @@ class ClassifyTask(VLTask):
                              f"({parts.extra['classes'][:5]}...) than this task's ({self.classes[:5]}...)")
         return state, (*allow, "head.")
 
-    def load_initial_weights(self) -> None:
-        super().load_initial_weights()
+    def load_initial_weights(self, parts=None) -> None:
+        super().load_initial_weights(parts)
         if self.head_init == "zeroshot" and not self._init_has_head:
             self.model.set_zeroshot_head(self.class_embeddings(self.classes))
 
@@ -129,25 +100,14 @@ class ClassifyTask(VLTask):
     def embed_images(self, pixel_values: Tensor) -> Tensor:
         return self.model.encode_image(pixel_values)
 
-    def eval_image_outputs(self, pixel_values: Tensor) -> dict[str, Tensor]:
-        return {"logits": self.model(pixel_values)}
+    def make_evaluator(self) -> ClassificationEvaluator:
+        return ClassificationEvaluator(self)
+
+    def class_logits(self, pixel_values: Tensor) -> Tensor:
+        """(B, 3, H, W) -> (B, C) logits over ``self.classes``."""
+        return self.model(pixel_values)
 
     @torch.no_grad()
     def predict_classes(self, pixel_values: Tensor) -> Tensor:
         """(B, C) class probabilities."""
         return self.model(pixel_values).softmax(-1)
-
-    @torch.no_grad()
-    def evaluate(self, images: dict[str, Tensor], ann: EvalAnnotations) -> dict[str, float]:
-        rows, labels = [], []
-        for i, y in enumerate(ann.zeroshot_labels):
-            if y is not None and ann.zeroshot_classes[y] in self.class_index:
-                rows.append(i)
-                labels.append(self.class_index[ann.zeroshot_classes[y]])
-        if not rows:
-            raise ValueError("the evaluation split has no image labelled with one of this model's classes")
-        logits = images["logits"][torch.tensor(rows, device=images["logits"].device)]
-        labels = torch.tensor(labels, device=logits.device)
-        top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
-        return {"acc": (top[:, 0] == labels).float().mean().item(),
-                "top5_acc": (top == labels[:, None]).any(-1).float().mean().item()}

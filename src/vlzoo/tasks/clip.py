@@ -4,34 +4,16 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from vlzoo.backbones import build_text_encoder, build_vision_encoder
 from vlzoo.config import CLIPConfig, EvalConfig, FinetuneConfig, OptimConfig
-from vlzoo.data.tokenizers import build_tokenizer
 from vlzoo.losses import clip_loss, siglip_loss
-from vlzoo.models.clip import CLIP
+from vlzoo.models.builders import build_clip
 from vlzoo.tasks.base import VLTask
-
-LOSSES = ("infonce", "siglip")
-
-
-def build_clip(cfg: CLIPConfig):
-    """(CLIP model, tokenizer) from a config."""
-    if cfg.loss not in LOSSES:
-        raise ValueError(f"model.loss must be one of {LOSSES}, got {cfg.loss!r}")
-    tokenizer = build_tokenizer(cfg.text.tokenizer, cfg.text.context_length)
-    model = CLIP(
-        build_vision_encoder(cfg.vision, cfg.embed_dim),
-        build_text_encoder(cfg.text, cfg.embed_dim, tokenizer),
-        cfg.embed_dim,
-        init_logit_scale=cfg.init_logit_scale,
-        max_logit_scale=cfg.max_logit_scale,
-        init_logit_bias=cfg.init_logit_bias if cfg.loss == "siglip" else None,
-    )
-    return model, tokenizer
 
 
 class CLIPTask(VLTask):
     """Trains :class:`~vlzoo.models.CLIP`; features are gathered over ranks with gradient."""
+
+    family = "clip"
 
     def __init__(
         self,

@@ -4,10 +4,8 @@ two-stage (ITC, then ITM) retrieval evaluation, caption metrics for BLIP."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from vlzoo.backbones import build_text_encoder, build_vision_encoder
 from vlzoo.config import (
     ALBEFConfig,
     BLIPConfig,
@@ -16,75 +14,23 @@ from vlzoo.config import (
     MomentumConfig,
     OptimConfig,
 )
-from vlzoo.data.datamodule import EvalAnnotations
-from vlzoo.data.tokenizers import Tokenizer, build_tokenizer
 from vlzoo.distributed import world_size
-from vlzoo.eval.captioning import caption_metrics
-from vlzoo.eval.retrieval import CaptionIndex, recall_at_k, rerank_top_k, unique_texts
-from vlzoo.models.albef import ALBEF
-from vlzoo.models.blip import BLIP
+from vlzoo.eval.evaluator import TwoStageEvaluator, padded_caption_ids
+from vlzoo.models.builders import build_albef, build_blip, prompt_prefix
 from vlzoo.models.generation import GenerationConfig
 from vlzoo.tasks.base import VLTask
 
 
-def _momentum_kwargs(cfg: MomentumConfig) -> dict:
-    return dict(embed_dim=cfg.embed_dim, queue_size=cfg.queue_size, momentum=cfg.momentum,
-                temperature=cfg.temperature, min_temperature=cfg.min_temperature,
-                max_temperature=cfg.max_temperature)
-
-
-def build_albef(cfg: ALBEFConfig) -> tuple[ALBEF, Tokenizer]:
-    """(ALBEF, tokenizer) from a config; the text encoder's last ``fusion_layers`` fuse."""
-    tokenizer = build_tokenizer(cfg.text.tokenizer, cfg.text.context_length)
-    vision = build_vision_encoder(cfg.vision, cfg.embed_dim)
-    depth = _text_depth(cfg)
-    text = build_text_encoder(cfg.text, cfg.embed_dim, tokenizer, vision.width,
-                              range(depth - cfg.fusion_layers, depth))
-    info = tokenizer.info
-    if info.mask_id is None:
-        raise ValueError(f"text.tokenizer {cfg.text.tokenizer!r} has no [MASK] token, which ALBEF's MLM needs")
-    model = ALBEF(vision, text, cfg.fusion_layers, info.mask_id, info.special_ids, cfg.mlm_probability,
-                  **_momentum_kwargs(cfg))
-    return model, tokenizer
-
-
-def build_blip(cfg: BLIPConfig) -> tuple[BLIP, Tokenizer]:
-    """(BLIP, tokenizer) from a config; the tokenizer gains [DEC]/[ENC] when missing."""
-    tokenizer = build_tokenizer(cfg.text.tokenizer, cfg.text.context_length, blip_tokens=True)
-    vision = build_vision_encoder(cfg.vision, cfg.embed_dim)
-    text = build_text_encoder(cfg.text, cfg.embed_dim, tokenizer, vision.width, range(_text_depth(cfg)))
-    info = tokenizer.info
-    model = BLIP(vision, text, enc_id=info.enc_id, dec_id=info.dec_id, pad_id=info.pad_id, eos_id=info.eos_id,
-                 prompt_ids=prompt_prefix(tokenizer, cfg.prompt)[1:], label_smoothing=cfg.label_smoothing,
-                 **_momentum_kwargs(cfg))
-    return model, tokenizer
-
-
-def _text_depth(cfg: MomentumConfig) -> int:
-    if cfg.text.impl != "bert":
-        raise ValueError(f"text.impl must be 'bert' for ALBEF/BLIP, got {cfg.text.impl!r}")
-    if cfg.text.pretrained:
-        from vlzoo.backbones.text import bert_config_from_json
-
-        return bert_config_from_json(f"{cfg.text.pretrained}/config.json").num_hidden_layers
-    return int(cfg.text.kwargs.get("num_hidden_layers", 12))
-
-
-def prompt_prefix(tokenizer: Tokenizer, prompt: str) -> list[int]:
-    """Token ids of ``[DEC] + prompt`` (the tokenized prompt without its end token)."""
-    ids = tokenizer(prompt)["input_ids"][0].tolist()
-    if ids and ids[-1] == tokenizer.info.eos_id:
-        ids = ids[:-1]
-    return [tokenizer.info.dec_id] + ids[1:]
-
-
 class TwoStageRetrievalTask(VLTask):
-    """Evaluation of the families with an ITM head (ALBEF, BLIP, BLIP-2): ITC similarity
-    for all pairs, the top k reranked by ITM, ITM-scored compositional accuracy.
+    """The families with an ITM head (ALBEF, BLIP, BLIP-2), evaluated by a
+    :class:`~vlzoo.eval.evaluator.TwoStageEvaluator` (ITC, then the top k reranked by
+    ITM); this class gives it the model's ITC and ITM. ``captions``: also caption every
+    evaluation image (BLIP, BLIP-2)."""
 
-    ``self.model`` provides ``image_tokens_and_feat``-style outputs through
-    :meth:`eval_image_outputs` and ``itm_logits(ids, mask, image_tokens)``.
-    """
+    captions = False
+
+    def make_evaluator(self) -> TwoStageEvaluator:
+        return TwoStageEvaluator(self, self.eval_config, captions=self.captions)
 
     def embed_images(self, pixel_values: Tensor) -> Tensor:
         return self.model.encode_image(pixel_values)
@@ -93,51 +39,18 @@ class TwoStageRetrievalTask(VLTask):
         """(B, 3, H, W) -> the tokens ITM reads (B, N, Dv) and the ITC embeddings."""
         return self.model.image_tokens_and_feat(pixel_values)
 
-    def eval_image_outputs(self, pixel_values: Tensor) -> dict[str, Tensor]:
-        tokens, embeds = self.image_tokens_and_embeds(pixel_values)
-        return {"embeds": embeds, "tokens": tokens}
+    def itm_logits(self, input_ids: Tensor, attention_mask: Tensor, image_tokens: Tensor) -> Tensor:
+        """(P, L) texts with (P, N, Dv) image tokens -> (P, 2) no-match / match logits."""
+        return self.model.itm_logits(input_ids, attention_mask, image_tokens)
 
-    def _itm_scores(self, images: dict[str, Tensor], rows: Tensor, tokens: dict[str, Tensor], cols: Tensor) -> Tensor:
-        """(P,) ITM match logit minus no-match logit of image rows[p] with text cols[p]."""
-        logits = self.model.itm_logits(tokens["input_ids"][cols], tokens["attention_mask"][cols],
-                                       images["tokens"][rows])
-        return logits[:, 1] - logits[:, 0]
-
-    def rerank_itc_weight(self) -> float:
-        """What multiplies the ITC cosine in the reranked score (``eval.rerank_itc``)."""
-        cfg = self.eval_config
-        if cfg.rerank_itc == "logit":
-            temp = self.model.temp
-            temp = temp.full_tensor() if hasattr(temp, "full_tensor") else temp  # FSDP2: every rank evaluates
-            return cfg.rerank_itc_weight / float(temp)
-        return cfg.rerank_itc_weight * {"cosine": 1.0, "none": 0.0}[cfg.rerank_itc]
+    def temperature(self) -> float:
+        """The learned ITC temperature."""
+        temp = self.model.temp
+        return float(temp.full_tensor() if hasattr(temp, "full_tensor") else temp)  # FSDP2: every rank evaluates
 
     def score_pairs(self, images: dict[str, Tensor], rows: Tensor, texts: list[str]) -> Tensor:
-        size = self.eval_config.itm_batch_size
-        scores = []
-        for s in range(0, len(texts), size):
-            tokens = self._tokenize(texts[s : s + size])
-            cols = torch.arange(len(tokens["input_ids"]), device=self.device)
-            scores.append(self._itm_scores(images, rows[s : s + size], tokens, cols))
-        return torch.cat(scores)
-
-    @torch.no_grad()
-    def evaluate(self, images: dict[str, Tensor], ann: EvalAnnotations) -> dict[str, float]:
-        index = CaptionIndex.build(ann.captions)
-        texts, of_text = unique_texts(index.texts)
-        tokens = self._tokenize(texts)
-        similarity = self.itc_similarity(images["embeds"], self.embed_texts(texts))  # (N, U) ITC
-        metrics = {f"itc_{k}": v for k, v in recall_at_k(similarity[:, of_text].float().cpu(), index).items()
-                   if k.startswith("r1_")}
-        k, batch, weight = self.eval_config.rerank_k, self.eval_config.itm_batch_size, self.rerank_itc_weight()
-        i2t = rerank_top_k(similarity, k, lambda q, c: self._itm_scores(images, q, tokens, c), batch, weight)
-        t2i = rerank_top_k(similarity.T, k, lambda q, c: self._itm_scores(images, c, tokens, q), batch, weight)
-        metrics.update({m: v for m, v in recall_at_k(i2t[:, of_text].cpu(), index).items() if m.endswith("i2t")})
-        metrics.update({m: v for m, v in recall_at_k(t2i.T[:, of_text].cpu(), index).items() if m.endswith("t2i")})
-        metrics["compositional_acc"] = self._compositional(images, ann)
-        if ann.zeroshot_classes:
-            metrics["zeroshot_acc"] = self._zeroshot(images["embeds"], ann)
-        return metrics
+        """ITM score of image ``rows[i]`` (its ``tokens`` in ``images``) with ``texts[i]`` -> (P,)."""
+        return self.evaluator.score_pairs(images, rows, texts)
 
 
 class CaptionEvalMixin:
@@ -145,19 +58,15 @@ class CaptionEvalMixin:
     tokens already computed (``self.model.generate_from_tokens``, decoding
     ``self.generation``) and adds ``bleu4``/``cider`` against all references."""
 
-    def eval_image_outputs(self, pixel_values: Tensor) -> dict[str, Tensor]:
-        outputs = super().eval_image_outputs(pixel_values)
-        ids = self.model.generate_from_tokens(outputs["tokens"], config=self.generation)
-        width = self.generation.max_length  # one width, so batches concatenate
-        outputs["caption_ids"] = F.pad(ids, (0, width - ids.shape[1]), value=self.tokenizer.info.pad_id)
-        return outputs
+    captions = True
 
-    @torch.no_grad()
-    def evaluate(self, images: dict[str, Tensor], ann: EvalAnnotations) -> dict[str, float]:
-        metrics = super().evaluate(images, ann)
-        predictions = [self.tokenizer.decode(row).strip() for row in images["caption_ids"].long()]
-        metrics.update(caption_metrics(predictions, ann.captions))
-        return metrics
+    def caption_ids_from_tokens(self, image_tokens: Tensor) -> Tensor:
+        """(B, N, Dv) -> (B, ``generation.max_length``) caption ids, right-padded."""
+        ids = self.model.generate_from_tokens(image_tokens, config=self.generation)
+        return padded_caption_ids(ids, self.generation.max_length, self.tokenizer.info.pad_id)
+
+    def decode(self, ids: Tensor) -> str:
+        return self.tokenizer.decode(ids)
 
 
 class MomentumTask(TwoStageRetrievalTask):
@@ -217,6 +126,8 @@ class MomentumTask(TwoStageRetrievalTask):
 class ALBEFTask(MomentumTask):
     """Trains :class:`~vlzoo.models.ALBEF` with ITC + ITM + MLM."""
 
+    family = "albef"
+
     def __init__(
         self,
         model: ALBEFConfig = ALBEFConfig(),  # noqa: B008
@@ -238,6 +149,8 @@ class BLIPTask(CaptionEvalMixin, MomentumTask):
     Captions are trained after ``model.prompt``; ``generation`` sets decoding for
     evaluation and :meth:`caption`.
     """
+
+    family = "blip"
 
     def __init__(
         self,

@@ -12,30 +12,15 @@ import sys
 import torch
 from torch import Tensor
 
-from vlzoo.config import BLIPConfig, EvalConfig, FinetuneConfig, OptimConfig
-from vlzoo.data.datamodule import EvalAnnotations
-from vlzoo.data.tokenizers import Tokenizer, build_tokenizer
-from vlzoo.eval.vqa import answer_every_pair, vqa_metrics
+from vlzoo.config import BLIPConfig, EvalConfig, FinetuneConfig, OptimConfig, as_config
+from vlzoo.eval.evaluator import VQAEvaluator
 from vlzoo.losses import IGNORE, caption_lm_loss
-from vlzoo.models.blip_vqa import BLIPVQA
+from vlzoo.models.blip import BLIP
+from vlzoo.models.builders import build_blip_vqa_model
 from vlzoo.models.generation import GenerationConfig
 from vlzoo.tasks.base import VLTask
-from vlzoo.tasks.loading import as_config
 
 _DECODER_LAYER = re.compile(r"^decoder\.layer\.")
-
-
-def build_blip_vqa_model(cfg: BLIPConfig) -> tuple[BLIPVQA, Tokenizer, BLIPConfig]:
-    """(BLIPVQA, tokenizer, the config with concrete BERT sizes) from a BLIP config."""
-    from vlzoo.backbones import bert_config_from_kwargs
-    from vlzoo.hub.convert.hf_blip import BlipTokenIds, build_blip_vqa
-
-    tokenizer = build_tokenizer(cfg.text.tokenizer, cfg.text.context_length, blip_tokens=True)
-    info = tokenizer.info
-    sizes = dataclasses.asdict(bert_config_from_kwargs(cfg.text, tokenizer))
-    concrete = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, pretrained=None, kwargs=sizes))
-    ids = BlipTokenIds(enc=info.enc_id, dec=info.dec_id, pad=info.pad_id, eos=info.eos_id)
-    return build_blip_vqa(concrete, ids), tokenizer, concrete
 
 
 def blip_to_vqa_state(blip_state: dict[str, Tensor], vqa_state: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
@@ -64,6 +49,8 @@ class BLIPVQATask(VLTask):
     of the answer after [DEC]); evaluation answers every QA pair of the split
     (``generation``) and reports ``{stage}/vqa_acc`` and ``{stage}/vqa_majority_acc``."""
 
+    family = "blip_vqa"
+
     monitor = "val/vqa_acc"
     uses_qa = needs_qa = True
 
@@ -84,7 +71,7 @@ class BLIPVQATask(VLTask):
         self.generation = self.vqa_generation = generation  # vlzoo.load(...).vqa decodes with vqa_generation
 
     def initial_state(self, parts) -> tuple[dict[str, Tensor], tuple[str, ...]]:
-        if parts.family != "blip":
+        if not isinstance(parts.model, BLIP):
             return super().initial_state(parts)  # a BLIP VQA model as is
         state, kept = blip_to_vqa_state(parts.model.state_dict(), self.model.state_dict())
         if kept:
@@ -94,14 +81,14 @@ class BLIPVQATask(VLTask):
 
     def _answer_batch(self, answers: list[str]) -> tuple[Tensor, Tensor, Tensor]:
         """Answers -> ([DEC] answer [SEP] ids, mask, labels) each (B, L)."""
-        tokens = self._tokenize(answers)
+        tokens = self.tokenize(answers)
         ids = tokens["input_ids"].clone()
         ids[:, 0] = self.model.dec_id
         labels = ids.masked_fill(tokens["attention_mask"] == 0, IGNORE)
         return ids, tokens["attention_mask"], labels
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        question = self._tokenize(batch["questions"])
+        question = self.tokenize(batch["questions"])
         ids, mask, labels = self._answer_batch(batch["answers"])
         logits = self.model.answer_logits(batch["pixel_values"], question["input_ids"], question["attention_mask"],
                                           ids, mask)
@@ -112,7 +99,7 @@ class BLIPVQATask(VLTask):
     @torch.no_grad()
     def answer_from_tokens(self, image_tokens: Tensor, questions: list[str]) -> list[str]:
         """One answer per (image tokens (B, N, Dv), question) pair."""
-        question = self._tokenize(questions)
+        question = self.tokenize(questions)
         ids = self.model.answer_from_tokens(image_tokens, question["input_ids"], question["attention_mask"],
                                             self.generation)
         return [self.tokenizer.decode(row).strip() for row in ids]
@@ -125,17 +112,9 @@ class BLIPVQATask(VLTask):
     def embed_images(self, pixel_values: Tensor) -> Tensor:
         return self.model.vision(pixel_values).pooled
 
-    def eval_image_outputs(self, pixel_values: Tensor) -> dict[str, Tensor]:
-        return {"tokens": self.model.vision(pixel_values).tokens}
+    def image_tokens(self, pixel_values: Tensor) -> Tensor:
+        """(B, 3, H, W) -> (B, N, Dv) image tokens the question encoder reads."""
+        return self.model.vision(pixel_values).tokens
 
-    @torch.no_grad()
-    def evaluate(self, images: dict[str, Tensor], ann: EvalAnnotations) -> dict[str, float]:
-        if not any(ann.qa):
-            raise ValueError("the evaluation split has no QA pairs (records need a 'qa' field)")
-        tokens = images["tokens"]
-
-        def answer(rows: list[int], questions: list[str]) -> list[str]:
-            return self.answer_from_tokens(tokens[torch.tensor(rows, device=tokens.device)], questions)
-
-        predictions, qa = answer_every_pair(ann.qa, answer, self.eval_config.itm_batch_size)
-        return vqa_metrics(predictions, qa, self.trainer.datamodule.answer_prior())
+    def make_evaluator(self) -> VQAEvaluator:
+        return VQAEvaluator(self, self.eval_config)

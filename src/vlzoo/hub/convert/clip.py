@@ -19,8 +19,9 @@ from torch import Tensor
 from vlzoo.config import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, CLIPConfig, TextConfig, VisionConfig
 from vlzoo.hub.convert import LoadedParts, rename_keys
 from vlzoo.hub.convert.hf import timm_mlp_ratio
-from vlzoo.hub.weights import CheckpointKeyError, load_state_dict_file, load_strict
+from vlzoo.models.builders import build_clip
 from vlzoo.utils import read_json_file
+from vlzoo.weights import CheckpointKeyError, hf_weights, load_state_dict_file, load_strict
 
 # open_clip key -> vlzoo key. Text-tower keys live at the top level of open_clip's CLIP.
 OPEN_CLIP_RULES = [
@@ -152,8 +153,6 @@ def hf_preprocess_cfg(directory: Path) -> dict[str, Any]:
 # ------------------------------------------------------------------------ loading
 def build_converted_clip(config: CLIPConfig, state: dict[str, Tensor], source: str, tokenizer=True) -> LoadedParts:
     """Build vlzoo's CLIP for ``config``, load ``state`` (vlzoo keys) strictly."""
-    from vlzoo.tasks.clip import build_clip
-
     model, tok = build_clip(config)
     load_strict(model, state, source=source)
     return LoadedParts("clip", model.eval(), config, config.vision, tok if tokenizer else None,
@@ -194,8 +193,6 @@ def load_open_clip_file(weights: Path, model_name: str, preprocess_cfg: dict[str
 
 def load_hf_clip(directory: Path, hf_config: dict[str, Any]) -> LoadedParts:
     """A transformers ``CLIPModel`` directory (``config.json`` + weights)."""
-    from vlzoo.hub.convert.hf import hf_weights
-
     model_cfg = open_clip_config_from_hf(hf_config)
     config = clip_config_from_open_clip(model_cfg, hf_preprocess_cfg(directory))
     state = convert_open_clip_state(hf_clip_to_open_clip(hf_weights(directory)))

@@ -1,19 +1,16 @@
-"""Reading Hugging Face model directories: weights (single file or sharded) and the
-dispatch from ``config.json``'s ``model_type`` to the right converter."""
+"""What the transformers converters share: key rules for transformers' ViT, timm's MLP
+ratio, and (from :mod:`vlzoo.weights`) reading a directory's weights and config. Which
+converter reads a directory is the family registry's answer (``Family.hf_model_type``)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from torch import Tensor
-
-from vlzoo.hub.convert import LoadedParts
-from vlzoo.hub.weights import CheckpointKeyError, load_state_dict_file
-from vlzoo.utils import read_json_file
-
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-MODEL_TYPES = ("clip", "blip", "blip-2")
+from vlzoo.weights import (  # noqa: F401 - hf_weights, read_hf_config: the converters' entry points
+    INDEX_FILES,
+    WEIGHT_FILES,
+    CheckpointKeyError,
+    hf_weights,
+    read_hf_config,
+)
 
 
 def timm_mlp_ratio(width: int, hidden: int) -> float:
@@ -39,66 +36,3 @@ def hf_vit_rules(tower: str, post_layernorm: str) -> list[tuple[str, str]]:
         (rf"{layer}\.mlp\.fc(1|2)\.(weight|bias)", rf"{tower}.blocks.\1.mlp.fc\2.\3"),
         (r"vision_model\.post_layernorm\.(weight|bias)", rf"{post_layernorm}.\1"),
     ]
-
-
-def hf_weights(directory: str | Path) -> dict[str, Tensor]:
-    """Every tensor of a Hugging Face model directory: ``model.safetensors``,
-    ``pytorch_model.bin`` (read with ``weights_only=True``), or the shards an
-    ``*.index.json`` lists."""
-    directory = Path(directory)
-    for name in WEIGHT_FILES:
-        if (directory / name).is_file():
-            return load_state_dict_file(directory / name)
-    for name in INDEX_FILES:
-        index = directory / name
-        if index.is_file():
-            weight_map = read_json_file(index, "a weights index with a 'weight_map' object").get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise ValueError(f"{index}: no 'weight_map' object (expected shard names per tensor)")
-            shards = sorted(set(weight_map.values()))
-            state: dict[str, Tensor] = {}
-            for shard in shards:
-                state.update(load_state_dict_file(directory / shard))
-            return state
-    raise FileNotFoundError(f"{directory}: no weights (looked for {WEIGHT_FILES + INDEX_FILES})")
-
-
-def read_hf_config(directory: str | Path) -> dict:
-    """``config.json`` of a Hugging Face model directory."""
-    path = Path(directory) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{directory}: no config.json (not a Hugging Face model directory)")
-    return read_json_file(path, "a transformers config object with a 'model_type'")
-
-
-def load_hf_dir(directory: str | Path) -> LoadedParts:
-    """A local transformers directory of model_type ``clip``, ``blip`` or ``blip-2``; a
-    config field or tensor the converter needs and does not find is an error naming the
-    directory and the key."""
-    directory = Path(directory)
-    hf_config = read_hf_config(directory)
-    try:
-        return _load_hf_model_type(directory, hf_config)
-    except CheckpointKeyError:
-        raise
-    except KeyError as err:
-        raise ValueError(f"{directory}: the config.json or weights lack {err.args[0]!r}, which a transformers "
-                         f"{hf_config.get('model_type')!r} model has") from err
-
-
-def _load_hf_model_type(directory: Path, hf_config: dict) -> LoadedParts:
-    model_type = hf_config.get("model_type")
-    if model_type == "clip":
-        from vlzoo.hub.convert.clip import load_hf_clip
-
-        return load_hf_clip(directory, hf_config)
-    if model_type == "blip":
-        from vlzoo.hub.convert.hf_blip import load_hf_blip
-
-        return load_hf_blip(directory, hf_config)
-    if model_type == "blip-2":
-        from vlzoo.hub.convert.hf_blip2 import load_hf_blip2
-
-        return load_hf_blip2(directory, hf_config)
-    raise ValueError(f"{directory / 'config.json'}: model_type {model_type!r} is not supported; "
-                     f"expected one of {MODEL_TYPES}")

@@ -32,22 +32,22 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
-from vlzoo.backbones import BertTextEncoder, build_vision_encoder, check_context_length
+from vlzoo.backbones.vision import TimmVisionEncoder
 from vlzoo.config import BLIPConfig, TextConfig, VisionConfig
 from vlzoo.data.tokenizers import HFTokenizer
 from vlzoo.hub.convert import LoadedParts, rename_keys
-from vlzoo.hub.convert.hf import hf_vit_rules, timm_mlp_ratio
-from vlzoo.hub.weights import load_strict
+from vlzoo.hub.convert.clip import hf_preprocess_cfg
+from vlzoo.hub.convert.hf import hf_vit_rules, hf_weights, timm_mlp_ratio
 from vlzoo.layers.transformer import BertConfig
 from vlzoo.models.blip import BLIP
 from vlzoo.models.blip_vqa import BLIPVQA
-from vlzoo.tasks.momentum import _momentum_kwargs, prompt_prefix
+from vlzoo.models.builders import BlipTokenIds, build_blip_from_hf, build_blip_vqa, prompt_prefix
+from vlzoo.weights import load_strict
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -80,16 +80,6 @@ CONTEXT_LENGTH = 35  # BLIP's maximum text length for retrieval and VQA question
 CAPTION_PROMPT = BLIPConfig.prompt  # "a picture of ", BLIP's captioning prompt
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
 _TIMM_NAMES = {(768, 12): "vit_base_patch16_224", (1024, 24): "vit_large_patch16_224"}
-
-
-@dataclass(frozen=True)
-class BlipTokenIds:
-    """The special ids the converted model uses: [ENC], [DEC], padding, end of text."""
-
-    enc: int
-    dec: int
-    pad: int
-    eos: int
 
 
 # ------------------------------------------------------------------------ configs
@@ -333,31 +323,6 @@ def _absent(architecture: str, depth: int) -> tuple[str, ...]:
 
 
 # ---------------------------------------------------------------------- models
-def build_blip_from_hf(cfg: BLIPConfig, ids: BlipTokenIds, prompt_ids: Sequence[int] = ()) -> BLIP:
-    """vlzoo's BLIP for a converted config, with the transformers config's token ids and
-    the tokenized ``cfg.prompt`` (no tokenizer needed, unlike
-    :func:`vlzoo.tasks.momentum.build_blip`)."""
-    vision = build_vision_encoder(cfg.vision, cfg.embed_dim)
-    text = _bert_encoder(cfg.text, vision.width)
-    return BLIP(vision, text, enc_id=ids.enc, dec_id=ids.dec, pad_id=ids.pad, eos_id=ids.eos,
-                prompt_ids=list(prompt_ids), label_smoothing=cfg.label_smoothing, **_momentum_kwargs(cfg))
-
-
-def build_blip_vqa(cfg: BLIPConfig, ids: BlipTokenIds) -> BLIPVQA:
-    """:class:`BLIPVQA` sized by ``cfg`` (the answer decoder has the text model's sizes)."""
-    vision = build_vision_encoder(cfg.vision, cfg.embed_dim)
-    question = _bert_encoder(cfg.text, vision.width)
-    answer = _bert_encoder(cfg.text, question.width)
-    return BLIPVQA(vision, question, answer, enc_id=ids.enc, dec_id=ids.dec, pad_id=ids.pad, eos_id=ids.eos)
-
-
-def _bert_encoder(text: TextConfig, cross_width: int) -> BertTextEncoder:
-    """A BERT-style encoder from ``text.kwargs`` with cross-attention (to width ``cross_width``) in every block."""
-    config = BertConfig(**text.kwargs)
-    check_context_length(text, config)
-    return BertTextEncoder(config, cross_width, tuple(range(config.num_hidden_layers)), pooling=text.pooling or "cls")
-
-
 def hf_blip_parts(
     state: dict[str, Tensor], hf_config: dict[str, Any], tokenizer_dir: Path | None = None, source: str = "",
     preprocess: dict[str, Any] | None = None,
@@ -374,7 +339,7 @@ def hf_blip_parts(
     ids = blip_token_ids(hf_config)
     tokenizer = _tokenizer(tokenizer_dir, cfg, ids) if has_tokenizer else None
     family = ARCHITECTURES[architecture][0]
-    if family == "blip_vqa":
+    if architecture == VQA:
         model: nn.Module = build_blip_vqa(cfg, ids)
     else:
         prompt_ids = prompt_prefix(tokenizer, cfg.prompt)[1:] if tokenizer is not None else []
@@ -399,9 +364,6 @@ def load_hf_blip(directory: Path, hf_config: dict[str, Any]) -> LoadedParts:
     """A transformers BLIP directory: config.json (``hf_config``), weights
     (``model.safetensors``, ``pytorch_model.bin`` or sharded), optional tokenizer files
     and ``preprocessor_config.json``."""
-    from vlzoo.hub.convert.clip import hf_preprocess_cfg
-    from vlzoo.hub.convert.hf import hf_weights
-
     directory = Path(directory)
     architecture = hf_architecture(hf_config)  # fail before reading weights
     has_tokenizer = any((directory / name).is_file() for name in TOKENIZER_FILES)
@@ -454,12 +416,13 @@ def to_hf_blip(parts: LoadedParts, head: str | None = None) -> PreTrainedModel:
 
 def _export_architecture(parts: LoadedParts, head: str | None) -> str:
     """The transformers class for ``parts`` and ``head`` (see :func:`to_hf_blip`)."""
-    if parts.family not in ("blip", "blip_vqa"):
+    if not isinstance(parts.model, BLIP | BLIPVQA):
         raise ValueError(f"to_hf_blip exports BLIP and BLIP VQA models, not {parts.family!r}")
     if head is not None and head not in HEADS:
         raise ValueError(f"head must be one of {sorted(HEADS)} or None, got {head!r}")
-    if parts.family == "blip_vqa" or head == "vqa":
-        if parts.family != "blip_vqa" or head not in (None, "vqa"):
+    is_vqa = isinstance(parts.model, BLIPVQA)
+    if is_vqa or head == "vqa":
+        if not is_vqa or head not in (None, "vqa"):
             raise ValueError(f"head {head!r} does not fit a {parts.family} model")
         return VQA
     caps = parts.capabilities
@@ -520,8 +483,6 @@ def hf_vit_config(encoder: nn.Module, what: str, final_norm: bool) -> dict[str, 
     tokens pass the ViT's final LayerNorm (BLIP's ``post_layernorm``); otherwise they must
     not (BLIP-2, whose ``post_layernorm`` is ``ln_vision``). Anything transformers' plain
     pre-norm ViT cannot express is an error naming it."""
-    from vlzoo.backbones.vision import TimmVisionEncoder
-
     vit = getattr(encoder, "model", None)
     if not isinstance(encoder, TimmVisionEncoder) or type(vit).__name__ != "VisionTransformer":
         kind = type(vit if isinstance(encoder, TimmVisionEncoder) else encoder).__name__

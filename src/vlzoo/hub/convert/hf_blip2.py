@@ -45,9 +45,20 @@ from vlzoo.config import (
     TextConfig,
     VisionConfig,
 )
+from vlzoo.data.llm_text import load_lm_tokenizer
+from vlzoo.data.tokenizers import HFTokenizer
 from vlzoo.hub.convert import LoadedParts, rename_keys
-from vlzoo.hub.convert.hf import hf_vit_rules, timm_mlp_ratio
+from vlzoo.hub.convert.hf import hf_vit_rules, hf_weights, timm_mlp_ratio
+from vlzoo.hub.convert.hf_blip import (
+    check_all_exported,
+    fold_token_types,
+    hf_vit_config,
+    invert_conversion,
+)
+from vlzoo.models.blip2 import BLIP2, BLIP2LLM
+from vlzoo.models.builders import build_blip2_retrieval, build_vision_and_qformer
 from vlzoo.utils import read_json_file
+from vlzoo.weights import load_strict
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -257,40 +268,11 @@ def _has_tokenizer(directory: Path) -> bool:
     return any((directory / f).is_file() for f in TOKENIZER_FILES)
 
 
-def build_vision_and_qformer(cfg: BLIP2Config | BLIP2LLMConfig):
-    """The frozen vision tower and the Q-Former of ``cfg`` (sized by ``qformer.kwargs``:
-    a converted or exported config, no tokenizer needed)."""
-    from vlzoo.backbones import build_vision_tower
-    from vlzoo.layers.transformer import BertConfig
-    from vlzoo.models.qformer import QFormer
-
-    vision, _ = build_vision_tower(cfg.vision, 1)
-    qformer = QFormer(BertConfig(**cfg.qformer.kwargs), vision.width, cfg.num_queries, cfg.cross_attention_every)
-    return vision, qformer
-
-
-def build_blip2_retrieval(cfg: BLIP2Config, tokenizer=None) -> nn.Module:
-    """vlzoo BLIP2 for ``cfg``; [DEC]/pad/end ids from the tokenizer (BERT's otherwise)."""
-    from vlzoo.models.blip2 import BLIP2
-
-    vision, qformer = build_vision_and_qformer(cfg)
-    pad = cfg.qformer.kwargs.get("pad_token_id", 0)
-    dec, eos = 101, 102  # BERT's [CLS] and [SEP]: the ITG head is absent, [DEC] is never used
-    if tokenizer is not None:
-        info = tokenizer.info
-        dec, pad, eos = info.dec_id if info.dec_id is not None else info.bos_id, info.pad_id, info.eos_id
-    model = BLIP2(vision, qformer, dec_id=dec, pad_id=pad, eos_id=eos, embed_dim=cfg.embed_dim,
-                  text_pooling=cfg.qformer.pooling or "cls")
-    return model
-
-
 def build_blip2_llm_from_hf(cfg: BLIP2LLMConfig, hf_cfg) -> nn.Module:
     """vlzoo BLIP2LLM for ``cfg`` around a randomly initialised float32 LLM built from
     the transformers ``text_config`` (its weights come from the checkpoint)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
-
-    from vlzoo.models.blip2 import BLIP2LLM
 
     vision, qformer = build_vision_and_qformer(cfg)
     auto = AutoModelForCausalLM if cfg.llm_kind == "causal" else AutoModelForSeq2SeqLM
@@ -305,10 +287,6 @@ def load_hf_blip2(directory: Path, hf_config: dict[str, Any]) -> LoadedParts:
     Stage 1: ``tokenizer`` is the directory's (BERT) tokenizer for the Q-Former's text.
     Stage 2: ``tokenizer`` is None; the LLM's tokenizer is ``extra["llm_tokenizer"]``
     (None when the directory has none)."""
-    from vlzoo.data.tokenizers import HFTokenizer
-    from vlzoo.hub.convert.hf import hf_weights
-    from vlzoo.hub.weights import load_strict
-
     directory = Path(directory)
     architecture = architecture_of(hf_config)
     hf_cfg = parse_hf_config(hf_config)
@@ -322,8 +300,6 @@ def load_hf_blip2(directory: Path, hf_config: dict[str, Any]) -> LoadedParts:
         tokenizer = HFTokenizer(str(directory), config.qformer.context_length, blip_tokens=False) if has_tokenizer else None
         model, family = build_blip2_retrieval(config, tokenizer), "blip2"
     else:
-        from vlzoo.data.llm_text import load_lm_tokenizer
-
         config = blip2_llm_config_from_hf(hf_config, preprocess, llm=str(directory))
         tokenizer, family = None, "blip2_llm"
         model = build_blip2_llm_from_hf(config, hf_cfg)
@@ -337,7 +313,8 @@ def load_hf_blip2(directory: Path, hf_config: dict[str, Any]) -> LoadedParts:
 IMAGE_TOKEN = "<image>"  # the placeholder transformers' BLIP-2 processors put in front of the text
 
 
-def to_hf_blip2(parts: LoadedParts, image_token_index: int | None = None) -> PreTrainedModel:
+def to_hf_blip2(parts: LoadedParts, head: str | None = None, image_token_index: int | None = None
+                ) -> PreTrainedModel:
     """A vlzoo BLIP-2 as a transformers ``PreTrainedModel`` holding its weights (eval
     mode; tower and Q-Former in float32, a frozen half-precision tower upcast, the LLM in
     its config's dtype), ready for ``save_pretrained``: stage 1 (``blip2``) ->
@@ -366,12 +343,12 @@ def to_hf_blip2(parts: LoadedParts, image_token_index: int | None = None) -> Pre
     """
     import transformers
 
-    from vlzoo.hub.convert.hf_blip import fold_token_types
-
-    architectures = {"blip2": RETRIEVAL, "blip2_llm": GENERATION}
-    if parts.family not in architectures:
+    if head is not None:
+        raise ValueError("--head applies to BLIP only (BLIP-2 exports its one transformers class)")
+    model = parts.model
+    if not isinstance(model, BLIP2 | BLIP2LLM):
         raise ValueError(f"to_hf_blip2 exports BLIP-2 models (blip2, blip2_llm), not {parts.family!r}")
-    architecture, model = architectures[parts.family], parts.model
+    architecture = GENERATION if isinstance(model, BLIP2LLM) else RETRIEVAL
     kwargs, vision_extra = _hf_blip2_config(model, architecture)
     token, grown = None, False
     if architecture == GENERATION:
@@ -392,8 +369,6 @@ def _load_blip2_weights(hf: nn.Module, config, architecture: str, ours: dict[str
                         vision_extra: list[str]) -> None:
     """Fill ``hf`` from the vlzoo state ``ours`` through the inverse of :data:`RULES`
     (strictly); LLM tensors one vocabulary row short get a zero row."""
-    from vlzoo.hub.convert.hf_blip import check_all_exported, invert_conversion
-
     hf_state = hf.state_dict()
     converted, absent, _ = convert_hf_blip2_state(hf_state, {**config.to_dict(), "architectures": [architecture]},
                                                   architecture)
@@ -436,8 +411,6 @@ def _hf_blip2_config(model: nn.Module, architecture: str) -> tuple[dict[str, Any
     """``Blip2Config`` keyword arguments for ``model`` (the inverse of
     :func:`blip2_config_from_hf` / :func:`blip2_llm_config_from_hf`, without the LLM),
     and the vlzoo key prefixes of tower parts it never runs."""
-    from vlzoo.hub.convert.hf_blip import hf_vit_config
-
     encoder = model.vision.encoder
     vision = hf_vit_config(encoder, "BLIP-2", final_norm=False)
     if model.ln_vision.eps != vision["layer_norm_eps"]:

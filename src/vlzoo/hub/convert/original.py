@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,12 +56,11 @@ import torch
 from torch import Tensor, nn
 
 from vlzoo.hub.convert import LoadedParts, rename_keys
-from vlzoo.hub.weights import load_state_dict_file, load_strict
+from vlzoo.weights import load_state_dict_file, load_strict
 
 ORIGINAL_VIT_EPS = 1e-6  # vit.py of both releases: partial(nn.LayerNorm, eps=1e-6)
 ORIGINAL_TEXT_EPS = 1e-12  # config_bert.json (ALBEF), med_config.json (BLIP)
 BLIP_VOCAB, BLIP_DEC_ID, BLIP_ENC_ID = 30524, 30522, 30523  # bert-base-uncased + [DEC], [ENC]
-FORMATS = {"albef_original": "albef", "blip_original": "blip"}
 QUEUE_KEYS = ("image_queue", "text_queue", "idx_queue", "queue_ptr", "ptr_queue")
 WORD_EMB = "text.embeddings.word_embeddings.weight"
 _SHARED = "decoder-copy:"  # marks the BLIP decoder's copies of shared parts until they are reconciled
@@ -414,12 +414,12 @@ def _use_original_vit_eps(model: nn.Module, config: Any, notes: list[str]) -> An
     return dataclasses.replace(config, vision=vision)
 
 
-def _check_text(model: nn.Module, family: str, source: str) -> None:
+def _check_text(model: nn.Module, source: str) -> None:
     """The text model's LayerNorm epsilon, and BLIP's [DEC]/[ENC] ids for the released vocabulary."""
     eps = model.text.config.layer_norm_eps
     if eps != ORIGINAL_TEXT_EPS:
         raise ValueError(f"{source}: the zoo config's text layer_norm_eps is {eps}; the original uses {ORIGINAL_TEXT_EPS}")
-    if family == "blip" and model.text.config.vocab_size == BLIP_VOCAB:
+    if hasattr(model, "dec_id") and model.text.config.vocab_size == BLIP_VOCAB:  # BLIP (ALBEF has no [DEC])
         if (model.dec_id, model.enc_id) != (BLIP_DEC_ID, BLIP_ENC_ID):
             raise ValueError(f"{source}: the tokenizer gives [DEC]={model.dec_id}, [ENC]={model.enc_id}; the "
                              f"original BLIP vocabulary has [DEC]={BLIP_DEC_ID}, [ENC]={BLIP_ENC_ID}")
@@ -447,29 +447,17 @@ def _fit_queue(state: dict[str, Tensor], model: nn.Module, absent: tuple[str, ..
     return (*absent, "queue.")
 
 
-def load_original(entry: Any, local_path: Path) -> LoadedParts:
-    """A manifest entry of format ``albef_original``/``blip_original``: build the model
-    from ``entry.config`` (a zoo config, relative to the repository root), read
-    ``local_path`` (``torch.load(weights_only=True)`` or safetensors), convert and load
-    strictly. ``extra`` gets ``absent`` and ``notes``."""
-    from vlzoo.hub.loaders import parts_from_task, task_from_zoo_config
-    from vlzoo.hub.manifest import config_path
-
-    family = FORMATS.get(entry.format)
-    if family is None:
-        raise ValueError(f"{entry.name}: format {entry.format!r} is not one of {sorted(FORMATS)}")
-    task = task_from_zoo_config(config_path(entry))
-    parts = parts_from_task(task, entry.name)
-    if parts.family != family:
-        raise ValueError(f"{entry.name}: format {entry.format} needs a {family} zoo config, "
-                         f"{entry.config} builds {parts.family}")
+def load_original(entry: Any, local_path: Path, parts: LoadedParts, convert: Callable) -> LoadedParts:
+    """A manifest entry of an original ALBEF/BLIP release: ``parts`` is the model built
+    from ``entry.config`` (a zoo config), ``convert`` its family's key converter
+    (``Family.convert_original``). Reads ``local_path`` (``torch.load(weights_only=True)``
+    or safetensors), converts and loads strictly. ``extra`` gets ``absent`` and ``notes``."""
     source = f"{entry.name} ({local_path})"
     notes: list[str] = []
     state = original_state_dict(load_state_dict_file(_weights_file(Path(local_path))), source)
-    convert = convert_albef_original_state if family == "albef" else convert_blip_original_state
     converted, absent, capabilities = convert(state, notes)
     model = parts.model
-    _check_text(model, family, source)
+    _check_text(model, source)
     _check_vision_size(converted, model, source)
     config = _use_original_vit_eps(model, parts.config, notes)
     _zero_token_types(converted, model, notes)

@@ -9,6 +9,11 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from vlzoo.utils import read_json_file
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
 
 class CheckpointKeyError(KeyError):
     """A state dict does not match a module: names the missing and unexpected keys."""
@@ -84,3 +89,33 @@ def load_strict(
         raise ValueError(f"{source}: shape mismatch (checkpoint vs model) for {wrong[:10]}")
     refuse_non_finite(state, source)
     module.load_state_dict(state, strict=False)
+
+
+def hf_weights(directory: str | Path) -> dict[str, Tensor]:
+    """Every tensor of a Hugging Face model directory: ``model.safetensors``,
+    ``pytorch_model.bin`` (read with ``weights_only=True``), or the shards an
+    ``*.index.json`` lists."""
+    directory = Path(directory)
+    for name in WEIGHT_FILES:
+        if (directory / name).is_file():
+            return load_state_dict_file(directory / name)
+    for name in INDEX_FILES:
+        index = directory / name
+        if index.is_file():
+            weight_map = read_json_file(index, "a weights index with a 'weight_map' object").get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{index}: no 'weight_map' object (expected shard names per tensor)")
+            shards = sorted(set(weight_map.values()))
+            state: dict[str, Tensor] = {}
+            for shard in shards:
+                state.update(load_state_dict_file(directory / shard))
+            return state
+    raise FileNotFoundError(f"{directory}: no weights (looked for {WEIGHT_FILES + INDEX_FILES})")
+
+
+def read_hf_config(directory: str | Path) -> dict:
+    """``config.json`` of a Hugging Face model directory."""
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory}: no config.json (not a Hugging Face model directory)")
+    return read_json_file(path, "a transformers config object with a 'model_type'")

@@ -17,6 +17,7 @@ shapes causal LM), ``hf/`` (``save_pretrained`` layout).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -31,8 +32,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from omegaconf import OmegaConf
+from torch import Tensor
 
 from vlzoo import __version__
+from vlzoo.checkpoints import read_checkpoint
+from vlzoo.config import VisionConfig, as_config
 from vlzoo.utils import atomic_write_json, file_lock, vlzoo_home
 
 ZOO_PREFIX = "zoo:"
@@ -258,9 +262,49 @@ def _best_checkpoint(run_dir: Path) -> Path:
 
 
 def _export_hf(artefact: Path) -> None:
-    """Write ``hf/`` for tasks that have a Hugging Face form (``export_pretrained``)."""
-    from vlzoo.tasks.loading import load_task, read_checkpoint, task_class
+    """Write ``hf/`` for tasks that have a Hugging Face form (``export_pretrained``), in a
+    subprocess: which task wrote the checkpoint is the family registry's answer, a layer
+    above this one (:mod:`vlzoo.hub.pretrained`)."""
+    command = [sys.executable, "-m", "vlzoo.hub.pretrained", str(artefact / CHECKPOINT_NAME),
+               str(artefact / HF_DIR_NAME)]
+    returncode = _run_to_completion(command)
+    if returncode:
+        raise RuntimeError(f"{artefact}: writing the Hugging Face form failed (exit {returncode}); "
+                           f"command: {' '.join(command)}")
 
-    path = artefact / CHECKPOINT_NAME
-    if hasattr(task_class(read_checkpoint(path, mmap=True), path), "export_pretrained"):
-        load_task(path).export_pretrained(artefact / HF_DIR_NAME)
+
+# ------------------------------------------------------------------ references in configs
+def resolve_vision(cfg: VisionConfig) -> tuple[VisionConfig, dict[str, Tensor] | None]:
+    """The explicit resolution step of a vision config: impl ``vlzoo`` (``name``: a vlzoo
+    checkpoint or ``zoo:FAMILY/VARIANT``, trained first when missing) -> the tower's own
+    config and its weights; any other config as is, without weights. Builders
+    (:func:`vlzoo.backbones.build_vision_encoder`) take only the resolved form."""
+    if cfg.impl != "vlzoo":
+        return cfg, None
+    if not cfg.name:
+        raise ValueError("vision.name: a vlzoo checkpoint path or zoo:FAMILY/VARIANT is required for impl 'vlzoo'")
+    resolved, state = vision_tower_from_checkpoint(artefact_checkpoint(cfg.name), cfg)
+    if resolved.impl == "vlzoo":
+        raise ValueError(f"vision.name {cfg.name}: its vision config is itself a reference; expected a built tower")
+    return resolved, state
+
+
+def vision_tower_from_checkpoint(
+    path: str | Path, overrides: VisionConfig
+) -> tuple[VisionConfig, dict[str, Tensor]]:
+    """The vision tower of a vlzoo task checkpoint: its own vision config (encoder,
+    image size, mean/std) with ``output_layer``, ``patch_dropout``, ``grad_checkpointing``
+    and ``locked`` taken from ``overrides``, and its weights (keys relative to the tower)."""
+    checkpoint = read_checkpoint(path)
+    model_config = checkpoint.get("hyper_parameters", {}).get("model")
+    vision = model_config.get("vision") if isinstance(model_config, dict) else getattr(model_config, "vision", None)
+    if isinstance(vision, dict):  # LightningCLI records plain dicts
+        vision = as_config(vision, VisionConfig, f"{path}: model.vision")
+    if not isinstance(vision, VisionConfig):
+        raise ValueError(f"{path}: the checkpoint's hyper-parameters hold no model.vision config")
+    prefix = "model.vision."
+    state = {k.removeprefix(prefix): v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+    if not state:
+        raise ValueError(f"{path}: no {prefix}* weights in the checkpoint")
+    keep = ("output_layer", "patch_dropout", "grad_checkpointing", "locked")
+    return dataclasses.replace(vision, **{k: getattr(overrides, k) for k in keep}), state
