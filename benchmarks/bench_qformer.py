@@ -36,7 +36,7 @@ from vlzoo.hub.convert.hf_blip2 import (
     build_blip2_retrieval,
     convert_hf_blip2_state,
 )
-from vlzoo.hub.weights import load_strict
+from vlzoo.weights import load_strict
 
 SIZES = {  # Q-Former config, queries, image tokens (N, width)
     "tiny": (dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512), 8, (65, 96)),

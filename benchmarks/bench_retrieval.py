@@ -2,7 +2,7 @@
 
 A BLIP at the shapes-tiny sizes (``zoo_configs/models/blip/shapes-tiny.yaml``, random
 weights: the time does not depend on them) evaluates N random 64 px images against the
-five captions of each (random shapes scenes) as ``TwoStageRetrievalTask.evaluate`` does:
+five captions of each (random shapes scenes) as ``TwoStageEvaluator.evaluate`` does:
 ITC similarity of every image with every distinct caption, then ITM scores of each
 image's top k captions and each caption's top k images (BLIP's caption metrics are not
 part of it). Times the image pass (tokens and ITC embeddings) and the evaluation.
@@ -24,7 +24,8 @@ from common import arguments, device, write_json
 from vlzoo.config import BLIPConfig, EvalConfig, OptimConfig, load_yaml_section
 from vlzoo.data.datamodule import EvalAnnotations
 from vlzoo.data.shapes import captions_for, sample_scene
-from vlzoo.tasks.momentum import BLIPTask, TwoStageRetrievalTask
+from vlzoo.eval.evaluator import TwoStageEvaluator
+from vlzoo.tasks.momentum import BLIPTask
 
 CONFIG = Path(__file__).resolve().parent.parent / "zoo_configs/models/blip/shapes-tiny.yaml"
 K = 128
@@ -57,7 +58,7 @@ def evaluate_once(task: BLIPTask, n: int) -> dict[str, float]:
     start = time.perf_counter()
     images = image_outputs(task, pixels)
     middle = time.perf_counter()
-    TwoStageRetrievalTask.evaluate(task, images, ann)
+    TwoStageEvaluator(task, task.eval_config).evaluate(images, ann)  # ITC + ITM rerank, no captions
     end = time.perf_counter()
     return {"image_pass_s": middle - start, "evaluate_s": end - middle, "total_s": end - start}
 

@@ -14,8 +14,8 @@ import argparse
 import tempfile
 from pathlib import Path
 
+from vlzoo.capfilt import noisy_shapes_source, web_caption_rates
 from vlzoo.cli import main as vlzoo
-from vlzoo.data.capfilt import noisy_shapes_source, web_caption_rates
 
 
 def main() -> None:

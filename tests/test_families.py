@@ -218,3 +218,11 @@ def test_a_toy_family_fits_loads_exports_and_compares(toy_plugin, tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert 0.0 <= results["models"]["toy"]["metrics"]["test/r1_t2i"] <= 1.0
     assert "| toy |" in (out / "results.md").read_text()
+
+
+def test_a_family_fine_tunes_with_the_recipes_its_entry_names():
+    from vlzoo.recipes import recipe_path
+
+    assert recipe_path("vqa", "blip_vqa").name == "blip.yaml"  # BLIP VQA: BLIP's VQA recipe
+    with pytest.raises(ValueError, match="a blip_vqa model cannot be fine-tuned for retrieval"):
+        recipe_path("retrieval", "blip_vqa")  # and only for VQA

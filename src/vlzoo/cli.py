@@ -74,6 +74,9 @@ def _lightning_cli(args: list[str] | None) -> None:
         def before_test(self) -> None:
             self._resolve_init_from()
 
+        def before_predict(self) -> None:
+            self._resolve_init_from()
+
         def after_fit(self) -> None:
             trainer = self.trainer
             summary = {"train/loss": _metric(trainer.callback_metrics.get("train/loss"))}

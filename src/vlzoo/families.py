@@ -81,7 +81,8 @@ class Family:
     - ``to_hf``: ``(parts, head) -> PreTrainedModel``, the ``vlzoo export --to hf`` exporter.
     - ``original_format`` / ``convert_original``: the manifest format of the original
       release and its key converter (see :mod:`vlzoo.hub.convert.original`).
-    - ``recipes``: the name under ``zoo_configs/tasks/TASK/`` of its fine-tuning recipes.
+    - ``recipes``: task -> the name of the recipe under ``zoo_configs/tasks/TASK/`` it
+      fine-tunes with, where that is not its own name (BLIP VQA: BLIP's VQA recipe).
     """
 
     name: str
@@ -99,7 +100,7 @@ class Family:
     to_hf: Callable | None = None
     original_format: str | None = None
     convert_original: Callable | None = None
-    recipes: str | None = None
+    recipes: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         unknown = set(self.capabilities) - set(CAPABILITIES)
@@ -143,13 +144,14 @@ def load_plugins() -> None:
     global _PLUGINS_LOADED
     if _PLUGINS_LOADED:
         return
-    _PLUGINS_LOADED = True
     for point in entry_points(group=ENTRY_POINT_GROUP):
         family = point.load()
         if not isinstance(family, Family):
             raise TypeError(f"entry point {point.name} = {point.value} ({ENTRY_POINT_GROUP}): expected a "
                             f"vlzoo.families.Family, got {type(family).__name__}")
-        register(family)
+        if _FAMILIES.get(family.name) is not family:
+            register(family)
+    _PLUGINS_LOADED = True  # after every plugin registered: a failing one fails every call, never silently
 
 
 def all_families() -> dict[str, Family]:
@@ -285,7 +287,7 @@ register(Family(
 ))
 register(Family(
     "blip_vqa", C.BLIPConfig, _build_blip_vqa, BLIPVQATask, frozenset({VQA}), rebuild=rebuild_blip_vqa,
-    answer=generation.answer_blip_vqa, to_hf=to_hf_blip, recipes="blip",
+    answer=generation.answer_blip_vqa, to_hf=to_hf_blip, recipes={"vqa": "blip"},
 ))
 register(Family(
     "blip2", C.BLIP2Config, builders.build_blip2, BLIP2Task, frozenset({ENCODE, ITM, GENERATE}),

@@ -24,7 +24,7 @@ def recipe_path(task: str, family: str) -> Path:
     families the task has recipes for."""
     if task not in TASKS:
         raise ValueError(f"--task must be one of {TASKS}, got {task!r}")
-    name = families.get(family).recipes or family  # e.g. a BLIP VQA model fine-tunes with BLIP's recipes
+    name = families.get(family).recipes.get(task, family)  # e.g. a BLIP VQA model: BLIP's VQA recipe
     for root in zoo_config_roots():
         path = root / "tasks" / task / f"{name}.yaml"
         if path.is_file():

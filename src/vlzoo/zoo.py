@@ -74,6 +74,7 @@ class ZooModel(nn.Module):
 
     def __init__(self, parts: LoadedParts):
         super().__init__()
+        families.get(parts.family)  # a registered family, or an error naming the known ones
         self.model = parts.model
         self.family, self.capabilities, self.config = parts.family, parts.capabilities, parts.config
         self.preprocess_config = parts.preprocess

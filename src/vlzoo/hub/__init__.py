@@ -1,1 +1,1 @@
-"""Weights on disk: safe loading and strict key checks (download and manifest come later)."""
+"""From a reference to a loaded model: the manifest, downloads (sha256, cache), converters, export."""

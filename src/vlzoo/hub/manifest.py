@@ -19,8 +19,17 @@ from typing import Any
 from vlzoo import families
 
 MANIFEST_NAME = "checkpoints_manifest.yaml"
-NAME_PREFIXES = ("clip-", "albef-", "blip-", "blip2-")
-FORMATS = ("open_clip", "hf", "albef_original", "blip_original", "vlzoo")
+WEIGHT_FORMATS = ("open_clip", "hf", "vlzoo")  # besides the original releases the families convert
+
+
+def name_prefixes() -> tuple[str, ...]:
+    """A manifest name starts with its family's stem (``blip_vqa`` -> ``blip-``)."""
+    return tuple(sorted({f"{name.split('_')[0]}-" for name in families.names()}))
+
+
+def formats() -> tuple[str, ...]:
+    originals = [f.original_format for f in families.all_families().values() if f.original_format]
+    return (*WEIGHT_FORMATS, *originals)
 SOURCE_KINDS = ("hf", "url", "open_clip", "zoo")
 INTERPOLATIONS = ("bicubic", "bilinear")
 RESIZE_MODES = ("shortest", "squash")
@@ -155,12 +164,13 @@ def validate_entry(raw: Any, index: int, root: Path | None = None) -> ManifestEn
     if missing or unknown:
         _fail(where, f"missing fields {missing}, unknown fields {unknown}")
     name = raw["name"]
-    if not isinstance(name, str) or not name.startswith(NAME_PREFIXES) or not re.fullmatch(r"[a-z0-9][a-z0-9.-]*", name):
-        _fail(f"{where}.name", f"expected lower-case, starting with one of {NAME_PREFIXES}, got {name!r}")
+    prefixes = name_prefixes()
+    if not isinstance(name, str) or not name.startswith(prefixes) or not re.fullmatch(r"[a-z0-9][a-z0-9.-]*", name):
+        _fail(f"{where}.name", f"expected lower-case, starting with one of {prefixes}, got {name!r}")
     if raw["family"] not in families.names():
         _fail(f"{where}.family", f"expected one of {families.names()}, got {raw['family']!r}")
-    if raw["format"] not in FORMATS:
-        _fail(f"{where}.format", f"expected one of {FORMATS}, got {raw['format']!r}")
+    if raw["format"] not in formats():
+        _fail(f"{where}.format", f"expected one of {formats()}, got {raw['format']!r}")
     config = raw["config"]
     if not isinstance(config, str) or not config.endswith(".yaml"):
         _fail(f"{where}.config", f"expected a zoo config path ending in .yaml, got {config!r}")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import Tensor, nn
 
+from vlzoo.artefacts import resolve_vision
 from vlzoo.callbacks import Preemption, RNGState, RunCheckpoint, RunStats, SkippedSamples
 from vlzoo.checkpoints import AtomicCheckpointIO
 from vlzoo.config import EvalConfig, FinetuneConfig, OptimConfig, VisionConfig, as_config
@@ -21,6 +24,7 @@ from vlzoo.data.tokenizers import Tokenizer
 from vlzoo.distributed import gather_objects, local_tensor
 from vlzoo.eval.evaluator import Evaluator, RetrievalEvaluator, class_embeddings
 from vlzoo.finetune import layer_scales, load_initial_weights, prepare_model, trainable_summary
+from vlzoo.models.blip2 import FrozenImageEncoder
 from vlzoo.parallel import (
     FSDPOptions,
     average_replicated_gradients,
@@ -30,6 +34,7 @@ from vlzoo.parallel import (
     register_strategies,
     shard_model,
 )
+from vlzoo.weights import load_strict
 
 register_strategies()  # --trainer.strategy fsdp2
 
@@ -53,6 +58,30 @@ def parameter_groups(model: nn.Module, weight_decay: float, lr: float, layer_dec
         groups.setdefault((decays, 1.0), [])
     return [{"params": params, "weight_decay": weight_decay if decays else 0.0, "lr": lr * scale}
             for (decays, scale), params in sorted(groups.items(), key=lambda kv: (not kv[0][0], -kv[0][1]))]
+
+
+def resolved_tower(config: Any) -> tuple[Any, Callable[[nn.Module], None]]:
+    """The explicit resolution step of a model config's vision tower, before its builder
+    runs: ``vision: {impl: vlzoo, name: zoo:... or a checkpoint}`` becomes that tower's own
+    config (a ``zoo:`` artefact is trained first when missing). Returns the config with
+    the concrete tower and what loads the tower's weights into the built model (nothing
+    when the tower was no reference)."""
+    vision, state = resolve_vision(config.vision)
+    if state is None:
+        return config, lambda model: None
+
+    def load_tower(model: nn.Module) -> None:
+        encoder = model.vision.encoder if isinstance(model.vision, FrozenImageEncoder) else model.vision
+        load_strict(encoder, state, source=f"vision tower of {config.vision.name}")
+
+    return dataclasses.replace(config, vision=vision), load_tower
+
+
+def record_resolved_tower(task, given: Any, resolved: Any) -> None:
+    """When a reference was resolved, the task's checkpoint records the concrete tower
+    (its weights are in the state dict), as a plain dict as LightningCLI records configs."""
+    if resolved is not given:
+        task.hparams["model"] = dataclasses.asdict(resolved)
 
 
 class NonFiniteTrainingError(RuntimeError):

@@ -33,7 +33,7 @@ from vlzoo.models.blip2 import (
 )
 from vlzoo.models.builders import build_blip2, build_qformer, concrete_qformer_config
 from vlzoo.models.generation import GenerationConfig
-from vlzoo.tasks.base import VLTask
+from vlzoo.tasks.base import VLTask, resolved_tower
 from vlzoo.tasks.momentum import CaptionEvalMixin, TwoStageRetrievalTask
 from vlzoo.weights import load_strict
 
@@ -41,11 +41,10 @@ from vlzoo.weights import load_strict
 def build_resolved_blip2(cfg: BLIP2Config) -> tuple[BLIP2, Tokenizer, VisionConfig]:
     """(BLIP2, tokenizer, the frozen tower's concrete vision config): the vision reference
     resolved first (a ``zoo:`` tower trained and cached when missing), then built."""
-    vision_cfg, vision_state = resolve_vision(cfg.vision)
-    model, tokenizer = build_blip2(dataclasses.replace(cfg, vision=vision_cfg))
-    if vision_state is not None:
-        load_strict(model.vision.encoder, vision_state, source=f"vision tower of {cfg.vision.name}")
-    return model, tokenizer, vision_cfg
+    cfg, load_tower = resolved_tower(cfg)
+    model, tokenizer = build_blip2(cfg)
+    load_tower(model)
+    return model, tokenizer, cfg.vision
 
 
 class FrozenFeatureCache:
@@ -106,9 +105,9 @@ class BLIP2Task(FrozenFeaturesMixin, CaptionEvalMixin, TwoStageRetrievalTask):
         super().__init__(optim, eval, finetune)
         self.save_hyperparameters()
         model = as_config(model, BLIP2Config, "model")
-        self.config = model
         self.generation = generation
         self.model, self.tokenizer, self.preprocess_config = build_resolved_blip2(model)
+        self.config = dataclasses.replace(model, vision=self.preprocess_config)  # the concrete tower
         # the checkpoint records the concrete tower and Q-Former (weights in the state dict), not references
         self.hparams["model"] = dataclasses.asdict(dataclasses.replace(
             model, vision=self.preprocess_config, qformer=concrete_qformer_config(model.qformer, self.model.qformer)))

@@ -12,7 +12,7 @@ from vlzoo.config import CLIPConfig, EvalConfig, FinetuneConfig, OptimConfig, as
 from vlzoo.eval.evaluator import ClassificationEvaluator
 from vlzoo.models.builders import build_clip
 from vlzoo.models.clip import CLIPClassifier
-from vlzoo.tasks.base import VLTask
+from vlzoo.tasks.base import VLTask, resolved_tower
 
 HEAD_INITS = ("zeroshot", "random")
 
@@ -45,7 +45,9 @@ class ClassifyTask(VLTask):
         self.save_hyperparameters()
         model = as_config(model, CLIPConfig, "model")
         self.config, self.head_init = model, head_init
+        model, load_tower = resolved_tower(model)
         clip, self.tokenizer = build_clip(model)
+        load_tower(clip)
         self._clip = (clip,)  # not a registered submodule: its parameters live in self.model
         self.preprocess_config = model.vision
         self.classes: list[str] = []

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from vlzoo.config import CLIPConfig, EvalConfig, FinetuneConfig, OptimConfig
+from vlzoo.config import CLIPConfig, EvalConfig, FinetuneConfig, OptimConfig, as_config
 from vlzoo.losses import clip_loss, siglip_loss
 from vlzoo.models.builders import build_clip
-from vlzoo.tasks.base import VLTask
+from vlzoo.tasks.base import VLTask, record_resolved_tower, resolved_tower
 
 
 class CLIPTask(VLTask):
@@ -24,9 +24,12 @@ class CLIPTask(VLTask):
     ):
         super().__init__(optim, eval, finetune)
         self.save_hyperparameters()
-        self.config = model
-        self.model, self.tokenizer = build_clip(model)
-        self.preprocess_config = model.vision
+        config, load_tower = resolved_tower(as_config(model, CLIPConfig, "model"))
+        self.config = config
+        self.model, self.tokenizer = build_clip(config)
+        load_tower(self.model)
+        record_resolved_tower(self, model, config)
+        self.preprocess_config = config.vision
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         out = self.model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])

@@ -13,12 +13,13 @@ from vlzoo.config import (
     FinetuneConfig,
     MomentumConfig,
     OptimConfig,
+    as_config,
 )
 from vlzoo.distributed import world_size
 from vlzoo.eval.evaluator import TwoStageEvaluator, padded_caption_ids
 from vlzoo.models.builders import build_albef, build_blip, prompt_prefix
 from vlzoo.models.generation import GenerationConfig
-from vlzoo.tasks.base import VLTask
+from vlzoo.tasks.base import VLTask, record_resolved_tower, resolved_tower
 
 
 class TwoStageRetrievalTask(VLTask):
@@ -137,9 +138,11 @@ class ALBEFTask(MomentumTask):
     ):
         super().__init__(optim, eval, finetune)
         self.save_hyperparameters()
-        self.config = model
-        self.model, self.tokenizer = build_albef(model)
-        self.preprocess_config = model.vision
+        self.config, load_tower = resolved_tower(as_config(model, ALBEFConfig, "model"))
+        self.model, self.tokenizer = build_albef(self.config)
+        load_tower(self.model)
+        record_resolved_tower(self, model, self.config)
+        self.preprocess_config = self.config.vision
 
 
 class BLIPTask(CaptionEvalMixin, MomentumTask):
@@ -162,10 +165,12 @@ class BLIPTask(CaptionEvalMixin, MomentumTask):
     ):
         super().__init__(optim, eval, finetune)
         self.save_hyperparameters()
-        self.config = model
+        self.config, load_tower = resolved_tower(as_config(model, BLIPConfig, "model"))
         self.generation = generation
-        self.model, self.tokenizer = build_blip(model)
-        self.preprocess_config = model.vision
+        self.model, self.tokenizer = build_blip(self.config)
+        load_tower(self.model)
+        record_resolved_tower(self, model, self.config)
+        self.preprocess_config = self.config.vision
 
     @torch.no_grad()
     def generate_ids(self, pixel_values: Tensor, prompt: str | None = None,

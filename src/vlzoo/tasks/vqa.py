@@ -18,7 +18,7 @@ from vlzoo.losses import IGNORE, caption_lm_loss
 from vlzoo.models.blip import BLIP
 from vlzoo.models.builders import build_blip_vqa_model
 from vlzoo.models.generation import GenerationConfig
-from vlzoo.tasks.base import VLTask
+from vlzoo.tasks.base import VLTask, resolved_tower
 
 _DECODER_LAYER = re.compile(r"^decoder\.layer\.")
 
@@ -64,8 +64,9 @@ class BLIPVQATask(VLTask):
     ):
         super().__init__(optim, eval, finetune)
         self.save_hyperparameters()
-        model = as_config(model, BLIPConfig, "model")
+        model, load_tower = resolved_tower(as_config(model, BLIPConfig, "model"))
         self.model, self.tokenizer, self.config = build_blip_vqa_model(model)
+        load_tower(self.model)
         self.hparams["model"] = dataclasses.asdict(self.config)  # concrete sizes: no BERT directory needed later
         self.preprocess_config = model.vision
         self.generation = self.vqa_generation = generation  # vlzoo.load(...).vqa decodes with vqa_generation
