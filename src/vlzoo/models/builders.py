@@ -148,10 +148,11 @@ def build_blip2(cfg: BLIP2Config) -> tuple[BLIP2, Tokenizer]:
     return model, tokenizer
 
 
-def concrete_qformer_config(qformer_cfg: TextConfig, qformer: QFormer) -> TextConfig:
-    """The Q-Former's text config with its actual sizes and no ``pretrained`` path: what a
-    checkpoint records (its weights are in the state dict)."""
-    return dataclasses.replace(qformer_cfg, pretrained=None, kwargs=dataclasses.asdict(qformer.config))
+def concrete_text_config(text_cfg: TextConfig, encoder: BertTextEncoder | QFormer) -> TextConfig:
+    """A BERT-style text config (text model or Q-Former) with the encoder's actual sizes
+    and no ``pretrained`` path: what a checkpoint or export records (the weights are in
+    its state dict)."""
+    return dataclasses.replace(text_cfg, pretrained=None, kwargs=dataclasses.asdict(encoder.config))
 
 
 @dataclass(frozen=True)
@@ -216,10 +217,8 @@ def concrete_config(config: Any, model: nn.Module) -> Any:
     the vocabulary size a tokenizer implied)."""
     text = getattr(config, "text", None)
     if text is not None and text.impl == "bert":  # every size explicit (vocabulary included)
-        sizes = dataclasses.asdict(model.text.config)
-        config = dataclasses.replace(config, text=dataclasses.replace(text, pretrained=None, kwargs=sizes))
+        config = dataclasses.replace(config, text=concrete_text_config(text, model.text))
     qformer = getattr(config, "qformer", None)
     if qformer is not None:
-        sizes = dataclasses.asdict(model.qformer.config)
-        config = dataclasses.replace(config, qformer=dataclasses.replace(qformer, pretrained=None, kwargs=sizes))
+        config = dataclasses.replace(config, qformer=concrete_text_config(qformer, model.qformer))
     return config

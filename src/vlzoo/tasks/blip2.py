@@ -8,7 +8,7 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from vlzoo.artefacts import artefact_checkpoint, artefact_hf_dir, resolve_vision
+from vlzoo.artefacts import artefact_checkpoint, artefact_hf_dir
 from vlzoo.backbones import build_vision_encoder
 from vlzoo.checkpoints import read_checkpoint
 from vlzoo.config import (
@@ -31,7 +31,7 @@ from vlzoo.models.blip2 import (
     llm_answer,
     max_query_similarity,
 )
-from vlzoo.models.builders import build_blip2, build_qformer, concrete_qformer_config
+from vlzoo.models.builders import build_blip2, build_qformer, concrete_text_config
 from vlzoo.models.generation import GenerationConfig
 from vlzoo.tasks.base import VLTask, resolved_tower
 from vlzoo.tasks.momentum import CaptionEvalMixin, TwoStageRetrievalTask
@@ -110,7 +110,7 @@ class BLIP2Task(FrozenFeaturesMixin, CaptionEvalMixin, TwoStageRetrievalTask):
         self.config = dataclasses.replace(model, vision=self.preprocess_config)  # the concrete tower
         # the checkpoint records the concrete tower and Q-Former (weights in the state dict), not references
         self.hparams["model"] = dataclasses.asdict(dataclasses.replace(
-            model, vision=self.preprocess_config, qformer=concrete_qformer_config(model.qformer, self.model.qformer)))
+            model, vision=self.preprocess_config, qformer=concrete_text_config(model.qformer, self.model.qformer)))
         self.feature_cache = FrozenFeatureCache() if model.cache_image_features else None
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
@@ -192,19 +192,18 @@ def build_blip2_llm(cfg: BLIP2LLMConfig):
         cfg = dataclasses.replace(cfg, stage1=None, vision=stage1.vision, qformer=stage1.qformer,
                                   num_queries=stage1.num_queries, cross_attention_every=stage1.cross_attention_every)
     tokenizer = build_tokenizer(cfg.qformer.tokenizer, cfg.qformer.context_length, blip_tokens=True)
-    vision_cfg, vision_state = resolve_vision(cfg.vision)
-    vision = build_vision_encoder(vision_cfg, 1)  # no projection of its own is used
-    if vision_state is not None:
-        load_strict(vision, vision_state, source=f"vision tower of {cfg.vision.name}")
+    cfg, load_tower = resolved_tower(cfg)
+    vision = build_vision_encoder(cfg.vision, 1)  # no projection of its own is used
     qformer = build_qformer(cfg, tokenizer, vision.width)
     llm, llm_tokenizer, kind = load_llm(cfg.llm, cfg.llm_kind, cfg.llm_precision)
     model = BLIP2LLM(vision, qformer, llm, cfg.frozen_precision, cfg.llm_precision)
+    load_tower(model)
     if state is not None:
         for part in ("vision", "ln_vision", "qformer"):
             prefix = f"model.{part}."
             load_strict(getattr(model, part), {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)},
                         source=f"stage1 {part}")
-    concrete = dataclasses.replace(cfg, vision=vision_cfg, qformer=concrete_qformer_config(cfg.qformer, qformer),
+    concrete = dataclasses.replace(cfg, qformer=concrete_text_config(cfg.qformer, qformer),
                                    llm_kind=kind)
     return model, tokenizer, llm_tokenizer, concrete
 
