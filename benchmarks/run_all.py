@@ -7,7 +7,8 @@ Benchmarks (``benchmarks/bench_*.py``, each also runnable alone with ``--json OU
 the machine and its matmul peak; the CLIP training step against open_clip; BLIP ITC+ITM
 forward and captioning LM forward+backward against transformers; the BLIP-2 Q-Former
 forward+backward against transformers; two-stage retrieval evaluation time; the BLIP-2
-stage-1 frozen-feature cache (``blip2_feature_cache.py``). Per-benchmark JSON and logs
+stage-1 frozen-feature cache (``blip2_feature_cache.py``); training speed beside busy processes
+(``bench_contention.py``, vlzoo's thread policy against torch's default). Per-benchmark JSON and logs
 go to ``DIR/parts/`` and ``DIR/logs/``.
 
 Every process runs with ``--threads`` intra-op threads (default 1): on a small machine
@@ -31,7 +32,7 @@ HERE = Path(__file__).resolve().parent
 FEATURE_CACHE = ["--vision", "vit_small_patch16_224", "--image-size", "224", "--train-size", "32",
                  "--batch-size", "16", "--steps", "2", "--repeats", "2"]
 FEATURE_CACHE_QUICK = ["--train-size", "32", "--batch-size", "16", "--steps", "2", "--repeats", "1"]
-BENCHMARKS = ("machine", "clip", "blip", "qformer", "retrieval", "feature_cache")
+BENCHMARKS = ("machine", "clip", "blip", "qformer", "retrieval", "feature_cache", "contention")
 # ratios key -> (benchmark, how to label one of its runs, run filter)
 RATIOS = {
     "clip_train_vs_open_clip": ("clip", lambda r: f"{r['config']} {r['dtype']} b{r['batch']}", lambda r: True),
@@ -178,6 +179,17 @@ def retrieval_md(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def contention_md(results: dict[str, Any]) -> list[str]:
+    lines = ["| busy processes | torch default samples/s (x idle) | vlzoo samples/s (x idle) | vlzoo / torch default "
+             "| vlzoo threads |", "|---|---|---|---|---|"]
+    for r in results["contention"].get("rows", []):
+        d, v = r["torch default"], r["vlzoo"]
+        lines.append(f"| {r['busy_processes']} | {d['samples_per_s']:.0f} ({r['torch_default_vs_idle']:.2f}) | "
+                     f"{v['samples_per_s']:.0f} ({r['vlzoo_vs_idle']:.2f}) | {r['vlzoo_vs_torch_default']:.2f} | "
+                     f"{v['threads']} |")
+    return lines
+
+
 def markdown(results: dict[str, Any]) -> str:
     """``results.md``: the machine, the ratios, and one table per benchmark."""
     parts = ["# vlzoo benchmarks", "", *machine_md(results), "", "## Ratios", "", *ratios_md(results), "",
@@ -186,6 +198,8 @@ def markdown(results: dict[str, Any]) -> str:
              "## BLIP-2 Q-Former vs transformers", "",
              *peer_md(results, "qformer", lambda r: f"{r['pass_']} {r['size']}"), "",
              "## Retrieval evaluation and the frozen-feature cache", "", *retrieval_md(results), "",
+             "## Training beside busy processes: vlzoo's thread policy vs torch's default", "",
+             *contention_md(results), "",
              "## Method", "", *METHOD, ""]
     errors = [f"- {name}: {results[name]['error']}" for name in BENCHMARKS if "error" in results[name]]
     if errors:

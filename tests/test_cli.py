@@ -65,7 +65,9 @@ def test_a_bad_numeric_option_is_refused_at_once_naming_it(option, value):
                           capture_output=True, text=True, timeout=120)
     elapsed = time.perf_counter() - start
     assert done.returncode == 2 and elapsed < 5, (done.returncode, elapsed)
-    assert f"vlzoo fit: error: {option}: {value}" in done.stderr and len(done.stderr.splitlines()) == 1
+    lines = done.stderr.splitlines()
+    assert lines[0].startswith(f"vlzoo fit: error: {option}: {value}") and len(lines) == 2, lines
+    assert "vlzoo fit --help" in lines[1]
 
 
 def test_a_bad_numeric_option_in_a_config_file_names_the_file(tmp_path):

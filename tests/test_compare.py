@@ -90,3 +90,27 @@ def test_bad_recipes_are_named(tmp_path):
         main(["compare", "--recipe", RECIPE, "--out", str(tmp_path / "o"), "--models", "vit"])
     with pytest.raises(ValueError, match="include clip in --models"):
         main(["compare", "--recipe", RECIPE, "--out", str(tmp_path / "o"), "--models", "blip2"])
+
+
+def test_an_interrupted_model_continues_from_its_checkpoint(tmp_path, capsys, monkeypatch):
+    import os
+
+    import torch
+
+    tests = str(Path(__file__).resolve().parent)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH")) if p))
+    recipe = yaml.safe_load(tiny_recipe(tmp_path).read_text())
+    recipe["models"]["clip"]["overrides"]["trainer.callbacks"] = [
+        {"class_path": "sigterm_at.SigintAt", "init_args": {"step": 2}}]  # as if Ctrl-C at step 2
+    interrupted = tmp_path / "interrupted.yaml"
+    interrupted.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="clip failed \\(exit 130\\)"):
+        main(["compare", "--recipe", str(interrupted), "--out", str(out), "--models", "clip"])
+    last = out / "runs" / "clip" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=False)["global_step"] == 2 and (out / "runs/clip/compare_wall.json").is_file()
+    capsys.readouterr()
+    assert main(["compare", "--recipe", str(tiny_recipe(tmp_path)), "--out", str(out), "--models", "clip"]) == 0
+    assert "continuing the interrupted run from its last checkpoint" in capsys.readouterr().out
+    assert torch.load(last, weights_only=False)["global_step"] == 3
+    assert not (out / "runs/clip/compare_wall.json").exists()

@@ -15,20 +15,21 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # Lowest first. A module may import modules of its own layer or of a lower one. The
 # first matching prefix names a module's layer (more specific prefixes first).
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("core", ("vlzoo.utils", "vlzoo.options", "vlzoo.config", "vlzoo.distributed", "vlzoo.weights")),
+    ("core", ("vlzoo.utils", "vlzoo.options", "vlzoo.config", "vlzoo.distributed", "vlzoo.weights", "vlzoo.process")),
     ("layers", ("vlzoo.layers",)),
     ("losses", ("vlzoo.losses",)),
     ("data", ("vlzoo.data",)),
     ("backbones", ("vlzoo.backbones",)),
     ("models", ("vlzoo.models",)),
     ("eval", ("vlzoo.eval",)),
-    ("run", ("vlzoo.checkpoints", "vlzoo.artefacts", "vlzoo.callbacks", "vlzoo.finetune", "vlzoo.parallel")),
+    ("run", ("vlzoo.checkpoints", "vlzoo.artefacts", "vlzoo.callbacks", "vlzoo.finetune", "vlzoo.parallel",
+             "vlzoo.progress")),
     ("tasks", ("vlzoo.tasks",)),
     ("convert", ("vlzoo.hub.convert", "vlzoo.hub.generation")),
     ("families", ("vlzoo.families",)),
     ("hub", ("vlzoo.hub",)),
     ("api", ("vlzoo.zoo", "vlzoo.inference", "vlzoo.recipes", "vlzoo.compare", "vlzoo.plots", "vlzoo.capfilt",
-             "vlzoo.cli")),
+             "vlzoo.cli_help", "vlzoo.cli")),
 ]
 ROOT = "vlzoo"  # the package itself: ``__version__`` and the lazy facade of the zoo API
 
@@ -37,6 +38,8 @@ LAZY_IMPORTS = {
     "vlzoo": "``import vlzoo`` stays light: the zoo API is imported on first use",
     "vlzoo.cli": "each command imports only what it runs, so --help and light commands start fast",
     "vlzoo.inference": "commands registered on the CLI parser import the zoo only when they run",
+    "vlzoo.families": "the registry imports neither torch nor Lightning (vlzoo list, --help): loading a task "
+                      "checkpoint imports the checkpoint reader when it runs",
 }
 
 
@@ -168,3 +171,18 @@ def test_the_check_sees_a_cycle_and_an_upward_import(tmp_path, monkeypatch):
     assert imports("vlzoo.layers.bad") == [("vlzoo.cli", 2, True)]
     with pytest.raises(AssertionError, match="vlzoo.layers.bad.*imports vlzoo.cli"):
         test_imports_point_down_the_layers()
+
+
+def test_the_registry_s_lazy_references_point_down():
+    from vlzoo import families
+
+    refs = [(family.name, field, ref) for family in families.all_families().values()
+            for field in families.LAZY_FIELDS
+            for ref in (lambda v: v if isinstance(v, tuple) else (v,))(object.__getattribute__(family, field))
+            if isinstance(ref, str)]
+    assert len(refs) > 20  # vlzoo's own families are given as references
+    upward = [f"{name}.{field}: {ref}" for name, field, ref in refs
+              if layer_of(_resolve(ref.partition(":")[0])) > layer_of("vlzoo.families")]
+    assert not upward, upward
+    for _, _, ref in refs:  # and every one resolves
+        assert families.resolve_ref(ref) is not None, ref

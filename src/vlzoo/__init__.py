@@ -8,7 +8,11 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):
     # the zoo API, imported on first use (keeps ``import vlzoo`` light)
-    if name in ("list_models", "create_model", "load", "ZooModel"):
+    if name == "list_models":  # reads the manifest only: no torch
+        from vlzoo.hub.manifest import list_models
+
+        return list_models
+    if name in ("create_model", "load", "ZooModel"):
         from vlzoo import zoo
 
         return getattr(zoo, name)

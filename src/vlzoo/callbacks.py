@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import logging
 import resource
+import signal
 import sys
+import threading
 import time
 from typing import Any
 
@@ -15,6 +17,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from vlzoo.distributed import gather_objects
 from vlzoo.options import MinusOneOrMore, PositiveFloat, PositiveInt, check_options
+from vlzoo.progress import batch_samples
 
 log = logging.getLogger("vlzoo.data")
 
@@ -44,7 +47,7 @@ class RunStats(L.Callback):
         if self._start is None:
             return
         self.train_seconds += time.perf_counter() - self._start
-        self.train_samples += _batch_size(batch) * trainer.world_size
+        self.train_samples += batch_samples(batch) * trainer.world_size
         self._start = None
 
     def summary(self, trainer, module) -> dict[str, float]:
@@ -56,14 +59,6 @@ class RunStats(L.Callback):
         if self.train_seconds > 0:
             stats["train/samples_per_s"] = self.train_samples / self.train_seconds
         return stats
-
-
-def _batch_size(batch: Any) -> int:
-    if isinstance(batch, dict) and "pixel_values" in batch:
-        return len(batch["pixel_values"])
-    if isinstance(batch, dict):
-        return len(next(iter(batch.values())))
-    return len(batch)
 
 
 class SkippedSamples(L.Callback):
@@ -221,7 +216,7 @@ class RunCheckpoint(ModelCheckpoint):
         """Write ``last.ckpt`` now (atomically) and say so on rank 0."""
         path = self.last_path
         self.last_model_path = path  # part of the saved state: a resumed run keeps writing last.ckpt
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)
         self._last_save_time = time.monotonic()
         if trainer.is_global_zero:
             print(f"vlzoo: step {trainer.global_step}: saved {path}", flush=True)
@@ -292,19 +287,43 @@ class Preemption(L.Callback):
     run elsewhere (during validation) is saved where it stops.
     """
 
+    user_interrupted = False  # a Ctrl-C stopped a fit of this process (SIGINT is process-wide)
+
     def __init__(self) -> None:
         self.saved: str | None = None
         self._held = False
         self._step_seen = -1
         self._saved_step: int | None = None
+        self._interrupted = False
+        self._previous_sigint: Any = None
 
     def on_train_start(self, trainer, module) -> None:
         self._step_seen = trainer.global_step
+        self._interrupted = False
+        if threading.current_thread() is threading.main_thread():
+            self._previous_sigint = signal.signal(signal.SIGINT, self._on_sigint)
+
+    def _on_sigint(self, signum, frame) -> None:
+        """The first Ctrl-C stops the run at the end of the step, with a checkpoint; a
+        second one stops at once (the previous handler: KeyboardInterrupt)."""
+        self._interrupted = Preemption.user_interrupted = True  # vlzoo.cli exits 130 after the save
+        signal.signal(signal.SIGINT, self._previous_sigint or signal.default_int_handler)
+        print("\nvlzoo: Ctrl-C: stopping after this step and saving a checkpoint (Ctrl-C again stops at once)",
+              file=sys.stderr, flush=True)
+
+    def _restore_sigint(self) -> None:
+        if self._previous_sigint is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self._previous_sigint)
+        self._previous_sigint = None
+
+    def on_train_end(self, trainer, module) -> None:
+        self._restore_sigint()
 
     def on_train_batch_end(self, trainer, module, outputs, batch: Any, batch_idx: int) -> None:
         stepped = trainer.global_step != self._step_seen
         self._step_seen = trainer.global_step
-        signalled = bool(trainer.strategy.broadcast(bool(trainer.received_sigterm or self._held)))
+        stop = trainer.received_sigterm or self._held or self._interrupted
+        signalled = bool(trainer.strategy.broadcast(bool(stop)))
         if not signalled:
             return
         connector = trainer._signal_connector  # Lightning raises SIGTERMException after the batch when set
@@ -317,6 +336,7 @@ class Preemption(L.Callback):
     def on_exception(self, trainer, module, exception: BaseException) -> None:
         from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+        self._restore_sigint()
         if isinstance(exception, SIGTERMException) and trainer.state.fn == "fit" \
                 and self._saved_step != trainer.global_step:
             self._save(trainer)
@@ -328,8 +348,9 @@ class Preemption(L.Callback):
             path = keeper.last_path
         else:  # a trainer without vlzoo's checkpoint callback
             path = f"{trainer.default_root_dir}/checkpoints/last.ckpt"
-            trainer.save_checkpoint(path)
+            trainer.save_checkpoint(path, weights_only=False)
         self.saved, self._saved_step = path, trainer.global_step
         if trainer.is_global_zero:
-            print(f"vlzoo: SIGTERM at step {trainer.global_step}: saved {path}; resume with --ckpt_path last",
-                  flush=True)
+            reason = "Ctrl-C" if self._interrupted else "SIGTERM"
+            print(f"vlzoo: {reason} at step {trainer.global_step}: saved {path}; to continue, run the same "
+                  "command with --ckpt_path last", flush=True)

@@ -1,13 +1,21 @@
-"""The ``vlzoo`` command: LightningCLI for fit/validate/test/predict, plus utilities."""
+"""The ``vlzoo`` command: LightningCLI for fit/validate/test/predict, plus utilities.
+
+:func:`main` is the one entry point of every command (``vlzoo``, ``python -m vlzoo.cli``,
+the runs ``vlzoo compare`` starts): it takes the process options (``--threads``,
+``--debug``), sets the CPU thread policy and quiets known noise before torch is imported,
+and turns command-line mistakes into one-line errors.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
-import warnings
 from pathlib import Path
 from typing import Any
+
+from vlzoo.cli_help import CLIError, VLZooArgumentParser, condense, examples, lightning_help
 
 LIGHTNING_COMMANDS = {
     "fit": "train a model from a YAML config, then test its best checkpoint",
@@ -18,12 +26,18 @@ LIGHTNING_COMMANDS = {
 
 
 def _lightning_cli(args: list[str] | None) -> None:
+    from jsonargparse import ArgumentError
     from lightning.pytorch.cli import LightningCLI
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from vlzoo import families
+    from vlzoo.callbacks import Preemption
     from vlzoo.data.datamodule import VLDataModule
+    from vlzoo.process import quiet_lightning_logs
+    from vlzoo.progress import StepProgress, ThreadPolicy
     from vlzoo.tasks.base import VLTask
 
+    quiet_lightning_logs()
     families.load_plugins()  # their tasks and configs are known before any checkpoint is read
 
     class VLZooCLI(LightningCLI):
@@ -34,19 +48,32 @@ def _lightning_cli(args: list[str] | None) -> None:
             from vlzoo.callbacks import RunCheckpoint
 
             parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
+            parser.add_lightning_class_args(StepProgress, "progress")
             link_model_inputs(parser)
 
         def parse_arguments(self, parser, args) -> None:
-            super().parse_arguments(parser, args)
+            try:
+                super().parse_arguments(parser, args)
+            except ArgumentError as err:
+                raise CLIError(condense(str(err), valid_options(self, args))) from err
             try:  # before LightningCLI reads the checkpoint's hyper-parameters
                 check_ckpt_path(self.config)
             except (ValueError, FileNotFoundError) as err:
-                parser.error(str(err))
+                raise CLIError(str(err)) from err
+
+        def instantiate_classes(self) -> None:
+            try:
+                super().instantiate_classes()
+            except (ArgumentError, ValueError, TypeError, FileNotFoundError) as err:
+                raise CLIError(condense(str(err))) from err
 
         def instantiate_trainer(self, **kwargs: Any):
             trainer_cfg = self.config_init[self.subcommand]["trainer"]
             if trainer_cfg.get("logger") in (None, True):
                 trainer_cfg["logger"] = default_loggers(trainer_cfg.get("default_root_dir") or ".")
+            if trainer_cfg.get("enable_progress_bar") is False:  # the progress callback is vlzoo's: keep it, silent
+                trainer_cfg["enable_progress_bar"] = True
+                self.config_init[self.subcommand]["progress"].disable()
             return super().instantiate_trainer(**kwargs)
 
         def _resolve_init_from(self) -> bool:
@@ -94,17 +121,41 @@ def _lightning_cli(args: list[str] | None) -> None:
         def after_validate(self) -> None:
             write_run_summary(self.trainer, _stage_metrics(self.trainer.callback_metrics, "val/"))
 
-    with warnings.catch_warnings():  # args given on purpose (vlzoo finetune), whatever sys.argv holds
-        warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
+    try:
         VLZooCLI(
             model_class=VLTask,
             subclass_mode_model=True,
             datamodule_class=VLDataModule,
-            parser_kwargs={"parser_mode": "omegaconf+"},
+            parser_kwargs={"parser_mode": "omegaconf+", "exit_on_error": False},
             save_config_kwargs={"overwrite": True},
+            trainer_defaults={"callbacks": [ThreadPolicy()]},
             seed_everything_default=0,
             args=args,
         )
+    except SIGTERMException:
+        if Preemption.user_interrupted:  # saved at the end of the step: exit as an interrupted command
+            raise KeyboardInterrupt from None
+        raise
+
+
+def valid_options(cli, args: list[str] | None) -> list[str]:
+    """Every ``--option`` of the command being parsed, with the init arguments of every
+    registered task under ``--model.init_args.`` (for "did you mean" suggestions)."""
+    from jsonargparse import ArgumentParser
+
+    from vlzoo import families
+
+    argv = list(sys.argv[1:] if args is None else args)
+    parser = cli._subcommand_parsers.get(argv[0]) if argv else None
+    names = [o for a in (parser._actions if parser is not None else []) for o in a.option_strings]
+    for task in dict.fromkeys(families.task_classes().values()):
+        model = ArgumentParser(exit_on_error=False)
+        try:
+            model.add_class_arguments(task, "model.init_args", fail_untyped=False)
+        except Exception:  # noqa: BLE001 - suggestions only: a task jsonargparse cannot read gives none
+            continue
+        names += [o for a in model._actions for o in a.option_strings]
+    return sorted({n for n in names if n.startswith("--") and n not in ("--help", "-h")})
 
 
 def link_model_inputs(parser) -> None:
@@ -251,8 +302,7 @@ def _capfilt(args: argparse.Namespace) -> None:
 
 
 def _list(args: argparse.Namespace) -> None:
-    from vlzoo.hub.manifest import load_manifest
-    from vlzoo.zoo import list_models
+    from vlzoo.hub.manifest import list_models, load_manifest
 
     entries = load_manifest()
     names = list_models(args.filter)
@@ -264,7 +314,8 @@ def _list(args: argparse.Namespace) -> None:
     for n in names:
         e = entries[n]
         m = e.metric
-        print(f"{n:<{width}}  {e.family:<9}  {m['dataset']} {m['name']} {m['value']}")
+        run = f" ({m['record']['steps']} steps x {m['record']['batch_size']}, {m['measured']})" if "record" in m else ""
+        print(f"{n:<{width}}  {e.family:<9}  {m['dataset']} {m['name']} {m['value']}{run}")
     print(f"{len(names)} checkpoints (details: vlzoo list --json)")
 
 
@@ -306,24 +357,26 @@ def _compare(args: argparse.Namespace) -> None:
 def _add_zoo_commands(commands) -> None:
     comparing = commands.add_parser(
         "compare", help="train every family under one recipe and compare them on one test split",
-        epilog="example: vlzoo compare --recipe zoo_configs/recipes/shapes.yaml --out runs/compare "
-               "(re-run with the same --out to continue; finished models are skipped)")
+        description="Re-run with the same --out to continue: finished models are skipped and an interrupted one "
+                    "resumes from its last checkpoint.",
+        epilog=examples("vlzoo compare --recipe zoo_configs/recipes/shapes.yaml --out runs/compare",
+                        "vlzoo compare --recipe zoo_configs/recipes/shapes.yaml --out runs/compare --models clip,blip2"))
     comparing.add_argument("--recipe", required=True, help="recipe YAML (zoo_configs/recipes/)")
     comparing.add_argument("--models", default=None, help="comma-separated subset, e.g. clip,blip2")
     comparing.add_argument("--out", required=True, help="output directory")
     comparing.set_defaults(run=_compare)
     listing = commands.add_parser("list", help="list the pretrained checkpoints of the manifest",
-                                  epilog="example: vlzoo list blip-")
+                                  epilog=examples("vlzoo list blip-"))
     listing.add_argument("filter", nargs="?", default=None, help="a substring or pattern (blip2-*)")
     listing.add_argument("--json", action="store_true", help="machine-readable output")
     listing.set_defaults(run=_list)
     download = commands.add_parser("download", help="fetch checkpoints into the cache (sha256 verified)",
-                                   epilog="example: vlzoo download clip-vit-b32-openai blip-itm-base-coco")
+                                   epilog=examples("vlzoo download clip-vit-b32-openai blip-itm-base-coco"))
     download.add_argument("names", nargs="+", help="manifest names or hf://org/repo")
     download.set_defaults(run=_download)
     export = commands.add_parser("export", help="save a model as safetensors + config (or as a transformers model)",
-                                 epilog="example: vlzoo export runs/blip-shapes-tiny --out blip-shapes "
-                                        "(then: vlzoo.load('blip-shapes'))")
+                                 description="Then, in Python: vlzoo.load('blip-shapes').",
+                                 epilog=examples("vlzoo export runs/blip-shapes-tiny --out blip-shapes"))
     export.add_argument("model", help="manifest name, checkpoint, run directory or model directory")
     export.add_argument("--out", required=True, help="output directory (replaced atomically)")
     export.add_argument("--to", choices=["vlzoo", "hf"], default="vlzoo",
@@ -337,10 +390,14 @@ def _add_zoo_commands(commands) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from vlzoo import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = VLZooArgumentParser(
         prog="vlzoo",
-        description="A PyTorch Lightning model zoo for CLIP -> ALBEF -> BLIP -> BLIP-2.",
-        epilog="example: vlzoo fit --config zoo_configs/models/clip/shapes-tiny.yaml",
+        description="A PyTorch Lightning model zoo for CLIP -> ALBEF -> BLIP -> BLIP-2. Process options, before "
+                    "or after the command: --threads N (CPU threads; default adaptive, VLZOO_THREADS), --debug "
+                    "(tracebacks; VLZOO_DEBUG=1).",
+        epilog=examples("vlzoo fit --config zoo_configs/models/clip/shapes-tiny.yaml",
+                        "vlzoo compare --recipe zoo_configs/recipes/shapes.yaml --out runs/compare",
+                        "vlzoo list"),
     )
     parser.add_argument("--version", action="version", version=f"vlzoo {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -350,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     data_commands = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     export = data_commands.add_parser(
         "export", help="write images as PNG plus captions.jsonl",
-        epilog="example: vlzoo data export shapes --split test --limit 100 --out shapes_test",
+        epilog=examples("vlzoo data export shapes --split test --limit 100 --out shapes_test"),
     )
     export.add_argument("name", choices=["shapes"])
     export.add_argument("--split", choices=["train", "val", "test"], default="test")
@@ -363,8 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(run=_export)
     capfilt = commands.add_parser(
         "capfilt", help="caption and filter a noisy image-text set with BLIP checkpoints",
-        epilog="example: vlzoo capfilt --captioner runs/blip-shapes-tiny/checkpoints/last.ckpt "
-               "--filter runs/blip-shapes-tiny/checkpoints/last.ckpt --data noisy/captions.jsonl --out clean",
+        epilog=examples("vlzoo capfilt --captioner runs/blip-shapes-tiny/checkpoints/last.ckpt "
+                        "--filter runs/blip-shapes-tiny/checkpoints/last.ckpt --data noisy/captions.jsonl --out clean"),
     )
     capfilt.add_argument("--captioner", required=True, help="BLIP checkpoint that writes synthetic captions")
     capfilt.add_argument("--filter", required=True, help="BLIP checkpoint whose ITM head filters captions")
@@ -390,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def finetune_parser(commands=None) -> argparse.ArgumentParser:
     """``vlzoo finetune``: its own options; every other option goes to ``vlzoo fit``."""
-    from vlzoo.recipes import TASKS
+    from vlzoo.families import FINETUNE_TASKS
 
     kwargs = dict(
         help="fine-tune a model for a task with a recipe from zoo_configs/tasks/",
@@ -400,12 +457,12 @@ def finetune_parser(commands=None) -> argparse.ArgumentParser:
                     "The starting model is tested first (start/test/... in ROOT/metrics.json), then trained and "
                     "tested again; ROOT/start_model.yaml is the starting model's layer over the recipe, ROOT/config.yaml "
                     "records the whole run.",
-        epilog="example: vlzoo finetune --model runs/clip-shapes-tiny/checkpoints/last.ckpt --task classify "
-               "--recipe zoo_configs/tasks/classify/clip-shapes.yaml --out runs/clip-shapes-classify")
-    parser = commands.add_parser("finetune", **kwargs) if commands is not None else argparse.ArgumentParser(
+        epilog=examples("vlzoo finetune --model runs/clip-shapes-tiny/checkpoints/last.ckpt --task classify "
+                        "--recipe zoo_configs/tasks/classify/clip-shapes.yaml --out runs/clip-shapes-classify"))
+    parser = commands.add_parser("finetune", **kwargs) if commands is not None else VLZooArgumentParser(
         prog="vlzoo finetune", **{k: v for k, v in kwargs.items() if k != "help"})
     parser.add_argument("--model", required=True, help="manifest name, vlzoo checkpoint, run or export directory")
-    parser.add_argument("--task", required=True, choices=TASKS)
+    parser.add_argument("--task", required=True, choices=FINETUNE_TASKS)
     parser.add_argument("--recipe", default=None, help="recipe YAML (default: zoo_configs/tasks/TASK/FAMILY.yaml)")
     parser.add_argument("--out", default=None, help="run directory (default: the recipe's, or runs/finetune-TASK-FAMILY)")
     return parser
@@ -427,21 +484,139 @@ def _finetune(argv: list[str], from_command_line: bool) -> int:
         print("vlzoo finetune: warning: --data.train is set but --data.val/--data.test are not: validation and "
               "testing use the recipe's (shapes by default)", file=sys.stderr)
     layered = [arg for config in configs for arg in ("--config", str(config))]
+    announce_thread_policy()
     _lightning_cli(["fit", *layered, *rest])  # ROOT/config.yaml records the run, every layer applied
     return 0
 
 
+# Commands that compute (train, evaluate, generate, embed): they get the thread policy.
+COMPUTING = (*LIGHTNING_COMMANDS, "finetune", "capfilt", "caption", "vqa", "retrieve", "zeroshot", "embed", "data",
+             "export")
+DEBUG_ENV = "VLZOO_DEBUG"
+
+
+def take_process_options(argv: list[str]) -> tuple[list[str], bool, str | None]:
+    """``argv`` without ``--debug`` and ``--threads N`` (anywhere before a ``--``), whether
+    to show tracebacks, and the thread count asked for (None: not given)."""
+    rest, debug, threads = [], os.environ.get(DEBUG_ENV, "") not in ("", "0"), None
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            rest += argv[i:]
+            break
+        if arg == "--debug":
+            debug = True
+        elif arg == "--threads" or arg.startswith("--threads="):
+            if "=" in arg:
+                threads = arg.split("=", 1)[1]
+            elif i + 1 < len(argv):
+                threads, i = argv[i + 1], i + 1
+            else:
+                raise CLIError("--threads needs a value (a number of threads, or auto)")
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, debug, threads
+
+
+def set_up_process(command: str | None, threads: str | None, apply: bool = True) -> None:
+    """Before torch is imported: quiet the known noise and, for a computing command, choose
+    the CPU thread policy (announced once, on stderr, when the work starts). ``apply``
+    False (``main`` called from Python): the thread count is checked but the calling
+    process's threads are left alone."""
+    from vlzoo.process import (
+        THREADS_ENV,
+        choose_threads,
+        parse_threads,
+        prepare_environment,
+        quiet_known_noise,
+    )
+
+    quiet_known_noise()
+    if command not in COMPUTING:
+        return
+    try:
+        requested = parse_threads(threads if threads is not None else os.environ.get(THREADS_ENV),
+                                  "--threads" if threads is not None else THREADS_ENV)
+    except ValueError as err:
+        raise CLIError(str(err)) from err
+    if not apply:
+        return
+    if threads is not None:
+        os.environ[THREADS_ENV] = str(requested or "auto")  # the runs this one starts (and ThreadPolicy) follow it
+    choice = choose_threads(requested)
+    prepare_environment(choice)
+    if "torch" in sys.modules:  # torch already imported: set it directly
+        sys.modules["torch"].set_num_threads(choice.start)
+    global _THREAD_POLICY
+    _THREAD_POLICY = choice.describe()
+
+
+_THREAD_POLICY: str | None = None  # what set_up_process chose, printed once when the command starts its work
+
+
+def announce_thread_policy() -> None:
+    """Print the thread policy once, on stderr, when a computing command starts working."""
+    global _THREAD_POLICY
+    if _THREAD_POLICY is not None:
+        print(f"vlzoo: {_THREAD_POLICY}", file=sys.stderr, flush=True)
+        _THREAD_POLICY = None
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The ``vlzoo`` command. From Python (``argv`` given), errors raise instead of printing."""
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    debug = False
+    try:
+        argv, debug, threads = take_process_options(argv)
+        command = next((a for a in argv if not a.startswith("-")), None)
+        helping = {"-h", "--help", "--help-all"} & set(argv)
+        set_up_process(None if helping else command, threads, apply=from_command_line)
+        return _run(argv, from_command_line)
+    except CLIError as err:
+        if debug:
+            raise
+        print(f"vlzoo{' ' + command if command else ''}: error: {err}", file=sys.stderr)
+        hint = f"vlzoo {command} --help" if command else "vlzoo --help"
+        print(f"  ({hint} lists the options; --debug shows the traceback)", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        if debug or not from_command_line:
+            raise
+        print(f"\nvlzoo{' ' + command if command else ''}: interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
+
+
+def missing_config_error(args: list[str]) -> str | None:
+    """The first ``--config FILE`` that is no file, with the closest YAML file beside it."""
+    from vlzoo.cli_help import similar_file
+
+    for i, arg in enumerate(args):
+        path = arg.split("=", 1)[1] if arg.startswith("--config=") else (
+            args[i + 1] if arg == "--config" and i + 1 < len(args) else None)
+        if path is not None and not Path(path).is_file():
+            similar = similar_file(path)
+            return f"--config: no such file {path}" + (f"; did you mean {similar}?" if similar else "")
+    return None
+
+
+def _run(argv: list[str], from_command_line: bool) -> int:
     if argv and argv[0] in LIGHTNING_COMMANDS:
+        if "--help-all" in argv:
+            argv = [("--help" if a == "--help-all" else a) for a in argv]
+        elif {"-h", "--help"} & set(argv[1:]):
+            print(lightning_help(argv[0], LIGHTNING_COMMANDS[argv[0]]), end="")
+            return 0
         from vlzoo.options import numeric_option_error
 
-        error = numeric_option_error(argv[1:])  # at once, before torch and Lightning are imported
+        error = numeric_option_error(argv[1:]) or missing_config_error(argv[1:])  # before torch is imported
         if error:
-            print(f"vlzoo {argv[0]}: error: {error} (vlzoo {argv[0]} --help lists the options)", file=sys.stderr)
-            return 2
-        _lightning_cli(None if from_command_line else argv)
+            raise CLIError(error)
+        announce_thread_policy()
+        _lightning_cli(argv)
         return 0
     if argv and argv[0] == "finetune" and not {"-h", "--help"} & set(argv):
         return _finetune(argv[1:], from_command_line)
@@ -450,6 +625,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "run", None):
         parser.print_help()
         return 0 if args.command is None else 2
+    announce_thread_policy()
     try:
         args.run(args)
     except (ValueError, KeyError, FileNotFoundError, RuntimeError) as err:

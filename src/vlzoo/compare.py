@@ -4,7 +4,7 @@ A recipe (``zoo_configs/recipes/*.yaml``) holds the shared settings — data, im
 steps, global batch, optimizer, learning-rate schedule, precision, seed, evaluation —
 and, per model, the zoo config that gives its architecture and the settings only that
 family has. Each model is trained by ``vlzoo fit`` in a subprocess (its own memory
-peak, its own progress bar) into ``OUT/runs/NAME``; ``OUT/results.json``,
+peak, its own progress lines) into ``OUT/runs/NAME``; ``OUT/results.json``,
 ``OUT/results.md`` and ``OUT/comparison.png`` are rewritten after each model. A model
 whose run finished is skipped when the command is run again.
 """
@@ -25,6 +25,7 @@ from vlzoo.plots import plot_comparison
 from vlzoo.utils import atomic_write_json, atomic_write_text
 
 SHARED_KEYS = ("seed", "steps", "global_batch", "precision", "optimizer", "data", "eval")
+PARTIAL_WALL = "compare_wall.json"  # wall time of an interrupted run, added when it continues
 DONE_KEY = "compare/finished"
 TABLE_METRICS = ("test/r1_t2i", "test/r1_i2t", "test/r10_t2i", "test/compositional_acc", "test/zeroshot_acc",
                  "test/bleu4", "test/cider")
@@ -122,23 +123,56 @@ def run_model(recipe: Recipe, name: str, out: Path, results: dict[str, Any], pos
     shared = out / "configs" / "shared.yaml"
     atomic_write_text(shared, yaml.safe_dump(shared_config(recipe), sort_keys=False))
     args = fit_arguments(recipe, name, shared, run_dir, vision)
-    if run_dir.exists():  # an interrupted run: start it again cleanly
+    partial = run_dir / PARTIAL_WALL
+    earlier = json.loads(partial.read_text()).get("wall_time_s", 0.0) if partial.is_file() else 0.0
+    if (run_dir / "checkpoints" / "last.ckpt").is_file():  # interrupted before: continue where it stopped
+        args += ["--ckpt_path", "last"]
+        print(f"[{position}] {name}: continuing the interrupted run from its last checkpoint", flush=True)
+    elif run_dir.exists():  # interrupted before its first checkpoint: start it again cleanly
         import shutil
 
         shutil.rmtree(run_dir)
+        earlier = 0.0
     print(f"[{position}] {name}: {recipe.shared['steps']} steps x {recipe.shared['global_batch']} "
           f"({recipe.models[name]['config'].name}" + (f", vision of {source}" if source else "") + ")", flush=True)
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "vlzoo.cli", *args], check=False)
-    wall = time.perf_counter() - start
-    if done.returncode != 0:
-        raise RuntimeError(f"vlzoo compare: {name} failed (exit {done.returncode}); command: vlzoo {' '.join(args)}")
+    try:
+        returncode = _run_fit(args, name, position)
+    except KeyboardInterrupt:
+        if run_dir.is_dir():
+            atomic_write_json(partial, {"wall_time_s": earlier + time.perf_counter() - start})
+        raise
+    wall = earlier + time.perf_counter() - start
+    if returncode != 0:
+        if run_dir.is_dir():
+            atomic_write_json(partial, {"wall_time_s": wall})
+        raise RuntimeError(f"vlzoo compare: {name} failed (exit {returncode}); command: vlzoo {' '.join(args)}")
+    partial.unlink(missing_ok=True)
     metrics = json.loads(metrics_path.read_text())
     metrics.update({DONE_KEY: True, "wall_time_s": wall})
     atomic_write_json(metrics_path, metrics)
     results[name] = _result(name, run_dir)
     print(f"[{position}] {name}: done in {wall / 60:.1f} min, test R@1 t2i "
           f"{metrics.get('test/r1_t2i', float('nan')):.3f}", flush=True)
+
+
+def _run_fit(args: list[str], name: str, position: str) -> int:
+    """``vlzoo fit ARGS`` in a subprocess. On Ctrl-C (which the run receives too) wait for
+    it to save its checkpoint, then say how to continue."""
+    process = subprocess.Popen([sys.executable, "-m", "vlzoo.cli", *args])
+    try:
+        return process.wait()
+    except KeyboardInterrupt:
+        print(f"\nvlzoo compare: Ctrl-C during {name} ({position}): waiting for it to save its checkpoint",
+              file=sys.stderr, flush=True)
+        try:
+            process.wait(timeout=300)
+        except (subprocess.TimeoutExpired, KeyboardInterrupt):
+            process.kill()
+            process.wait()
+        print("vlzoo compare: to continue, run the same command again: finished models are skipped and "
+              f"{name} continues from its last checkpoint", file=sys.stderr, flush=True)
+        raise
 
 
 def _best_checkpoint(run_dir: Path) -> Path:

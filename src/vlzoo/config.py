@@ -13,6 +13,9 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+# What a loaded model can do (``LoadedParts.capabilities``, ``Family.capabilities``).
+CAPABILITIES = ("encode", "itm", "generate", "vqa")
+
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 

@@ -18,44 +18,43 @@ imported.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
+from vlzoo.config import CAPABILITIES
 
-from vlzoo import config as C
-from vlzoo.checkpoints import read_checkpoint
-from vlzoo.hub import generation
-from vlzoo.hub.convert import CAPABILITIES
-from vlzoo.hub.convert.clip import load_hf_clip
-from vlzoo.hub.convert.hf_blip import load_hf_blip, to_hf_blip
-from vlzoo.hub.convert.hf_blip2 import load_hf_blip2, to_hf_blip2
-from vlzoo.hub.convert.native import (
-    rebuild_blip,
-    rebuild_blip2,
-    rebuild_blip2_llm,
-    rebuild_blip_vqa,
-    rebuild_clip,
-)
-from vlzoo.hub.convert.original import convert_albef_original_state, convert_blip_original_state
-from vlzoo.models import builders
-from vlzoo.tasks import (
-    ALBEFTask,
-    BLIP2LLMTask,
-    BLIP2Task,
-    BLIPTask,
-    BLIPVQATask,
-    CausalLMTask,
-    ClassifyTask,
-    CLIPTask,
-)
-from vlzoo.weights import refuse_non_finite
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 ENTRY_POINT_GROUP = "vlzoo.families"
+FINETUNE_TASKS = ("retrieval", "caption", "vqa", "classify")  # zoo_configs/tasks/TASK/ (vlzoo finetune --task)
+
+# The fields of a Family that may be given as "package.module:attribute" and are imported
+# on first use: the registry itself imports neither torch nor Lightning, so ``vlzoo list``
+# and ``--help`` start at once. The paths are this code's constants, never a file's.
+LAZY_FIELDS = ("config", "build", "task", "other_tasks", "rebuild", "caption", "answer", "load_hf", "to_hf",
+               "convert_original")
+
+
+def resolve_ref(value: Any) -> Any:
+    """``"package.module:attribute"`` -> the attribute (imported); a tuple of them -> a
+    tuple; anything else unchanged."""
+    if isinstance(value, tuple):
+        return tuple(resolve_ref(v) for v in value)
+    if not isinstance(value, str):
+        return value
+    module, _, attribute = value.partition(":")
+    if not attribute:
+        raise ValueError(f"family reference {value!r}: expected 'package.module:attribute'")
+    target: Any = importlib.import_module(module)
+    for part in attribute.split("."):
+        target = getattr(target, part)
+    return target
 
 
 @dataclass(frozen=True)
@@ -86,11 +85,11 @@ class Family:
     """
 
     name: str
-    config: type
-    build: Callable[[Any], tuple[nn.Module, Any]]
-    task: type
+    config: type | str
+    build: Callable[[Any], tuple[nn.Module, Any]] | str
+    task: type | str
     capabilities: frozenset[str]
-    other_tasks: tuple[type, ...] = ()
+    other_tasks: tuple[type | str, ...] = ()
     text_field: str = "text"
     rebuild: Callable | None = None
     caption: Callable | None = None
@@ -106,18 +105,28 @@ class Family:
         unknown = set(self.capabilities) - set(CAPABILITIES)
         if unknown:
             raise ValueError(f"family {self.name}: unknown capabilities {sorted(unknown)}; known: {CAPABILITIES}")
-        for task in self.tasks:
+        if not any(isinstance(object.__getattribute__(self, f), str) for f in ("task", "other_tasks")):
+            self._check_tasks()  # given as classes: checked now; as references: when first imported
+
+    def __getattribute__(self, name: str) -> Any:
+        value = object.__getattribute__(self, name)
+        return resolve_ref(value) if name in LAZY_FIELDS else value
+
+    def _check_tasks(self) -> None:
+        for task in (self.task, *self.other_tasks):
             if getattr(task, "family", None) != self.name:
                 raise ValueError(f"family {self.name}: {task.__name__}.family is {getattr(task, 'family', None)!r}")
 
     @property
     def tasks(self) -> tuple[type, ...]:
+        """The task classes (imported), each checked to train this family."""
+        self._check_tasks()
         return (self.task, *self.other_tasks)
 
 
 # Tasks that train no zoo family (the causal LM behind the shapes BLIP-2): their
 # checkpoints load as tasks, never as zoo models.
-OTHER_TASKS: tuple[type, ...] = (CausalLMTask,)
+OTHER_TASKS: tuple[str, ...] = ("vlzoo.tasks:CausalLMTask",)
 
 _FAMILIES: dict[str, Family] = {}
 _PLUGINS_LOADED = False
@@ -129,8 +138,15 @@ def register(family: Family) -> Family:
     if family.name in _FAMILIES and _FAMILIES[family.name] is not family:
         raise ValueError(f"a family named {family.name!r} is already registered")
     _FAMILIES[family.name] = family
-    torch.serialization.add_safe_globals([family.config])
     return family
+
+
+def allow_configs_in_checkpoints() -> None:
+    """Let ``torch.load(weights_only=True)`` build every registered family's config class
+    (a plugin's among them); called before a task checkpoint is read."""
+    import torch
+
+    torch.serialization.add_safe_globals([family.config for family in all_families().values()])
 
 
 def unregister(name: str) -> None:
@@ -194,7 +210,8 @@ def of_format(fmt: str) -> Family | None:
 def task_classes() -> dict[str, type]:
     """Every class path a vlzoo checkpoint or config may name for its task
     (``vlzoo.tasks.CLIPTask`` and ``vlzoo.tasks.clip.CLIPTask``) -> the class."""
-    classes = [t for family in all_families().values() for t in family.tasks] + list(OTHER_TASKS)
+    allow_configs_in_checkpoints()
+    classes = [t for family in all_families().values() for t in family.tasks] + list(resolve_ref(OTHER_TASKS))
     table = {}
     for cls in classes:
         table[f"{cls.__module__}.{cls.__qualname__}"] = cls
@@ -227,6 +244,9 @@ def task_class(checkpoint: dict, path: str | Path) -> type:
 def load_task(path: str | Path, map_location: str | torch.device = "cpu", eval_mode: bool = True):
     """The task (with ``.model``, ``.tokenizer``, ``.preprocess_config``) saved at ``path``,
     loaded strictly."""
+    from vlzoo.checkpoints import read_checkpoint
+    from vlzoo.weights import refuse_non_finite
+
     cls = task_class(read_checkpoint(path, map_location, mmap=True), path)  # Lightning reads the tensors below
     task = cls.load_from_checkpoint(path, map_location=map_location, strict=True, weights_only=True)
     refuse_non_finite(task.state_dict(), str(path))
@@ -260,42 +280,37 @@ def with_saved_tokenizer(family: Family, config: Any, tokenizer_dir: Path) -> An
 
 
 # ------------------------------------------------------------------ vlzoo's families
-def _build_blip_vqa(config: C.BLIPConfig):
-    model, tokenizer, _ = builders.build_blip_vqa_model(config)
-    return model, tokenizer
-
-
-def _build_blip2_llm(config: C.BLIP2LLMConfig):
-    raise ValueError("a BLIP-2 stage-2 model is built by its task (it loads its frozen LLM); "
-                     "use vlzoo.tasks.BLIP2LLMTask or load an export")
-
-
-ENCODE, ITM, GENERATE, VQA = "encode", "itm", "generate", "vqa"
+ENCODE, ITM, GENERATE, VQA = CAPABILITIES
+_B, _N, _G = "vlzoo.models.builders:", "vlzoo.hub.convert.native:", "vlzoo.hub.generation:"
 
 register(Family(
-    "clip", C.CLIPConfig, builders.build_clip, CLIPTask, frozenset({ENCODE}), other_tasks=(ClassifyTask,),
-    rebuild=rebuild_clip, hf_model_type="clip", load_hf=load_hf_clip,
+    "clip", "vlzoo.config:CLIPConfig", _B + "build_clip", "vlzoo.tasks:CLIPTask", frozenset({ENCODE}),
+    other_tasks=("vlzoo.tasks:ClassifyTask",), rebuild=_N + "rebuild_clip", hf_model_type="clip",
+    load_hf="vlzoo.hub.convert.clip:load_hf_clip",
 ))
 register(Family(
-    "albef", C.ALBEFConfig, builders.build_albef, ALBEFTask, frozenset({ENCODE, ITM}),
-    original_format="albef_original", convert_original=convert_albef_original_state,
+    "albef", "vlzoo.config:ALBEFConfig", _B + "build_albef", "vlzoo.tasks:ALBEFTask", frozenset({ENCODE, ITM}),
+    original_format="albef_original", convert_original="vlzoo.hub.convert.original:convert_albef_original_state",
 ))
 register(Family(
-    "blip", C.BLIPConfig, builders.build_blip, BLIPTask, frozenset({ENCODE, ITM, GENERATE}),
-    rebuild=rebuild_blip, caption=generation.caption_blip, hf_model_type="blip", load_hf=load_hf_blip,
-    to_hf=to_hf_blip, original_format="blip_original", convert_original=convert_blip_original_state,
+    "blip", "vlzoo.config:BLIPConfig", _B + "build_blip", "vlzoo.tasks:BLIPTask", frozenset({ENCODE, ITM, GENERATE}),
+    rebuild=_N + "rebuild_blip", caption=_G + "caption_blip", hf_model_type="blip",
+    load_hf="vlzoo.hub.convert.hf_blip:load_hf_blip", to_hf="vlzoo.hub.convert.hf_blip:to_hf_blip",
+    original_format="blip_original", convert_original="vlzoo.hub.convert.original:convert_blip_original_state",
 ))
 register(Family(
-    "blip_vqa", C.BLIPConfig, _build_blip_vqa, BLIPVQATask, frozenset({VQA}), rebuild=rebuild_blip_vqa,
-    answer=generation.answer_blip_vqa, to_hf=to_hf_blip, recipes={"vqa": "blip"},
+    "blip_vqa", "vlzoo.config:BLIPConfig", _B + "build_blip_vqa_family", "vlzoo.tasks:BLIPVQATask", frozenset({VQA}),
+    rebuild=_N + "rebuild_blip_vqa", answer=_G + "answer_blip_vqa", to_hf="vlzoo.hub.convert.hf_blip:to_hf_blip",
+    recipes={"vqa": "blip"},
 ))
 register(Family(
-    "blip2", C.BLIP2Config, builders.build_blip2, BLIP2Task, frozenset({ENCODE, ITM, GENERATE}),
-    text_field="qformer", rebuild=rebuild_blip2, caption=generation.caption_blip2, hf_model_type="blip-2",
-    load_hf=load_hf_blip2, to_hf=to_hf_blip2,
+    "blip2", "vlzoo.config:BLIP2Config", _B + "build_blip2", "vlzoo.tasks:BLIP2Task",
+    frozenset({ENCODE, ITM, GENERATE}), text_field="qformer", rebuild=_N + "rebuild_blip2",
+    caption=_G + "caption_blip2", hf_model_type="blip-2", load_hf="vlzoo.hub.convert.hf_blip2:load_hf_blip2",
+    to_hf="vlzoo.hub.convert.hf_blip2:to_hf_blip2",
 ))
 register(Family(
-    "blip2_llm", C.BLIP2LLMConfig, _build_blip2_llm, BLIP2LLMTask, frozenset({GENERATE, VQA}),
-    text_field="qformer", rebuild=rebuild_blip2_llm, caption=generation.caption_blip2_llm,
-    answer=generation.answer_blip2_llm, to_hf=to_hf_blip2,
+    "blip2_llm", "vlzoo.config:BLIP2LLMConfig", _B + "build_blip2_llm", "vlzoo.tasks:BLIP2LLMTask",
+    frozenset({GENERATE, VQA}), text_field="qformer", rebuild=_N + "rebuild_blip2_llm",
+    caption=_G + "caption_blip2_llm", answer=_G + "answer_blip2_llm", to_hf="vlzoo.hub.convert.hf_blip2:to_hf_blip2",
 ))

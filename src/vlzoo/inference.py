@@ -13,15 +13,20 @@ import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from vlzoo.cli_help import examples
+
+if TYPE_CHECKING:
+    import torch
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
 def load_model(ref: str, device: str | None):
     """``vlzoo.load(ref)`` on ``device`` (default: CUDA when available)."""
+    import torch
+
     from vlzoo.zoo import load
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -121,6 +126,8 @@ def vqa(args: argparse.Namespace) -> None:
 
 
 def embed_images(model, args, paths: list[Path]) -> tuple[list[Path], torch.Tensor, list[str]]:
+    import torch
+
     """(readable paths, (N, D) embeddings, skipped)."""
     model._require("encode", "embed images")
     skipped, batches = _batches(args, paths)
@@ -201,8 +208,8 @@ def _common(parser: argparse.ArgumentParser, batch_size: int = 32) -> None:
 def add_inference_commands(commands) -> None:
     """``caption``, ``vqa``, ``retrieve``, ``zeroshot`` and ``embed`` subcommands."""
     p = commands.add_parser("caption", help="caption images (BLIP, BLIP-2)",
-                            epilog="example: vlzoo caption shapes_test/images/000000.png "
-                                   "--model runs/blip-shapes-tiny/checkpoints/last.ckpt")
+                            epilog=examples("vlzoo caption shapes_test/images/000000.png "
+                                   "--model runs/blip-shapes-tiny/checkpoints/last.ckpt"))
     p.add_argument("images", nargs="+", help="image files or directories")
     p.add_argument("--prompt", default=None, help="text the caption continues (default: the model's)")
     p.add_argument("--method", choices=["greedy", "beam", "nucleus"], default=None)
@@ -211,24 +218,24 @@ def add_inference_commands(commands) -> None:
     _common(p)
     p.set_defaults(run=caption)
     p = commands.add_parser("vqa", help="answer a question about images (BLIP VQA, BLIP-2 with an LLM)",
-                            epilog='example: vlzoo vqa shapes_test/images/000000.png "how many shapes are there?" '
-                                   "--model runs/finetune-vqa-blip/checkpoints/last.ckpt")
+                            epilog=examples('vlzoo vqa shapes_test/images/000000.png "how many shapes are there?" '
+                                   "--model runs/finetune-vqa-blip/checkpoints/last.ckpt"))
     p.add_argument("images", nargs="+", help="image files or directories, then the question")
     p.add_argument("question", help="the question")
     _common(p)
     p.set_defaults(run=vqa)
     p = commands.add_parser("retrieve", help="rank images by similarity to a text query",
-                            epilog='example: vlzoo retrieve --images shapes_test/images --query "a red circle" '
-                                   "--top 5 --model runs/clip-shapes-tiny/checkpoints/last.ckpt")
+                            epilog=examples('vlzoo retrieve --images shapes_test/images --query "a red circle" '
+                                   "--top 5 --model runs/clip-shapes-tiny/checkpoints/last.ckpt"))
     p.add_argument("--images", nargs="+", required=True, help="image files or directories")
     p.add_argument("--query", required=True)
     p.add_argument("--top", type=int, default=5)
     _common(p)
     p.set_defaults(run=retrieve)
     p = commands.add_parser("zeroshot", help="classify images among labels by text prompts",
-                            epilog="example: vlzoo zeroshot shapes_test/images/000000.png --labels "
+                            epilog=examples("vlzoo zeroshot shapes_test/images/000000.png --labels "
                                    '"red circle,blue square,green triangle" '
-                                   "--model runs/clip-shapes-tiny/checkpoints/last.ckpt")
+                                   "--model runs/clip-shapes-tiny/checkpoints/last.ckpt"))
     p.add_argument("images", nargs="+", help="image files or directories")
     p.add_argument("--labels", required=True, help="comma-separated class names")
     p.add_argument("--template", action="append", default=None,
@@ -236,8 +243,8 @@ def add_inference_commands(commands) -> None:
     _common(p)
     p.set_defaults(run=zeroshot)
     p = commands.add_parser("embed", help="embed images into a safetensors file",
-                            epilog="example: vlzoo embed --images shapes_test/images --out shapes_test.safetensors "
-                                   "--model runs/clip-shapes-tiny/checkpoints/last.ckpt")
+                            epilog=examples("vlzoo embed --images shapes_test/images --out shapes_test.safetensors "
+                                   "--model runs/clip-shapes-tiny/checkpoints/last.ckpt"))
     p.add_argument("--images", nargs="+", required=True, help="image files or directories")
     p.add_argument("--out", required=True, help="output .safetensors (image_embeds; metadata: images)")
     _common(p, batch_size=64)

@@ -48,6 +48,7 @@ NUMERIC_OPTIONS: dict[str, tuple[type, str]] = {
     "checkpoint.every_n_steps": (PositiveInt, "a positive integer or null"),
     "checkpoint.every_minutes": (PositiveFloat, "a positive number of minutes or null"),
     "checkpoint.save_top_k": (MinusOneOrMore, "-1 (all) or an integer >= 0"),
+    "progress.every_seconds": (PositiveFloat, "a positive number of seconds"),
     "seed_everything": (NonNegativeInt, "an integer >= 0, true or false"),
 }
 

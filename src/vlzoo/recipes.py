@@ -16,7 +16,7 @@ from vlzoo.artefacts import zoo_config_roots
 from vlzoo.hub.loaders import hand_over, load_parts
 from vlzoo.utils import atomic_write_text
 
-TASKS = ("retrieval", "caption", "vqa", "classify")
+TASKS = families.FINETUNE_TASKS
 
 
 def recipe_path(task: str, family: str) -> Path:

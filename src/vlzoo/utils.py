@@ -5,7 +5,9 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -65,3 +67,39 @@ def file_lock(path: str | os.PathLike) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def duration(seconds: float) -> str:
+    """``1:02:03`` / ``2:03``; ``?`` for an unknown (infinite) duration."""
+    if seconds != seconds or seconds in (float("inf"), float("-inf")):
+        return "?"
+    seconds = int(seconds + 0.5)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+class ProgressLines:
+    """Plain progress lines on stderr for work outside a Trainer (generating data):
+    ``vlzoo: LABEL 5000/20000 (25%) | 140 UNIT/s | elapsed 0:36, ETA 1:47`` at most every
+    ``every_seconds``, and a last line when done."""
+
+    def __init__(self, label: str, total: int, unit: str = "items", every_seconds: float = 10.0) -> None:
+        self.label, self.total, self.unit, self.every_seconds = label, total, unit, every_seconds
+        self.done = 0
+        self.start = self._last = time.monotonic()
+
+    def advance(self, count: int) -> None:
+        self.done += count
+        now = time.monotonic()
+        if self.done >= self.total or now - self._last >= self.every_seconds:
+            self._last = now
+            self.print()
+
+    def print(self) -> None:
+        elapsed = time.monotonic() - self.start
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+        percent = 100 * self.done / self.total if self.total else 100.0
+        print(f"vlzoo: {self.label} {self.done}/{self.total} ({percent:.0f}%) | {rate:.0f} {self.unit}/s | "
+              f"elapsed {duration(elapsed)}, ETA {duration(eta)}", file=sys.stderr, flush=True)

@@ -22,8 +22,10 @@ from vlzoo.config import VisionConfig
 from vlzoo.hub.convert import LoadedParts
 from vlzoo.hub.generation import ANSWER_DEFAULTS, CAPTION_DEFAULTS, generation_config
 from vlzoo.hub.loaders import load_parts, parts_from_zoo_config
-from vlzoo.hub.manifest import config_path, load_manifest
+from vlzoo.hub.manifest import config_path, list_models, load_manifest
 from vlzoo.models.blip2 import max_query_similarity
+
+__all__ = ["ZooModel", "create_model", "list_models", "load"]
 
 
 class CapabilityError(NotImplementedError):
@@ -184,18 +186,6 @@ class ZooModel(nn.Module):
 
 
 # ------------------------------------------------------------------- the API
-def list_models(filter: str | None = None) -> list[str]:  # noqa: A002 - the documented name
-    """Names in the checkpoints manifest, sorted; ``filter``: a substring or a
-    shell-style pattern (``blip-*``)."""
-    import fnmatch
-
-    names = sorted(load_manifest())
-    if not filter:
-        return names
-    pattern = (filter if any(c in filter for c in "*?[") else f"*{filter}*").lower()
-    return [n for n in names if fnmatch.fnmatch(n.lower(), pattern)]
-
-
 def create_model(name_or_config: str | Path, pretrained: bool = False) -> ZooModel:
     """A model from a manifest name or a zoo config YAML; ``pretrained`` loads the
     manifest's weights (as :func:`load`), otherwise the architecture is randomly

@@ -1,4 +1,5 @@
 import json
+import re
 
 import numpy as np
 import pytest
@@ -109,3 +110,28 @@ def test_parallel_generation_equals_serial():
     parallel = shapes.build_split("train", 2100, image_size=16, processes=2)
     assert serial.images.tobytes() == parallel.images.tobytes()
     assert serial.records == parallel.records
+
+
+def test_every_generated_word_is_in_the_frozen_vocabulary():
+    from vlzoo.data.tokenizers import SHAPES_VOCAB, ShapesTokenizer
+
+    tokenizer = ShapesTokenizer()
+    unknown = tokenizer._tok.token_to_id("[UNK]")
+    texts = shapes.caption_corpus(seed=3, size=500)
+    assert not [t for t, ids in zip(texts, tokenizer.encode_batch(texts)) if unknown in ids]
+    assert len(set(SHAPES_VOCAB)) == len(SHAPES_VOCAB) == tokenizer.info.vocab_size
+    assert tokenizer._tok.token_to_id("orange") == SHAPES_VOCAB.index("orange")  # ids never move
+
+
+def test_no_article_before_a_vowel():
+    texts = shapes.caption_corpus(seed=1, size=500)
+    bad = [t for t in texts if re.search(r"\ba [aeiou]", t)]
+    assert not bad, bad[:5]
+    questions = [q["question"] for i in range(200) for q in shapes.generate_sample(0, "train", i, 16)[1]["qa"]]
+    assert any("that is orange?" in q for q in questions)
+
+
+def test_generating_a_large_split_reports_progress(capsys):
+    shapes.build_split("val", 2500, image_size=8, processes=1)
+    err = capsys.readouterr().err
+    assert "vlzoo: generating shapes val split (8 px): 2500/2500 (100%)" in err

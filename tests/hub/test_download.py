@@ -315,3 +315,41 @@ def test_bad_sources_are_rejected() -> None:
         fetch("m", {"url": "http://x/y", "hf": {}})
     with pytest.raises(ValueError, match="hex"):
         fetch("m", {"url": "http://127.0.0.1:9/y.pt", "sha256": "not-a-digest"})
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_an_unreachable_hub_fails_in_seconds_without_retries(tmp_path: Path, monkeypatch) -> None:
+    import time
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("VLZOO_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+    download._host_problem.cache_clear()
+    source = {"hf": {"repo": "org/tiny", "files": ["model.safetensors"]}}
+    start = time.monotonic()
+    with pytest.raises(CheckpointUnavailableError, match="the hub cannot be reached") as err:
+        fetch("hf-tiny", source, progress=False)
+    assert time.monotonic() - start < 5 and "vlzoo download" in str(err.value)
+    with pytest.raises(CheckpointUnavailableError, match="cannot be reached"):
+        download.fetch_tokenizer("org/tokenizer", progress=False)
+    assert time.monotonic() - start < 10
+    snapshot = hf_cache(tmp_path / "hf", "org/tiny", {"model.safetensors": PAYLOAD})  # cached: served offline
+    assert fetch("hf-tiny", source, progress=False) == snapshot
+
+
+def test_an_unreachable_url_host_fails_at_once(monkeypatch) -> None:
+    monkeypatch.delenv("VLZOO_OFFLINE", raising=False)
+    download._host_problem.cache_clear()
+    url = f"http://127.0.0.1:{_closed_port()}/model.pth"
+    assert "cannot be reached" in download.unreachable(url)
+    with pytest.raises(CheckpointUnavailableError, match="cannot be reached"):
+        fetch("m", {"url": url, "sha256": None}, progress=False)
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")
+    assert download.unreachable("https://example.org/x") is None  # through a proxy: the proxy decides

@@ -88,10 +88,15 @@ def _vlzoo_fit(run: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
 
 
+def _signalled_at_step_3(tmp_path: Path, callback: str) -> subprocess.CompletedProcess:
+    """A real ``vlzoo fit`` whose process signals itself after step 3 (``sigterm_at.CALLBACK``)."""
+    extra = tmp_path / "signal.yaml"
+    extra.write_text(f"trainer:\n  callbacks:\n    - class_path: sigterm_at.{callback}\n      init_args: {{step: 3}}\n")
+    return _vlzoo_fit(tmp_path / "run", "--config", str(extra))
+
+
 def test_sigterm_saves_exits_zero_and_resumes_exactly(tmp_path):
-    extra = tmp_path / "sigterm.yaml"
-    extra.write_text("trainer:\n  callbacks:\n    - class_path: sigterm_at.SigtermAt\n      init_args: {step: 3}\n")
-    stopped = _vlzoo_fit(tmp_path / "run", "--config", str(extra))
+    stopped = _signalled_at_step_3(tmp_path, "SigtermAt")
     assert stopped.returncode == 0, stopped.stderr[-3000:]
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     assert "SIGTERM at step 3" in stopped.stdout and last.is_file()
@@ -136,3 +141,13 @@ def test_sigkill_resumes_from_the_last_save_interval(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming from {run / 'checkpoints' / 'last.ckpt'} (step 9)" in resumed.stdout
     assert "step 12: saved" in resumed.stdout
+
+
+def test_ctrl_c_stops_after_the_step_saves_and_says_how_to_continue(tmp_path):
+    stopped = _signalled_at_step_3(tmp_path, "SigintAt")
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert "Ctrl-C at step 3" in stopped.stdout and "--ckpt_path last" in stopped.stdout and last.is_file()
+    assert torch.load(last, weights_only=False)["global_step"] == 3
+    assert "Traceback" not in stopped.stderr and "interrupted (Ctrl-C)" in stopped.stderr
+    assert not (tmp_path / "run" / "metrics.json").exists()  # stopped: not tested as if it had finished

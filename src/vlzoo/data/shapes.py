@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,9 +22,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from vlzoo.utils import vlzoo_home
+from vlzoo.utils import ProgressLines, vlzoo_home
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: no "a orange" (a caption template and the exists questions)
 SHAPES = ("circle", "square", "triangle", "diamond", "star", "cross")
 COLOURS = {
     "red": (220, 40, 40),
@@ -81,7 +82,7 @@ def _one_object_captions(a: ShapeObject) -> list[str]:
         f"a {a.phrase}",
         f"there is a {a.phrase}",
         f"a picture of a {a.phrase}",
-        f"a {a.colour} {a.shape} that is {a.size}",
+        f"a {a.size} {a.shape} that is {a.colour}",  # "a" + size: never "a orange"
         f"one {a.phrase} on a dark background",
     ]
 
@@ -206,8 +207,8 @@ def qa_for(scene: Scene, rng: np.random.Generator) -> list[dict[str, str]]:
     absent = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present]
     c, s = absent[rng.integers(len(absent))]
     o = objs[rng.integers(len(objs))]
-    qa.append({"question": f"is there a {o.colour} {o.shape}?", "answer": "yes", "type": "exists"})
-    qa.append({"question": f"is there a {c} {s}?", "answer": "no", "type": "exists"})
+    qa.append({"question": f"is there a {o.shape} that is {o.colour}?", "answer": "yes", "type": "exists"})
+    qa.append({"question": f"is there a {s} that is {c}?", "answer": "no", "type": "exists"})
     if len(objs) >= 2:
         a, b = objs[0], objs[1]
         before, after = ("left", "right") if scene.axis == "horizontal" else ("above", "below")
@@ -368,13 +369,22 @@ def build_split(split: str, size: int, image_size: int = 64, seed: int = 0, proc
     processes = processes or min(os.cpu_count() or 1, 8)
     chunk = 1000
     jobs = [(seed, split, s, min(s + chunk, size), image_size) for s in range(0, size, chunk)]
+    progress = ProgressLines(f"generating shapes {split} split ({image_size} px):", size, "images") \
+        if size > chunk else None
+    parts = []
     if processes > 1 and len(jobs) > 1:
         import multiprocessing
 
         with multiprocessing.get_context("spawn").Pool(processes) as pool:
-            parts = pool.map(_generate_range, jobs)
+            for part in pool.imap(_generate_range, jobs):  # in order: the same split whatever the processes
+                parts.append(part)
+                if progress is not None:
+                    progress.advance(len(part[1]))
     else:
-        parts = [_generate_range(job) for job in jobs]
+        for job in jobs:
+            parts.append(_generate_range(job))
+            if progress is not None:
+                progress.advance(len(parts[-1][1]))
     if not parts:
         return ShapesSplit(np.empty((0, image_size, image_size, 3), dtype=np.uint8), [])
     images = np.concatenate([p[0] for p in parts])
@@ -391,6 +401,9 @@ def load_split(split: str, size: int, image_size: int = 64, seed: int = 0, cache
         images = np.load(directory / "images.npy", mmap_mode="r")
         records = json.loads((directory / "records.json").read_text())
         return ShapesSplit(images, records)
+    if size > 1000:
+        print(f"vlzoo: the shapes {split} split ({size} images, {image_size} px) is not cached: generating it once "
+              f"into {directory}", file=sys.stderr, flush=True)
     data = build_split(split, size, image_size, seed)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=".tmp-"))

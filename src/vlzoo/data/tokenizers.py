@@ -18,8 +18,6 @@ from functools import lru_cache
 
 import torch
 
-from vlzoo.data.shapes import caption_corpus
-
 SHAPES_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "[ENC]")
 
 
@@ -107,24 +105,35 @@ class ShapesTokenizer(Tokenizer):
         self.__init__(**state)
 
 
+# The shapes vocabulary in id order, frozen: ids are what every saved shapes model's
+# embeddings are indexed by, so a word the generator starts using is appended at the end,
+# never inserted (tests/data/test_shapes.py checks that every generated word is here).
+SHAPES_VOCAB = (
+    "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "[ENC]", "a", "is", "small", "the", "?", "large",
+    "what", "yellow", "triangle", "cross", "diamond", "purple", "circle", "red", "orange", "there", "blue",
+    "green", "star", "square", "to", "of", "left", "above", "size", "shapes", ",", "object", "shape",
+    "colour", "right", "relative", "where", "which", "and", "are", "how", "many", "no", "yes", "on", "two",
+    ":", "one", "below", "from", "top", "three", "bottom", "picture", "background", "dark", "that", "under",
+    "between", "in", "row", "at", "column", "answer", "photo", "question", "{", "}",
+)
+
+
 @lru_cache(maxsize=1)
 def _train_shapes_tokenizer():
+    """A word-level tokenizer over :data:`SHAPES_VOCAB` (lower-cased, punctuation split)."""
     from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 
-    tok = HFTokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok = HFTokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(SHAPES_VOCAB)}, unk_token="[UNK]"))
+    tok.add_special_tokens(list(SHAPES_SPECIAL_TOKENS))  # already in the vocabulary: ids unchanged
     tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Whitespace(), pre_tokenizers.Punctuation()]
     )
-    trainer = trainers.WordLevelTrainer(special_tokens=list(SHAPES_SPECIAL_TOKENS), min_frequency=1)
-    tok.train_from_iterator(caption_corpus(), trainer=trainer)
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",
         special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))],
     )
-    from tokenizers import decoders
-
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
     return tok
 

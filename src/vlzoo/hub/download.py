@@ -33,12 +33,14 @@ import hashlib
 import http.client
 import os
 import re
+import socket
 import sys
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -77,6 +79,41 @@ def is_offline() -> bool:
     """Whether ``VLZOO_OFFLINE``, ``HF_HUB_OFFLINE`` or ``TRANSFORMERS_OFFLINE`` is set."""
     names = ("VLZOO_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
     return any(os.environ.get(n, "").strip().lower() in _TRUE for n in names)
+
+
+PROBE_TIMEOUT_S = 3.0
+_PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+@lru_cache(maxsize=16)
+def _host_problem(host: str, port: int) -> str | None:
+    try:
+        socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S).close()
+    except OSError as err:
+        return f"{host}:{port} cannot be reached ({err})"
+    return None
+
+
+def unreachable(url: str) -> str | None:
+    """Why ``url``'s server cannot be reached (one TCP connection, at most
+    :data:`PROBE_TIMEOUT_S` seconds, remembered for the process), or None. Without it a
+    machine with no network waits minutes on the hub client's retries. Not probed through
+    a proxy (the proxy decides)."""
+    parsed = urllib.parse.urlparse(url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname or any(os.environ.get(v) for v in
+                                                                             _PROXY_VARIABLES):
+        return None
+    return _host_problem(parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80))
+
+
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face hub (``HF_ENDPOINT``) cannot be reached, or None."""
+    return unreachable(os.environ.get("HF_ENDPOINT") or HF_ENDPOINT)
+
+
+def hub_local_only() -> bool:
+    """Use the hub cache alone: offline mode is on, or the hub cannot be reached."""
+    return is_offline() or hub_unreachable() is not None
 
 
 def fetch(name: str, source: dict, sha256: dict[str, str] | None = None, progress: bool = True) -> Path:
@@ -268,6 +305,9 @@ def _fetch_url(name: str, source: dict, sha256: dict[str, str], progress: bool) 
         local = urllib.parse.urlparse(url).scheme == "file"
         if is_offline() and not local:
             raise _unavailable(name, url, target, "offline mode is on (VLZOO_OFFLINE / HF_HUB_OFFLINE)")
+        problem = None if local else unreachable(url)
+        if problem:
+            raise _unavailable(name, url, target, problem)
         _download(name, url, target, expected, progress)
     return target
 
@@ -370,7 +410,7 @@ def _remove_if_empty(directory: Path) -> None:
 
 
 def _fetch_hf(name: str, spec: dict, sha256: dict[str, str], progress: bool) -> Path:
-    snapshot, fetched = _hf_snapshot(name, spec, progress, local_only=is_offline())
+    snapshot, fetched = _hf_snapshot(name, spec, progress, local_only=hub_local_only())
     for filename, path in fetched.items():
         expected = _normalise_digest(sha256.get(filename), filename)
         if expected:
@@ -453,6 +493,8 @@ def _silent_tqdm() -> type:
 
 
 def _hf_reason(err: Exception, local_only: bool) -> str:
+    if local_only and not is_offline() and hub_unreachable():
+        return f"not in the local cache and the hub cannot be reached: {hub_unreachable()}"
     if local_only:
         return "not in the local cache and offline mode is on (VLZOO_OFFLINE / HF_HUB_OFFLINE)"
     return f"not in the local cache and the hub is unreachable ({err.__cause__ or err})"
@@ -544,7 +586,7 @@ def _hf_snapshot_files(label: str, repo: str, revision: str | None, patterns: tu
     from the cache only); unavailable -> :class:`CheckpointUnavailableError` naming ``label``."""
     from huggingface_hub import snapshot_download
 
-    local_only = is_offline()
+    local_only = hub_local_only()
     try:
         return Path(snapshot_download(repo, revision=revision, allow_patterns=list(patterns), cache_dir=hf_cache_dir(),
                                       local_files_only=local_only, tqdm_class=None if progress else _silent_tqdm()))

@@ -9,6 +9,7 @@ wrong.
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import re
 from dataclasses import dataclass
@@ -126,14 +127,44 @@ def _check_preprocess(where: str, pre: Any) -> None:
         _fail(f"{where}.resize_mode", f"expected one of {RESIZE_MODES}, got {pre.get('resize_mode')!r}")
 
 
-def _check_metric(where: str, metric: Any) -> None:
+def _check_metric(where: str, metric: Any, root: Path | None) -> None:
     if not isinstance(metric, dict):
         _fail(where, f"expected a mapping, got {metric!r}")
     for key in ("task", "dataset", "name"):
         if not isinstance(metric.get(key), str) or not metric[key]:
             _fail(f"{where}.{key}", f"expected a non-empty string, got {metric.get(key)!r}")
+    if "measured" in metric:  # a vlzoo-trained model: the figure comes from its measured record
+        _fill_measured(where, metric, root or repo_root())
     if not isinstance(metric.get("value"), (int, float)):
         _fail(f"{where}.value", f"expected a number, got {metric.get('value')!r}")
+
+
+def read_measured(path: Path) -> dict[str, Any]:
+    """A measured record (``docs/measured/NAME.json``): what was run (config, command,
+    steps, batch size, parameters) and the run's metrics."""
+    import json
+
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ManifestError(f"{path}: not a readable measured record ({err})") from err
+    if not isinstance(record, dict) or not isinstance(record.get("metrics"), dict):
+        raise ManifestError(f"{path}: expected a JSON object with a 'metrics' mapping")
+    return record
+
+
+def _fill_measured(where: str, metric: dict[str, Any], root: Path) -> None:
+    if "value" in metric:
+        _fail(f"{where}.value", "give either value or measured (the value is read from the measured record)")
+    path = root / str(metric["measured"])
+    if not path.is_file():
+        _fail(f"{where}.measured", f"{path} does not exist")
+    record = read_measured(path)
+    key = metric.get("key")
+    if key not in record["metrics"]:
+        _fail(f"{where}.key", f"expected one of {sorted(record['metrics'])} (the metrics of {path}), got {key!r}")
+    metric["value"] = record["metrics"][key]
+    metric["record"] = record
 
 
 def fetched_files(source: dict) -> set[str]:
@@ -180,7 +211,7 @@ def validate_entry(raw: Any, index: int, root: Path | None = None) -> ManifestEn
     if raw["format"] == "open_clip" and "open_clip" not in raw["source"]:
         _fail(f"{where}.source", "format open_clip needs an open_clip: {name, tag} source (it names the architecture)")
     _check_preprocess(f"{where}.preprocess", raw["preprocess"])
-    _check_metric(f"{where}.metric", raw["metric"])
+    _check_metric(f"{where}.metric", raw["metric"], root)
     for key in ("tokenizer", "license", "paper"):
         if not isinstance(raw[key], str) or not raw[key]:
             _fail(f"{where}.{key}", f"expected a non-empty string, got {raw[key]!r}")
@@ -239,3 +270,13 @@ def get_entry(name: str) -> ManifestEntry:
         close = difflib.get_close_matches(name, entries, n=5, cutoff=0.4)
         raise KeyError(f"no checkpoint named {name!r} in {manifest_path()}; close: {close or sorted(entries)[:10]}")
     return entries[name]
+
+
+def list_models(filter: str | None = None) -> list[str]:  # noqa: A002 - the documented name
+    """Names in the checkpoints manifest, sorted; ``filter``: a substring or a
+    shell-style pattern (``blip-*``). Imports neither torch nor Lightning."""
+    names = sorted(load_manifest())
+    if not filter:
+        return names
+    pattern = (filter if any(c in filter for c in "*?[") else f"*{filter}*").lower()
+    return [n for n in names if fnmatch.fnmatch(n.lower(), pattern)]

@@ -115,6 +115,18 @@ def build_blip_vqa_model(cfg: BLIPConfig) -> tuple[BLIPVQA, Tokenizer, BLIPConfi
     return build_blip_vqa(concrete, ids), tokenizer, concrete
 
 
+def build_blip_vqa_family(cfg: BLIPConfig) -> tuple[BLIPVQA, Tokenizer]:
+    """The ``blip_vqa`` family's builder: (BLIPVQA, tokenizer)."""
+    model, tokenizer, _ = build_blip_vqa_model(cfg)
+    return model, tokenizer
+
+
+def build_blip2_llm(cfg: BLIP2LLMConfig):
+    """The ``blip2_llm`` family has no pure builder: its task loads the frozen LLM."""
+    raise ValueError("a BLIP-2 stage-2 model is built by its task (it loads its frozen LLM); "
+                     "use vlzoo.tasks.BLIP2LLMTask or load an export")
+
+
 def build_qformer(cfg: BLIP2Config, tokenizer: Tokenizer, vision_width: int) -> QFormer:
     """The Q-Former of ``cfg.qformer``: from a BERT directory (``pretrained``) or sized
     by ``kwargs`` (BertConfig fields); word embeddings grown for [DEC] when needed."""

@@ -15,10 +15,10 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from vlzoo.config import VisionConfig
+from vlzoo.config import CAPABILITIES, VisionConfig
 from vlzoo.data.tokenizers import Tokenizer
 
-CAPABILITIES = ("encode", "itm", "generate", "vqa")
+__all__ = ["CAPABILITIES", "LoadedParts", "rename_keys"]
 
 
 @dataclass
