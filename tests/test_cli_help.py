@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from vlzoo.cli import build_parser, main, missing_config_error, take_process_options
+from vlzoo.cli import build_parser, config_file_error, main, take_process_options
 from vlzoo.cli_help import CLIError, closest, condense, help_listed_options
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,10 +111,10 @@ def test_a_bad_thread_count_is_a_one_line_error(capsys):
 
 def test_a_mistyped_config_path_suggests_the_file(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
-    message = missing_config_error(["--config", "zoo_configs/models/clip/shapes-tinyy.yaml"])
+    message = config_file_error(["--config", "zoo_configs/models/clip/shapes-tinyy.yaml"])
     assert message == ("--config: no such file zoo_configs/models/clip/shapes-tinyy.yaml; "
                        "did you mean zoo_configs/models/clip/shapes-tiny.yaml?")
-    assert missing_config_error(["--config", str(CONFIG)]) is None
+    assert config_file_error(["--config", str(CONFIG)]) is None
 
 
 def test_condense_keeps_the_useful_line_of_jsonargparse_errors():
@@ -162,3 +162,38 @@ def test_a_mistake_on_the_command_line_exits_2_without_traceback(tmp_path):
                           env={k: v for k, v in os.environ.items() if k != "VLZOO_DEBUG"})
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.splitlines()[0] == f"vlzoo fit: error: --config: no such file {tmp_path / 'nothing.yaml'}"
+
+
+def test_config_files_are_checked_before_torch(tmp_path):
+    broken, text = tmp_path / "broken.yaml", tmp_path / "text.yaml"
+    broken.write_text("trainer: [a, b\n")
+    text.write_text("hello world\n")
+    assert config_file_error([]) == "--config FILE is required (e.g. --config zoo_configs/models/clip/shapes-tiny.yaml)"
+    assert config_file_error(["--config", str(tmp_path)]) == f"--config {tmp_path}: is a folder; expected a YAML file"
+    assert config_file_error([f"--config={broken}"]).startswith(f"--config {broken}: not valid YAML (line 2, column 1)")
+    assert config_file_error(["--config", str(CONFIG), "--config", str(text)]) == \
+        f"--config {text}: expected a mapping of sections (trainer:, model:, data:, ...), got str"
+
+
+def test_a_misspelled_key_in_a_config_file_names_the_files():
+    message = "Subcommand 'fit' does not accept option 'trainer.max_stepz'"
+    assert condense(message, ["--trainer.max_steps"], ["a.yaml", "b.yaml"], ["fit", "--config", "a.yaml"]) == \
+        ("unknown option --trainer.max_stepz (key trainer.max_stepz in --config a.yaml, b.yaml); "
+         "did you mean --trainer.max_steps?")
+    nested = "Parser key \"model\":\n  Group 'model' does not accept option 'embed_dimm'"
+    assert condense(nested, ["--model.init_args.model.embed_dim"], ["a.yaml"], []).startswith(
+        "unknown option --model.init_args.model.embed_dimm (key model.init_args.model.embed_dimm in --config a.yaml)")
+
+
+def test_a_resumed_fit_keeps_the_rows_logged_before_its_checkpoint(tmp_path):
+    import csv
+
+    run = tmp_path / "run"
+    common = ["fit", "--config", str(CONFIG), "--trainer.default_root_dir", str(run), "--trainer.log_every_n_steps", "2",
+              "--trainer.val_check_interval", "4", "--data.batch_size", "8", "--data.shapes.train_size", "64",
+              "--data.shapes.val_size", "8", "--data.shapes.test_size", "8", "--progress.mode", "off"]
+    assert main([*common, "--trainer.max_steps", "4"]) == 0
+    assert main([*common, "--trainer.max_steps", "8", "--ckpt_path", "last"]) == 0
+    with (run / "metrics.csv").open(newline="") as f:
+        steps = sorted({int(row["step"]) for row in csv.DictReader(f) if "train/loss" in row and row["train/loss"]})
+    assert steps[0] < 4 <= steps[-1], steps  # rows from before the resume and after it

@@ -109,3 +109,12 @@ def test_progress_lines_outside_a_trainer(capsys):
     err = capsys.readouterr().err
     assert "vlzoo: generating: 10/10 (100%)" in err and err.count("\n") == 5
     assert duration(3725) == "1:02:05" and duration(65) == "1:05" and duration(float("inf")) == "?"
+
+
+def test_only_rank_zero_reports(capsys):
+    from types import SimpleNamespace
+
+    progress = StepProgress(every_seconds=1e-6, mode="lines")
+    progress.setup(SimpleNamespace(is_global_zero=False), None, "fit")
+    progress.enable()  # Lightning may re-enable a bar; another rank stays silent
+    assert not progress.is_enabled and progress._heartbeat is None

@@ -300,7 +300,8 @@ class Preemption(L.Callback):
     def on_train_start(self, trainer, module) -> None:
         self._step_seen = trainer.global_step
         self._interrupted = False
-        if threading.current_thread() is threading.main_thread():
+        if threading.current_thread() is threading.main_thread() \
+                and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # a background job keeps ignoring it
             self._previous_sigint = signal.signal(signal.SIGINT, self._on_sigint)
 
     def _on_sigint(self, signum, frame) -> None:
@@ -340,6 +341,13 @@ class Preemption(L.Callback):
         if isinstance(exception, SIGTERMException) and trainer.state.fn == "fit" \
                 and self._saved_step != trainer.global_step:
             self._save(trainer)
+        if isinstance(exception, KeyboardInterrupt):  # a second Ctrl-C, or one outside training
+            Preemption.user_interrupted = True
+            if trainer.is_global_zero:
+                print(f"\nvlzoo: Ctrl-C during {trainer.state.fn.value}: stopped at once, nothing saved now"
+                      + (f"; the last checkpoint is {self.saved}" if self.saved else "")
+                      + ("; to continue training, run the same command with --ckpt_path last"
+                         if trainer.state.fn == "fit" else ""), file=sys.stderr, flush=True)
 
     def _save(self, trainer) -> None:
         keeper = trainer.checkpoint_callback

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from vlzoo.cli_help import CLIError, VLZooArgumentParser, condense, examples, lightning_help
+from vlzoo.options import numeric_option_error
 
 LIGHTNING_COMMANDS = {
     "fit": "train a model from a YAML config, then test its best checkpoint",
@@ -28,7 +29,6 @@ LIGHTNING_COMMANDS = {
 def _lightning_cli(args: list[str] | None) -> None:
     from jsonargparse import ArgumentError
     from lightning.pytorch.cli import LightningCLI
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from vlzoo import families
     from vlzoo.callbacks import Preemption
@@ -38,6 +38,7 @@ def _lightning_cli(args: list[str] | None) -> None:
     from vlzoo.tasks.base import VLTask
 
     quiet_lightning_logs()
+    Preemption.user_interrupted = False
     families.load_plugins()  # their tasks and configs are known before any checkpoint is read
 
     class VLZooCLI(LightningCLI):
@@ -55,13 +56,15 @@ def _lightning_cli(args: list[str] | None) -> None:
             try:
                 super().parse_arguments(parser, args)
             except ArgumentError as err:
-                raise CLIError(condense(str(err), valid_options(self, args))) from err
+                argv = list(sys.argv[1:] if args is None else args)
+                raise CLIError(condense(str(err), valid_options(self, args), config_files(argv), argv)) from err
             try:  # before LightningCLI reads the checkpoint's hyper-parameters
                 check_ckpt_path(self.config)
             except (ValueError, FileNotFoundError) as err:
                 raise CLIError(str(err)) from err
 
         def instantiate_classes(self) -> None:
+            announce_thread_policy()  # the options parsed: the work starts
             try:
                 super().instantiate_classes()
             except (ArgumentError, ValueError, TypeError, FileNotFoundError) as err:
@@ -70,7 +73,8 @@ def _lightning_cli(args: list[str] | None) -> None:
         def instantiate_trainer(self, **kwargs: Any):
             trainer_cfg = self.config_init[self.subcommand]["trainer"]
             if trainer_cfg.get("logger") in (None, True):
-                trainer_cfg["logger"] = default_loggers(trainer_cfg.get("default_root_dir") or ".")
+                ckpt = self.config_init[self.subcommand].get("ckpt_path") if self.subcommand == "fit" else None
+                trainer_cfg["logger"] = default_loggers(trainer_cfg.get("default_root_dir") or ".", ckpt)
             if trainer_cfg.get("enable_progress_bar") is False:  # the progress callback is vlzoo's: keep it, silent
                 trainer_cfg["enable_progress_bar"] = True
                 self.config_init[self.subcommand]["progress"].disable()
@@ -126,14 +130,14 @@ def _lightning_cli(args: list[str] | None) -> None:
             model_class=VLTask,
             subclass_mode_model=True,
             datamodule_class=VLDataModule,
-            parser_kwargs={"parser_mode": "omegaconf+", "exit_on_error": False},
+            parser_kwargs={"parser_mode": "omegaconf+", "exit_on_error": False, "allow_abbrev": False},
             save_config_kwargs={"overwrite": True},
             trainer_defaults={"callbacks": [ThreadPolicy()]},
             seed_everything_default=0,
             args=args,
         )
-    except SIGTERMException:
-        if Preemption.user_interrupted:  # saved at the end of the step: exit as an interrupted command
+    except SystemExit:  # SIGTERMException, or Lightning's exit(1) after a KeyboardInterrupt
+        if Preemption.user_interrupted:  # Ctrl-C: exit as an interrupted command (what was saved is printed)
             raise KeyboardInterrupt from None
         raise
 
@@ -206,11 +210,16 @@ def evaluate_start(trainer, model, datamodule) -> None:
     print("vlzoo: start: " + ", ".join(f"{k} {v:.4f}" for k, v in start.items()), flush=True)
 
 
-def default_loggers(root: str) -> list:
-    """A CSV logger writing ``ROOT/metrics.csv`` (and TensorBoard when installed)."""
+def default_loggers(root: str, resume_from: str | None = None) -> list:
+    """A CSV logger writing ``ROOT/metrics.csv`` (and TensorBoard when installed). A
+    resumed fit keeps the rows logged before its checkpoint's step (Lightning's CSV
+    logger would start the file anew)."""
     from lightning.pytorch.loggers import CSVLogger
 
-    loggers = [CSVLogger(save_dir=root, name="", version="")]
+    csv_logger = CSVLogger(save_dir=root, name="", version="")
+    if resume_from is not None and Path(resume_from).is_file() and (Path(root) / "metrics.csv").is_file():
+        keep_logged_history(csv_logger, Path(root) / "metrics.csv", resume_from)
+    loggers = [csv_logger]
     try:
         from lightning.pytorch.loggers import TensorBoardLogger
         from lightning.pytorch.loggers.tensorboard import _TENSORBOARD_AVAILABLE
@@ -220,6 +229,25 @@ def default_loggers(root: str) -> list:
     except ImportError:
         pass
     return loggers
+
+
+def keep_logged_history(csv_logger, metrics_csv: Path, checkpoint: str) -> None:
+    """Carry the rows of ``metrics_csv`` logged before ``checkpoint``'s step into the
+    logger's first save (rows from later steps are logged again by the resumed run)."""
+    import csv
+    import warnings
+
+    from vlzoo.checkpoints import read_checkpoint
+
+    step = int(read_checkpoint(checkpoint, mmap=True).get("global_step", 0))
+    with metrics_csv.open(newline="") as f:
+        rows = [{k: v for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+    earlier = [row for row in rows if row.get("step", "").isdigit() and int(row["step"]) < step]
+    with warnings.catch_warnings():  # "will be deleted": these rows are written back below
+        warnings.simplefilter("ignore")
+        writer = csv_logger.experiment
+    if writer is not None and hasattr(writer, "metrics"):
+        writer.metrics[:0] = earlier
 
 
 def run_stats(trainer, module) -> dict[str, float]:
@@ -469,22 +497,23 @@ def finetune_parser(commands=None) -> argparse.ArgumentParser:
 
 
 def _finetune(argv: list[str], from_command_line: bool) -> int:
+    args, rest = finetune_parser().parse_known_args(argv)  # its own mistakes at once, before torch
+    error = numeric_option_error(rest)
+    if error:
+        raise CLIError(error)
     from vlzoo.recipes import write_finetune_configs
 
-    args, rest = finetune_parser().parse_known_args(argv)
     try:  # errors of the model reference and recipe in one line; training errors keep their traceback
         configs = write_finetune_configs(args.model, args.task, args.recipe, args.out)
     except (ValueError, KeyError, FileNotFoundError) as err:
         if not from_command_line:
             raise
-        print(f"vlzoo finetune: error: {err}", file=sys.stderr)
-        return 1
+        raise CLIError(err.args[0] if isinstance(err, KeyError) and err.args else str(err)) from err
     given = {a.split("=", 1)[0] for a in rest}
     if "--data.train" in given and not {"--data.val", "--data.test"} <= given:
         print("vlzoo finetune: warning: --data.train is set but --data.val/--data.test are not: validation and "
               "testing use the recipe's (shapes by default)", file=sys.stderr)
     layered = [arg for config in configs for arg in ("--config", str(config))]
-    announce_thread_policy()
     _lightning_cli(["fit", *layered, *rest])  # ROOT/config.yaml records the run, every layer applied
     return 0
 
@@ -534,14 +563,12 @@ def set_up_process(command: str | None, threads: str | None, apply: bool = True)
     )
 
     quiet_known_noise()
-    if command not in COMPUTING:
-        return
     try:
         requested = parse_threads(threads if threads is not None else os.environ.get(THREADS_ENV),
                                   "--threads" if threads is not None else THREADS_ENV)
     except ValueError as err:
         raise CLIError(str(err)) from err
-    if not apply:
+    if command not in COMPUTING or not apply:
         return
     if threads is not None:
         os.environ[THREADS_ENV] = str(requested or "auto")  # the runs this one starts (and ThreadPolicy) follow it
@@ -590,16 +617,45 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def missing_config_error(args: list[str]) -> str | None:
-    """The first ``--config FILE`` that is no file, with the closest YAML file beside it."""
+def config_files(args: list[str]) -> list[str]:
+    """The ``--config FILE`` / ``--config=FILE`` values of a command line, in order."""
+    files = []
+    for i, arg in enumerate(args):
+        if arg.startswith("--config="):
+            files.append(arg.split("=", 1)[1])
+        elif arg in ("--config", "-c") and i + 1 < len(args):
+            files.append(args[i + 1])
+    return files
+
+
+def config_file_error(args: list[str]) -> str | None:
+    """What is wrong with the ``--config`` files of a Lightning command (checked before
+    torch is imported): none given, a missing file (with the closest YAML file), a
+    folder, not YAML, or not a mapping of sections."""
+    import yaml
+
     from vlzoo.cli_help import similar_file
 
-    for i, arg in enumerate(args):
-        path = arg.split("=", 1)[1] if arg.startswith("--config=") else (
-            args[i + 1] if arg == "--config" and i + 1 < len(args) else None)
-        if path is not None and not Path(path).is_file():
+    files = config_files(args)
+    asks_for_help = {"-h", "--help", "--print_config"} & {a.split("=", 1)[0] for a in args}
+    if not files and not asks_for_help and not any(a == "--model" or a.startswith(("--model=", "--model."))
+                                                   for a in args):
+        return "--config FILE is required (e.g. --config zoo_configs/models/clip/shapes-tiny.yaml)"
+    for path in files:
+        if Path(path).is_dir():
+            return f"--config {path}: is a folder; expected a YAML file"
+        if not Path(path).is_file():
             similar = similar_file(path)
             return f"--config: no such file {path}" + (f"; did you mean {similar}?" if similar else "")
+        try:
+            content = yaml.safe_load(Path(path).read_text())
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            where = getattr(err, "problem_mark", None)
+            at = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""
+            return f"--config {path}: not valid YAML{at}: {getattr(err, 'problem', None) or err}"
+        if content is not None and not isinstance(content, dict):
+            return (f"--config {path}: expected a mapping of sections (trainer:, model:, data:, ...), "
+                    f"got {type(content).__name__}")
     return None
 
 
@@ -610,12 +666,9 @@ def _run(argv: list[str], from_command_line: bool) -> int:
         elif {"-h", "--help"} & set(argv[1:]):
             print(lightning_help(argv[0], LIGHTNING_COMMANDS[argv[0]]), end="")
             return 0
-        from vlzoo.options import numeric_option_error
-
-        error = numeric_option_error(argv[1:]) or missing_config_error(argv[1:])  # before torch is imported
+        error = numeric_option_error(argv[1:]) or config_file_error(argv[1:])  # before torch is imported
         if error:
             raise CLIError(error)
-        announce_thread_policy()
         _lightning_cli(argv)
         return 0
     if argv and argv[0] == "finetune" and not {"-h", "--help"} & set(argv):

@@ -118,6 +118,7 @@ _UNRECOGNIZED = re.compile(r"unrecognized arguments: (.*)")
 _EXPECTED = re.compile(r"Expected a <class '(\w+)'>\. Got value: (.*)")
 _LITERAL = re.compile(r"Expected a typing\.Literal\[(.*)\]")
 _NO_FILE = re.compile(r"File does not exist: '?([^']+)'?")
+_NOT_ACCEPTED = re.compile(r"(?:Subcommand '\w+'|Group '([\w.]+)') does not accept option '([\w.]+)'")
 
 
 def closest(word: str, candidates: list[str]) -> str | None:
@@ -141,20 +142,30 @@ def similar_file(path: str) -> str | None:
         Path.cwd()) else found)
 
 
-def _unknown_options(text: str, prefix: str, options: list[str]) -> str:
+def _unknown_options(text: str, prefix: str, options: list[str], files: list[str], argv: list[str]) -> str:
     given = [w.split("=", 1)[0] for w in text.split() if w.startswith("--")] or [text.strip()]
     parts = []
     for option in given:
         full = option if not prefix else "--" + prefix + option[2:]
-        guess = closest(full, options)
-        parts.append(f"unknown option {full}" + (f"; did you mean {guess}?" if guess else ""))
+        parts.append(_unknown(full, options, files, argv))
     return "; ".join(parts)
 
 
-def condense(message: str, options: list[str] | None = None) -> str:
+def _unknown(full: str, options: list[str], files: list[str], argv: list[str]) -> str:
+    """``unknown option --X`` (in which files, when not on the command line) and the closest valid one."""
+    guess = closest(full, options)
+    on_command_line = any(a.split("=", 1)[0].lstrip("-").endswith(full.lstrip("-").rsplit(".", 1)[-1]) for a in argv
+                          if a.startswith("--"))
+    where = "" if on_command_line or not files else f" (key {full[2:]} in --config {', '.join(files)})"
+    return f"unknown option {full}{where}" + (f"; did you mean {guess}?" if guess else "")
+
+
+def condense(message: str, options: list[str] | None = None, files: list[str] = (), argv: list[str] = ()) -> str:
     """The useful line(s) of a jsonargparse / config error: which option or file, what
-    was wrong, and the closest valid option. ``options``: every valid ``--dotted.option``."""
-    options = options or []
+    was wrong, and the closest valid option. ``options``: every valid ``--dotted.option``;
+    ``files``: the ``--config`` files (named when a key came from one); ``argv``: the
+    command line."""
+    options, files, argv = options or [], list(files), list(argv)
     keys: list[str] = []
     in_class = False
     details: list[str] = []
@@ -176,7 +187,14 @@ def condense(message: str, options: list[str] | None = None) -> str:
         prefix = f"{keys[-1]}.init_args." if keys and in_class else ""
         unrecognized = _UNRECOGNIZED.search(line)
         if unrecognized:
-            details.append(_unknown_options(unrecognized.group(1), prefix, options))
+            details.append(_unknown_options(unrecognized.group(1), prefix, options, files, argv))
+            continue
+        refused = _NOT_ACCEPTED.search(line)
+        if refused:
+            group, option = refused.groups()
+            inner = f"{group}.{option}" if group else option
+            outer = f"{keys[-1]}.init_args." if keys else ""
+            details.append(_unknown(f"--{outer}{inner}", options, files, argv))
             continue
         where = f"--{keys[-1]}: " if keys else ""
         literal = _LITERAL.match(line)

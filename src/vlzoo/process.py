@@ -139,12 +139,14 @@ KNOWN_NOISE = (
     r".*LeafSpec.* is deprecated.*",
     r".*pkg_resources is deprecated.*",
     r".*TensorBoard.*tensorboardX.*",
+    r".*The dirpath has changed from .* won't be reloaded.*",  # validate/test with another run's checkpoint
 )
 NOISY_LOG_LINES = (
     "Tip: For seamless cloud logging",  # Lightning's advertisement, once per Trainer
     "will override existing callbacks passed to Trainer",  # the task's own callbacks, on purpose
     "`weights_only` was not set",
     "Seed set to ",  # the seed is in the run's config.yaml
+    "Detected KeyboardInterrupt, attempting graceful shutdown",  # vlzoo says what was saved instead
 )
 
 

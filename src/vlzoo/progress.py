@@ -37,6 +37,9 @@ def batch_samples(batch: Any) -> int:
     return len(batch)
 
 
+EVAL_PHASES = ("validate", "test", "predict")
+
+
 class _Phase:
     """Counts and timing of one stage (training, validation, testing)."""
 
@@ -75,6 +78,7 @@ class StepProgress(ProgressBar):
         self.every_seconds = float(every_seconds)
         self.mode = mode
         self._enabled = mode != "off"
+        self._rank_zero = True
         self._phase: _Phase | None = None
         self._train: _Phase | None = None
         self._last_line = 0.0
@@ -83,13 +87,15 @@ class StepProgress(ProgressBar):
         self._tasks: dict[str, Any] = {}
         self._heartbeat: threading.Thread | None = None
         self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._last_batch = 0.0
 
     # -- ProgressBar's interface
     def disable(self) -> None:
         self._enabled = False
 
     def enable(self) -> None:
-        self._enabled = self.mode != "off"
+        self._enabled = self.mode != "off" and self._rank_zero
 
     @property
     def is_enabled(self) -> bool:
@@ -101,6 +107,8 @@ class StepProgress(ProgressBar):
 
     # -- a line at least every ``every_seconds``, even inside a long step or evaluation
     def setup(self, trainer, module, stage: str) -> None:
+        super().setup(trainer, module, stage)  # disables the other ranks: rank 0 alone reports
+        self._rank_zero = trainer.is_global_zero
         if self._enabled and not self.uses_bar and trainer.is_global_zero and self._heartbeat is None:
             self._stop.clear()
             self._heartbeat = threading.Thread(target=self._beat, name="vlzoo-progress", daemon=True)
@@ -113,10 +121,15 @@ class StepProgress(ProgressBar):
         return self.every_seconds * 0.9
 
     def _beat(self) -> None:
+        """Print the current line with ``(still working)`` when no batch has finished and
+        no line was printed for an interval (a long step or evaluation)."""
         while not self._stop.wait(max(0.2, min(1.0, self.every_seconds / 10))):
-            phase = self._phase
-            if phase is not None and self._enabled and time.monotonic() - self._last_line >= self._due:
-                self._last_line = time.monotonic()
+            phase, now = self._phase, time.monotonic()
+            with self._lock:
+                if phase is None or not self._enabled or now - self._last_line < self._due \
+                        or now - self._last_batch < self._due:
+                    continue
+                self._last_line = now
                 print(self.line(phase, self._metrics) + " (still working)", flush=True)
 
     def _stop_heartbeat(self) -> None:
@@ -149,21 +162,22 @@ class StepProgress(ProgressBar):
     def _eval_start(self, name: str, trainer) -> None:
         if trainer.sanity_checking:
             return
-        batches = trainer.num_val_batches if name == "validate" else trainer.num_test_batches
+        batches = {"validate": trainer.num_val_batches, "test": trainer.num_test_batches,
+                   "predict": trainer.num_predict_batches}[name]
         total = float(sum(b for b in batches if math.isfinite(b))) if batches else math.inf
         phase = _Phase(name, total or math.inf)
         self._begin(phase, f"{name}: {int(total) if math.isfinite(total) else '?'} batches"
                     + (f" at step {trainer.global_step}" if self._train is not None else ""))
 
     def _eval_batch(self, trainer, batch: Any) -> None:
-        if self._phase is None or self._phase.name not in ("validate", "test") or trainer.sanity_checking:
+        if self._phase is None or self._phase.name not in EVAL_PHASES or trainer.sanity_checking:
             return
         self._phase.done += 1
         self._phase.samples += batch_samples(batch) * trainer.world_size
         self._report(self._phase, {})
 
     def _eval_end(self, trainer) -> None:
-        if self._phase is None or self._phase.name not in ("validate", "test") or trainer.sanity_checking:
+        if self._phase is None or self._phase.name not in EVAL_PHASES or trainer.sanity_checking:
             return
         self._report(self._phase, {}, final=True)
         self._remove_task(self._phase.name)
@@ -187,6 +201,15 @@ class StepProgress(ProgressBar):
         self._eval_batch(trainer, batch)
 
     def on_test_end(self, trainer, module) -> None:
+        self._eval_end(trainer)
+
+    def on_predict_start(self, trainer, module) -> None:
+        self._eval_start("predict", trainer)
+
+    def on_predict_batch_end(self, trainer, module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._eval_batch(trainer, batch)
+
+    def on_predict_end(self, trainer, module) -> None:
         self._eval_end(trainer)
 
     def on_exception(self, trainer, module, exception: BaseException) -> None:
@@ -220,7 +243,7 @@ class StepProgress(ProgressBar):
             self._add_task(phase)
         else:
             print(f"vlzoo: {announce}", flush=True)
-            self._last_line = time.monotonic()
+            self._last_line = self._last_batch = time.monotonic()
 
     def _report(self, phase: _Phase, metrics: dict[str, Any], final: bool = False) -> None:
         if not self._enabled:
@@ -230,10 +253,11 @@ class StepProgress(ProgressBar):
         if self.uses_bar:
             self._update_task(phase, metrics)
             return
-        now = time.monotonic()
-        if final or now - self._last_line >= self._due:
-            print(self.line(phase, metrics) + (" (done)" if final else ""), flush=True)
-            self._last_line = now
+        now = self._last_batch = time.monotonic()
+        with self._lock:
+            if final or now - self._last_line >= self._due:
+                print(self.line(phase, metrics) + (" (done)" if final else ""), flush=True)
+                self._last_line = now
 
     # -- the live bar (rich)
     def _add_task(self, phase: _Phase) -> None:

@@ -35,6 +35,7 @@ import os
 import re
 import socket
 import sys
+import threading
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -87,11 +88,21 @@ _PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "A
 
 @lru_cache(maxsize=16)
 def _host_problem(host: str, port: int) -> str | None:
-    try:
-        socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S).close()
-    except OSError as err:
-        return f"{host}:{port} cannot be reached ({err})"
-    return None
+    """Name lookup and connection together within :data:`PROBE_TIMEOUT_S` (a lookup alone
+    can hang for much longer on a machine whose DNS server does not answer)."""
+    outcome: list[str | None] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S).close()
+            outcome.append(None)
+        except OSError as err:
+            outcome.append(f"{host}:{port} cannot be reached ({err})")
+
+    probe = threading.Thread(target=connect, daemon=True)
+    probe.start()
+    probe.join(PROBE_TIMEOUT_S + 0.5)
+    return outcome[0] if outcome else f"{host}:{port} cannot be reached (no answer within {PROBE_TIMEOUT_S:.0f} s)"
 
 
 def unreachable(url: str) -> str | None:
