@@ -129,6 +129,7 @@ class Family:
 OTHER_TASKS: tuple[str, ...] = ("vlzoo.tasks:CausalLMTask",)
 
 _FAMILIES: dict[str, Family] = {}
+_ALLOWED_CONFIGS: set[type] = set()
 _PLUGINS_LOADED = False
 
 
@@ -144,9 +145,12 @@ def register(family: Family) -> Family:
 def allow_configs_in_checkpoints() -> None:
     """Let ``torch.load(weights_only=True)`` build every registered family's config class
     (a plugin's among them); called before a task checkpoint is read."""
-    import torch
+    configs = {family.config for family in all_families().values()} - _ALLOWED_CONFIGS
+    if configs:  # once per class: task_classes() runs for every checkpoint a process reads
+        import torch
 
-    torch.serialization.add_safe_globals([family.config for family in all_families().values()])
+        torch.serialization.add_safe_globals(list(configs))
+        _ALLOWED_CONFIGS.update(configs)
 
 
 def unregister(name: str) -> None:

@@ -17,6 +17,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -150,11 +151,11 @@ class StepProgress(ProgressBar):
             return
         self._train.done = trainer.global_step
         self._train.samples += batch_samples(batch) * trainer.world_size
-        self._report(self._train, self.get_metrics(trainer, module))
+        self._report(self._train, lambda: self.get_metrics(trainer, module))
 
     def on_train_end(self, trainer, module) -> None:
         if self._train is not None:
-            self._report(self._train, self.get_metrics(trainer, module), final=True)
+            self._report(self._train, lambda: self.get_metrics(trainer, module), final=True)
         self._stop_live()
         self._train = None
 
@@ -174,43 +175,33 @@ class StepProgress(ProgressBar):
             return
         self._phase.done += 1
         self._phase.samples += batch_samples(batch) * trainer.world_size
-        self._report(self._phase, {})
+        self._report(self._phase, dict)
 
     def _eval_end(self, trainer) -> None:
         if self._phase is None or self._phase.name not in EVAL_PHASES or trainer.sanity_checking:
             return
-        self._report(self._phase, {}, final=True)
+        self._report(self._phase, dict, final=True)
         self._remove_task(self._phase.name)
         self._phase = self._train
         if self._train is None:
             self._stop_live()
 
-    def on_validation_start(self, trainer, module) -> None:
-        self._eval_start("validate", trainer)
+    def _eval_hooks(name: str):  # noqa: N805 - builds the three hooks of one evaluation stage
+        def start(self, trainer, module) -> None:
+            self._eval_start(name, trainer)
 
-    def on_validation_batch_end(self, trainer, module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._eval_batch(trainer, batch)
+        def batch_end(self, trainer, module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+            self._eval_batch(trainer, batch)
 
-    def on_validation_end(self, trainer, module) -> None:
-        self._eval_end(trainer)
+        def end(self, trainer, module) -> None:
+            self._eval_end(trainer)
 
-    def on_test_start(self, trainer, module) -> None:
-        self._eval_start("test", trainer)
+        return start, batch_end, end
 
-    def on_test_batch_end(self, trainer, module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._eval_batch(trainer, batch)
-
-    def on_test_end(self, trainer, module) -> None:
-        self._eval_end(trainer)
-
-    def on_predict_start(self, trainer, module) -> None:
-        self._eval_start("predict", trainer)
-
-    def on_predict_batch_end(self, trainer, module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._eval_batch(trainer, batch)
-
-    def on_predict_end(self, trainer, module) -> None:
-        self._eval_end(trainer)
+    on_validation_start, on_validation_batch_end, on_validation_end = _eval_hooks("validate")
+    on_test_start, on_test_batch_end, on_test_end = _eval_hooks("test")
+    on_predict_start, on_predict_batch_end, on_predict_end = _eval_hooks("predict")
+    del _eval_hooks
 
     def on_exception(self, trainer, module, exception: BaseException) -> None:
         self._stop_live()
@@ -232,7 +223,7 @@ class StepProgress(ProgressBar):
         parts = [f"{phase.name} {unit} {phase.counts()}",
                  f"{rate:.2f} {units}/s, {samples:.0f} samples/s",
                  f"elapsed {duration(elapsed)}, ETA {duration(phase.eta())}"]
-        shown = ", ".join(f"{k} {_number(v)}" for k, v in metrics.items() if k != "v_num")
+        shown = _shown(metrics, ", ")
         return "vlzoo: " + " | ".join(parts + ([shown] if shown else []))
 
     def _begin(self, phase: _Phase, announce: str) -> None:
@@ -245,18 +236,18 @@ class StepProgress(ProgressBar):
             print(f"vlzoo: {announce}", flush=True)
             self._last_line = self._last_batch = time.monotonic()
 
-    def _report(self, phase: _Phase, metrics: dict[str, Any], final: bool = False) -> None:
+    def _report(self, phase: _Phase, metrics: Callable[[], dict[str, Any]], final: bool = False) -> None:
+        """Update the bar, or print a line when one is due; ``metrics`` is called only then."""
         if not self._enabled:
             return
-        if metrics:
-            self._metrics = dict(metrics)
         if self.uses_bar:
-            self._update_task(phase, metrics)
+            self._update_task(phase, metrics())
             return
         now = self._last_batch = time.monotonic()
         with self._lock:
             if final or now - self._last_line >= self._due:
-                print(self.line(phase, metrics) + (" (done)" if final else ""), flush=True)
+                self._metrics = metrics() or self._metrics
+                print(self.line(phase, self._metrics) + (" (done)" if final else ""), flush=True)
                 self._last_line = now
 
     # -- the live bar (rich)
@@ -285,8 +276,7 @@ class StepProgress(ProgressBar):
             return
         elapsed = time.monotonic() - phase.start
         rate = f"{phase.samples / elapsed:.0f} samples/s" if elapsed > 0 else ""
-        shown = " ".join(f"{k} {_number(v)}" for k, v in metrics.items() if k != "v_num")
-        self._live.update(task, completed=phase.done, rate=rate, metrics=shown)
+        self._live.update(task, completed=phase.done, rate=rate, metrics=_shown(metrics, " "))
 
     def _remove_task(self, name: str) -> None:
         task = self._tasks.pop(name, None)
@@ -298,6 +288,11 @@ class StepProgress(ProgressBar):
             self._live.stop()
             self._live = None
             self._tasks.clear()
+
+
+def _shown(metrics: dict[str, Any], separator: str) -> str:
+    """``train/loss 2.31`` for every logged metric (Lightning's ``v_num`` left out)."""
+    return separator.join(f"{k} {_number(v)}" for k, v in metrics.items() if k != "v_num")
 
 
 def _number(value: Any) -> str:
