@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "zoo_configs/models/clip/shapes-tiny.yaml"
 HEAVY = ("torch", "lightning", "transformers", "open_clip")
 COMMANDS = ("fit", "validate", "test", "predict", "data", "capfilt", "compare", "list", "download", "export",
-            "caption", "vqa", "retrieve", "zeroshot", "embed", "finetune")
+            "caption", "vqa", "retrieve", "zeroshot", "embed", "finetune", "eval")
 
 
 def _heavy_modules_after(code: str) -> tuple[list[str], str]:

@@ -28,7 +28,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("convert", ("vlzoo.hub.convert", "vlzoo.hub.generation")),
     ("families", ("vlzoo.families",)),
     ("hub", ("vlzoo.hub",)),
-    ("api", ("vlzoo.zoo", "vlzoo.inference", "vlzoo.recipes", "vlzoo.compare", "vlzoo.plots", "vlzoo.capfilt",
+    ("api", ("vlzoo.zoo", "vlzoo.inference", "vlzoo.evaluate", "vlzoo.recipes", "vlzoo.compare", "vlzoo.plots", "vlzoo.capfilt",
              "vlzoo.cli_help", "vlzoo.cli")),
 ]
 ROOT = "vlzoo"  # the package itself: ``__version__`` and the lazy facade of the zoo API
@@ -38,6 +38,7 @@ LAZY_IMPORTS = {
     "vlzoo": "``import vlzoo`` stays light: the zoo API is imported on first use",
     "vlzoo.cli": "each command imports only what it runs, so --help and light commands start fast",
     "vlzoo.inference": "commands registered on the CLI parser import the zoo only when they run",
+    "vlzoo.evaluate": "vlzoo eval is registered on the CLI parser: scorers, torch and the zoo load when it runs",
     "vlzoo.families": "the registry imports neither torch nor Lightning (vlzoo list, --help): loading a task "
                       "checkpoint imports the checkpoint reader when it runs",
 }

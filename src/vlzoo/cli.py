@@ -469,6 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
     from vlzoo.inference import add_inference_commands
 
     add_inference_commands(commands)
+    from vlzoo.evaluate import add_eval_command
+
+    add_eval_command(commands)
     finetune_parser(commands)
     return parser
 

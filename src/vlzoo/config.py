@@ -258,6 +258,7 @@ class FinetuneConfig:
 
 
 RERANK_ITC_TERMS = ("cosine", "logit", "none")
+ITM_SCORES = ("margin", "match_logit")
 
 
 @dataclass
@@ -274,10 +275,15 @@ class EvalConfig:
     rerank_itc: str = "cosine"
     rerank_itc_weight: float = 1.0
     itm_batch_size: int = 256
+    # the ITM term: "margin" (match minus no-match logit) or "match_logit" (the match logit alone,
+    # what ALBEF's, BLIP's and BLIP-2's released code rank by; vlzoo eval uses the family's protocol)
+    itm_score: str = "margin"
 
     def __post_init__(self) -> None:
         if self.rerank_itc not in RERANK_ITC_TERMS:
             raise ValueError(f"eval.rerank_itc must be one of {RERANK_ITC_TERMS}, got {self.rerank_itc!r}")
+        if self.itm_score not in ITM_SCORES:
+            raise ValueError(f"eval.itm_score must be one of {ITM_SCORES}, got {self.itm_score!r}")
 
 
 def load_yaml_section(path: str | Path, section: str, schema: type) -> Any:

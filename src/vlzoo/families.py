@@ -38,7 +38,7 @@ FINETUNE_TASKS = ("retrieval", "caption", "vqa", "classify")  # zoo_configs/task
 # on first use: the registry itself imports neither torch nor Lightning, so ``vlzoo list``
 # and ``--help`` start at once. The paths are this code's constants, never a file's.
 LAZY_FIELDS = ("config", "build", "task", "other_tasks", "rebuild", "caption", "answer", "load_hf", "to_hf",
-               "convert_original")
+               "convert_original", "protocol", "rank_answers")
 
 
 def resolve_ref(value: Any) -> Any:
@@ -80,6 +80,10 @@ class Family:
     - ``to_hf``: ``(parts, head) -> PreTrainedModel``, the ``vlzoo export --to hf`` exporter.
     - ``original_format`` / ``convert_original``: the manifest format of the original
       release and its key converter (see :mod:`vlzoo.hub.convert.original`).
+    - ``protocol``: its paper's :class:`~vlzoo.eval.protocol.EvalProtocol` (rerank, decoding),
+      what ``vlzoo eval`` applies (None: vlzoo's defaults).
+    - ``rank_answers``: ``(parts, pixel_values, questions, (answer ids, mask), k) -> list[int]``,
+      VQA by ranking a tokenised answer list (None: cannot).
     - ``recipes``: task -> the name of the recipe under ``zoo_configs/tasks/TASK/`` it
       fine-tunes with, where that is not its own name (BLIP VQA: BLIP's VQA recipe).
     """
@@ -100,6 +104,8 @@ class Family:
     original_format: str | None = None
     convert_original: Callable | None = None
     recipes: dict[str, str] = field(default_factory=dict)
+    protocol: Any = None
+    rank_answers: Callable | None = None
 
     def __post_init__(self) -> None:
         unknown = set(self.capabilities) - set(CAPABILITIES)
@@ -286,35 +292,39 @@ def with_saved_tokenizer(family: Family, config: Any, tokenizer_dir: Path) -> An
 # ------------------------------------------------------------------ vlzoo's families
 ENCODE, ITM, GENERATE, VQA = CAPABILITIES
 _B, _N, _G = "vlzoo.models.builders:", "vlzoo.hub.convert.native:", "vlzoo.hub.generation:"
+_P = "vlzoo.eval.protocol:"
 
 register(Family(
     "clip", "vlzoo.config:CLIPConfig", _B + "build_clip", "vlzoo.tasks:CLIPTask", frozenset({ENCODE}),
     other_tasks=("vlzoo.tasks:ClassifyTask",), rebuild=_N + "rebuild_clip", hf_model_type="clip",
-    load_hf="vlzoo.hub.convert.clip:load_hf_clip",
+    load_hf="vlzoo.hub.convert.clip:load_hf_clip", protocol=_P + "CLIP",
 ))
 register(Family(
     "albef", "vlzoo.config:ALBEFConfig", _B + "build_albef", "vlzoo.tasks:ALBEFTask", frozenset({ENCODE, ITM}),
     original_format="albef_original", convert_original="vlzoo.hub.convert.original:convert_albef_original_state",
+    protocol=_P + "ALBEF",
 ))
 register(Family(
     "blip", "vlzoo.config:BLIPConfig", _B + "build_blip", "vlzoo.tasks:BLIPTask", frozenset({ENCODE, ITM, GENERATE}),
     rebuild=_N + "rebuild_blip", caption=_G + "caption_blip", hf_model_type="blip",
     load_hf="vlzoo.hub.convert.hf_blip:load_hf_blip", to_hf="vlzoo.hub.convert.hf_blip:to_hf_blip",
     original_format="blip_original", convert_original="vlzoo.hub.convert.original:convert_blip_original_state",
+    protocol=_P + "BLIP",
 ))
 register(Family(
     "blip_vqa", "vlzoo.config:BLIPConfig", _B + "build_blip_vqa_family", "vlzoo.tasks:BLIPVQATask", frozenset({VQA}),
     rebuild=_N + "rebuild_blip_vqa", answer=_G + "answer_blip_vqa", to_hf="vlzoo.hub.convert.hf_blip:to_hf_blip",
-    recipes={"vqa": "blip"},
+    recipes={"vqa": "blip"}, protocol=_P + "BLIP_VQA", rank_answers=_G + "rank_answers_blip_vqa",
 ))
 register(Family(
     "blip2", "vlzoo.config:BLIP2Config", _B + "build_blip2", "vlzoo.tasks:BLIP2Task",
     frozenset({ENCODE, ITM, GENERATE}), text_field="qformer", rebuild=_N + "rebuild_blip2",
     caption=_G + "caption_blip2", hf_model_type="blip-2", load_hf="vlzoo.hub.convert.hf_blip2:load_hf_blip2",
-    to_hf="vlzoo.hub.convert.hf_blip2:to_hf_blip2",
+    to_hf="vlzoo.hub.convert.hf_blip2:to_hf_blip2", protocol=_P + "BLIP2",
 ))
 register(Family(
     "blip2_llm", "vlzoo.config:BLIP2LLMConfig", _B + "build_blip2_llm", "vlzoo.tasks:BLIP2LLMTask",
     frozenset({GENERATE, VQA}), text_field="qformer", rebuild=_N + "rebuild_blip2_llm",
     caption=_G + "caption_blip2_llm", answer=_G + "answer_blip2_llm", to_hf="vlzoo.hub.convert.hf_blip2:to_hf_blip2",
+    protocol=_P + "BLIP2_LLM",
 ))

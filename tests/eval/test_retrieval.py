@@ -1,5 +1,6 @@
 import pytest
 import torch
+from benchmark_fixtures import brute_force_recall
 
 from vlzoo.eval.retrieval import CaptionIndex, compositional_accuracy, recall_at_k
 
@@ -82,3 +83,28 @@ def test_mean_over_prompts_averages_each_class_then_normalises():
     prompts = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 0.0], [4.0, 0.0]])  # class 0: two prompts, class 1: two
     classes = mean_over_prompts(prompts, num_classes=2)
     torch.testing.assert_close(classes, torch.tensor([[0.5 ** 0.5, 0.5 ** 0.5], [1.0, 0.0]]))
+
+
+@pytest.mark.parametrize("match_identical", [False, True])
+def test_recall_equals_a_brute_force_count_with_ties_and_five_captions_per_image(match_identical):
+    gen = torch.Generator().manual_seed(0)
+    words = ["a dog", "a cat", "a red bike", "two people", "a horse", "a tree"]
+    captions = [[words[int(torch.randint(len(words), (1,), generator=gen))] for _ in range(5)] for _ in range(12)]
+    # scores on a coarse grid: many exact ties; and one reranked row of -inf
+    similarity = torch.randint(0, 4, (12, 60), generator=gen).float() / 4
+    similarity[3, 10:] = float("-inf")
+    index = CaptionIndex.build(captions, match_identical=match_identical)
+    ours = recall_at_k(similarity, index, chunk=5)
+    expected = brute_force_recall(similarity, captions, match_identical)
+    assert ours == pytest.approx(expected)
+    assert ours != brute_force_recall(similarity, captions, not match_identical)  # the convention matters here
+
+
+def test_retrieval_summary():
+    from vlzoo.eval.retrieval import retrieval_summary
+
+    metrics = {f"r{k}_{d}": v for d, base in (("i2t", 0.5), ("t2i", 0.2)) for k, v in zip((1, 5, 10), (base, base + 0.1, base + 0.2))}
+    summary = retrieval_summary(metrics)
+    assert summary["rsum"] == pytest.approx(0.5 + 0.6 + 0.7 + 0.2 + 0.3 + 0.4)
+    assert summary["r_mean"] == pytest.approx(summary["rsum"] / 6)
+    assert summary["txt_r_mean"] == pytest.approx(0.6) and summary["img_r_mean"] == pytest.approx(0.3)

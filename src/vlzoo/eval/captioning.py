@@ -1,128 +1,214 @@
-"""Corpus-level captioning metrics: BLEU-4 and CIDEr-D.
+"""Caption scores exactly as coco-caption computes them, through ``pycocoevalcap``.
 
-Each image has one predicted caption and one or more reference captions. Both metrics
-see the same normalised text: lower-cased, punctuation removed, split on whitespace.
+Every caption (prediction and reference) goes through coco-caption's PTB tokenizer
+(Stanford CoreNLP, lower-cased, punctuation tokens removed), then BLEU-1..4 (``closest``
+reference length), METEOR 1.5, ROUGE-L, CIDEr-D (coco-caption's ``CIDEr``: sigma 6,
+clipped counts, document frequencies from the scored references) and, when its Stanford
+models are present, SPICE. Names are coco-caption's (``Bleu_4``, ``METEOR``, ``ROUGE_L``,
+``CIDEr``, ``SPICE``); values are fractions, as coco-caption reports them (papers print
+them times 100: CIDEr 1.335 is "133.5").
 
-BLEU-4 is delegated to ``torchmetrics.functional.text.bleu_score`` (n_gram=4, no
-smoothing, brevity penalty against the closest reference length).
-
-CIDEr-D is implemented here because no maintained package in our dependency set
-provides it. The definition follows Vedantam, Zitnick and Parikh, "CIDEr:
-Consensus-based Image Description Evaluation" (CVPR 2015), and mirrors the CIDEr-D
-variant of the coco-caption reference scorer (``pycocoevalcap/cider/cider_scorer.py``):
-
-- n-grams for n = 1..4, weighted by raw count times idf, where
-  ``idf = log(#images) - log(max(1, df))`` and ``df`` is the number of images whose
-  reference set contains the n-gram (df is computed over the evaluated corpus);
-- per n, ``sum_g min(c_g, r_g) * r_g / (|c| |r|)`` (candidate weights clipped to the
-  reference's), times the Gaussian length penalty ``exp(-(l_c - l_r)^2 / (2 sigma^2))``;
-- averaged over n and over the image's references, times 10; the corpus score is the
-  mean over images.
-
-One deliberate difference: lengths here are word counts (as in the paper), while
-coco-caption counts bigrams; the two agree unless a caption has fewer than two words.
+The PTB tokenizer, METEOR and SPICE run on Java. Without Java, the tokenizer falls back to
+:func:`python_tokenize`, an approximation that splits punctuation off and drops it (said
+once, on stderr); METEOR and SPICE are then skipped with a note. The training loops use
+:func:`caption_metrics` (``bleu4`` = ``Bleu_4``, ``cider`` = ``CIDEr``): the same scorers.
 """
 
 from __future__ import annotations
 
-import math
-import string
-from collections import Counter
+import functools
+import re
+import shutil
+import sys
+from collections.abc import Hashable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
 
-from torchmetrics.functional.text import bleu_score
+BLEU = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4")
+COCO_METRICS = (*BLEU, "METEOR", "ROUGE_L", "CIDEr", "SPICE")
+TRAINING_METRICS = ("Bleu_4", "CIDEr")  # logged as bleu4 / cider by the training loops
 
-MAX_N = 4
-_PUNCT = str.maketrans("", "", string.punctuation)
-
-NGrams = Counter[tuple[str, ...]]
-
-
-def normalize(text: str) -> list[str]:
-    """Lower-case, remove ASCII punctuation and split on whitespace."""
-    return text.lower().translate(_PUNCT).split()
-
-
-def _check(predictions: list[str], references: list[list[str]]) -> None:
-    if len(predictions) != len(references):
-        raise ValueError(
-            f"got {len(predictions)} predictions but {len(references)} reference sets; "
-            "expected one prediction per image"
-        )
-    for i, refs in enumerate(references):
-        if isinstance(refs, str) or len(refs) == 0:
-            raise ValueError(f"image {i} has no references (expected a non-empty list of str)")
+# coco-caption drops these PTB tokens after tokenising (pycocoevalcap.tokenizer.ptbtokenizer)
+PTB_PUNCTUATION = frozenset(["''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-",
+                             ".", "?", "!", ",", ":", "-", "--", "...", ";"])
+_PY_TOKEN = re.compile(r"n't|[a-z0-9]+(?:[.,][0-9]+)*|'[a-z]+|\.\.\.|--|\S")
 
 
-def bleu4(predictions: list[str], references: list[list[str]]) -> float:
-    """Corpus BLEU-4 in [0, 1] of normalised predictions against normalised references."""
-    _check(predictions, references)
+@functools.cache
+def java_available() -> bool:
+    """Whether a ``java`` executable is on PATH (coco-caption's tokenizer, METEOR, SPICE)."""
+    return shutil.which("java") is not None
+
+
+def spice_missing() -> str | None:
+    """Why SPICE cannot run here (None: it can). SPICE needs Java and Stanford CoreNLP 3.6.0,
+    which pycocoevalcap downloads on first use (``python -m
+    pycocoevalcap.spice.get_stanford_models``); vlzoo never downloads it during scoring."""
+    if not java_available():
+        return "Java is not installed"
+    from pycocoevalcap import spice
+
+    lib = Path(spice.__file__).parent / "lib"
+    needed = [lib / "stanford-corenlp-3.6.0.jar", lib / "stanford-corenlp-3.6.0-models.jar"]
+    absent = [p.name for p in needed if not p.exists()]
+    if absent:
+        return (f"its Stanford CoreNLP models are not installed ({', '.join(absent)} in {lib}; "
+                "fetch them once with: python -m pycocoevalcap.spice.get_stanford_models)")
+    return None
+
+
+def python_tokenize(text: str) -> str:
+    """The approximation used without Java: lower-case, split words from punctuation
+    (PTB-like: ``don't`` -> ``do n't``), drop coco-caption's punctuation tokens."""
+    text = text.lower().replace("n't", " n't")
+    return " ".join(t for t in _PY_TOKEN.findall(text) if t not in PTB_PUNCTUATION)
+
+
+@functools.cache
+def _warn_no_java() -> None:
+    print("vlzoo: Java is not installed: captions are tokenised by vlzoo's Python approximation of "
+          "coco-caption's PTB tokenizer and METEOR/SPICE are skipped; install Java 11+ for the "
+          "field's exact scores", file=sys.stderr)
+
+
+def ptb_tokenize(captions: dict[Hashable, list[str]]) -> dict[Hashable, list[str]]:
+    """coco-caption's tokenisation of every caption: ``{key: [caption, ...]}`` ->
+    ``{key: [tokenised caption, ...]}`` (same keys, same counts)."""
+    if not java_available():
+        _warn_no_java()
+        return {k: [python_tokenize(c) for c in caps] for k, caps in captions.items()}
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    # the tokenizer reads one line per caption: a line break inside a caption, or trailing
+    # empty captions, would misalign its output, so every caption is one non-empty line
+    safe = {k: [{"caption": " ".join(c.split()) or "."} for c in caps] for k, caps in captions.items()}
+    tokens = PTBTokenizer().tokenize(safe)
+    out = {k: tokens.get(k, []) for k in captions}
+    for k, caps in captions.items():
+        if len(out[k]) != len(caps):
+            raise RuntimeError(f"the PTB tokenizer returned {len(out[k])} captions for {k!r}, expected {len(caps)}")
+    return out
+
+
+@dataclass
+class CaptionScores:
+    """Corpus scores (``scores``: metric -> fraction), how many images were scored, and
+    one line per metric that could not be computed (``notes``)."""
+
+    scores: dict[str, float]
+    images: int
+    notes: list[str] = field(default_factory=list)
+
+
+def _check_inputs(predictions: dict, references: dict) -> None:
+    if set(predictions) != set(references):
+        extra, missing = set(predictions) - set(references), set(references) - set(predictions)
+        raise ValueError(f"predictions and references must have the same keys: {len(extra)} predictions without "
+                         f"references (e.g. {sorted(map(str, extra))[:3]}), {len(missing)} references without a "
+                         f"prediction (e.g. {sorted(map(str, missing))[:3]})")
+    for key, refs in references.items():
+        if isinstance(refs, str) or not refs:
+            raise ValueError(f"image {key!r} has no reference captions (expected a non-empty list of strings)")
+
+
+def _wanted(metrics: Iterable[str]) -> list[str]:
+    metrics = list(metrics)
+    unknown = set(metrics) - set(COCO_METRICS)
+    if unknown:
+        raise ValueError(f"unknown caption metrics {sorted(unknown)}; known: {list(COCO_METRICS)}")
+    return metrics
+
+
+@functools.cache
+def _meteor():
+    """One METEOR 1.5 process per Python process (it takes seconds to start: it loads its
+    paraphrase tables), stopped at exit."""
+    import atexit
+
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    meteor = Meteor()
+
+    def stop() -> None:
+        meteor.meteor_p.stdin.close()
+        meteor.meteor_p.kill()
+        meteor.meteor_p.wait()
+
+    atexit.register(stop)
+    return meteor
+
+
+def _run_meteor(gts: dict, res: dict) -> float:
+    meteor = _meteor()
+    if meteor.meteor_p.poll() is not None:  # the Java process died: start another
+        _meteor.cache_clear()
+        meteor = _meteor()
+    return float(meteor.compute_score(gts, res)[0])
+
+
+def _score(name: str, gts: dict, res: dict) -> list[tuple[str, float]]:
+    """(metric, value) pairs of one pycocoevalcap scorer on tokenised captions."""
+    if name == "Bleu":
+        from pycocoevalcap.bleu.bleu import Bleu
+
+        values = Bleu(4).compute_score(gts, res, verbose=0)[0]
+        return list(zip(BLEU, map(float, values)))
+    if name == "METEOR":
+        return [("METEOR", _run_meteor(gts, res))]
+    if name == "ROUGE_L":
+        from pycocoevalcap.rouge.rouge import Rouge
+
+        return [("ROUGE_L", float(Rouge().compute_score(gts, res)[0]))]
+    if name == "CIDEr":
+        from pycocoevalcap.cider.cider import Cider
+
+        return [("CIDEr", float(Cider().compute_score(gts, res)[0]))]
+    from pycocoevalcap.spice.spice import Spice
+
+    return [("SPICE", float(Spice().compute_score(gts, res)[0]))]
+
+
+def _skipped(metric: str) -> str | None:
+    """Why ``metric`` cannot be computed here, or None."""
+    if metric == "SPICE":
+        reason = spice_missing()
+        return None if reason is None else f"SPICE skipped: {reason}"
+    if metric == "METEOR" and not java_available():
+        return "METEOR skipped: Java is not installed (METEOR 1.5 is a Java program)"
+    return None
+
+
+def coco_caption_scores(predictions: dict[Hashable, str], references: dict[Hashable, list[str]],
+                        metrics: Iterable[str] = COCO_METRICS) -> CaptionScores:
+    """coco-caption's corpus scores of one predicted caption per image against that
+    image's references (both keyed by image id). ``metrics``: a subset of
+    :data:`COCO_METRICS`; the Bleu_n come together, one skipped metric is a note."""
+    _check_inputs(predictions, references)
+    wanted = _wanted(metrics)
     if not predictions:
-        return 0.0
-    preds = [" ".join(normalize(p)) for p in predictions]
-    refs = [[" ".join(normalize(r)) for r in rs] for rs in references]
-    return float(bleu_score(preds, refs, n_gram=MAX_N))
-
-
-def _ngrams(tokens: list[str], n_max: int = MAX_N) -> NGrams:
-    """Counts of all n-grams of ``tokens`` for n = 1..n_max."""
-    return Counter(
-        tuple(tokens[i : i + n]) for n in range(1, n_max + 1) for i in range(len(tokens) - n + 1)
-    )
-
-
-def _document_frequency(ref_ngrams: list[list[NGrams]]) -> Counter[tuple[str, ...]]:
-    """Number of images whose reference set contains each n-gram."""
-    df: Counter[tuple[str, ...]] = Counter()
-    for refs in ref_ngrams:
-        df.update(set().union(*refs))
-    return df
-
-
-def _tfidf(counts: NGrams, df: Counter[tuple[str, ...]], log_n_images: float) -> list[dict]:
-    """Per-n tf-idf vectors (index n-1): raw count times log(#images) - log(max(1, df))."""
-    vecs: list[dict] = [{} for _ in range(MAX_N)]
-    for gram, tf in counts.items():
-        vecs[len(gram) - 1][gram] = tf * (log_n_images - math.log(max(1, df[gram])))
-    return vecs
-
-
-def _clipped_cosine(cand: dict, ref: dict) -> float:
-    """CIDEr-D similarity of one n: sum min(c, r) * r over the product of the norms."""
-    norm_c = math.sqrt(sum(v * v for v in cand.values()))
-    norm_r = math.sqrt(sum(v * v for v in ref.values()))
-    if norm_c == 0.0 or norm_r == 0.0:
-        return 0.0
-    dot = sum(min(v, ref[g]) * ref[g] for g, v in cand.items() if g in ref)
-    return dot / (norm_c * norm_r)
-
-
-def _cider_image(
-    cand: list[str], refs: list[list[str]], df: Counter[tuple[str, ...]], log_n: float, sigma: float
-) -> float:
-    """CIDEr-D of one candidate against its references."""
-    cand_vecs = _tfidf(_ngrams(cand), df, log_n)
-    total = 0.0
-    for ref in refs:
-        ref_vecs = _tfidf(_ngrams(ref), df, log_n)
-        penalty = math.exp(-((len(cand) - len(ref)) ** 2) / (2 * sigma**2))
-        total += penalty * sum(_clipped_cosine(c, r) for c, r in zip(cand_vecs, ref_vecs))
-    return 10.0 * total / (MAX_N * len(refs))
-
-
-def cider_d(predictions: list[str], references: list[list[str]], sigma: float = 6.0) -> float:
-    """Corpus CIDEr-D (mean over images); df and idf come from this corpus's references."""
-    _check(predictions, references)
-    if not predictions:
-        return 0.0
-    cands = [normalize(p) for p in predictions]
-    refs = [[normalize(r) for r in rs] for rs in references]
-    df = _document_frequency([[_ngrams(r) for r in rs] for rs in refs])
-    log_n = math.log(len(refs))
-    scores = [_cider_image(c, rs, df, log_n, sigma) for c, rs in zip(cands, refs)]
-    return sum(scores) / len(scores)
+        raise ValueError("no captions to score")
+    notes = [n for n in map(_skipped, wanted) if n]
+    if not java_available():
+        notes.insert(0, "captions tokenised by vlzoo's Python approximation of the PTB tokenizer (Java is not "
+                        "installed): the scores are not comparable with coco-caption's")
+    tokens = ptb_tokenize({**{("res", k): [c] for k, c in predictions.items()},
+                           **{("gts", k): list(r) for k, r in references.items()}})
+    res = {k: tokens[("res", k)] for k in predictions}
+    gts = {k: tokens[("gts", k)] for k in predictions}
+    scorers = dict.fromkeys("Bleu" if m in BLEU else m for m in wanted if not _skipped(m))
+    scores: dict[str, float] = {}
+    for name in scorers:
+        scores.update((m, v) for m, v in _score(name, gts, res) if m in wanted)
+    return CaptionScores({m: scores[m] for m in wanted if m in scores}, len(predictions), notes)
 
 
 def caption_metrics(predictions: list[str], references: list[list[str]]) -> dict[str, float]:
-    """Corpus-level {"bleu4": ..., "cider": ...} of one predicted caption per image
-    against all its reference captions."""
-    return {"bleu4": bleu4(predictions, references), "cider": cider_d(predictions, references)}
+    """``{"bleu4", "cider"}`` of one predicted caption per image against all its references:
+    coco-caption's ``Bleu_4`` and ``CIDEr`` (what ``vlzoo fit`` / ``compare`` log)."""
+    if len(predictions) != len(references):
+        raise ValueError(f"got {len(predictions)} predictions but {len(references)} reference sets; "
+                         "expected one prediction per image")
+    if not predictions:
+        return {"bleu4": 0.0, "cider": 0.0}
+    result = coco_caption_scores(dict(enumerate(predictions)), dict(enumerate(references)), TRAINING_METRICS)
+    return {"bleu4": result.scores["Bleu_4"], "cider": result.scores["CIDEr"]}

@@ -24,12 +24,13 @@ from vlzoo.eval.captioning import caption_metrics
 from vlzoo.eval.retrieval import (
     CaptionIndex,
     compositional_accuracy,
-    mean_over_prompts,
     recall_at_k,
     rerank_top_k,
     unique_texts,
 )
 from vlzoo.eval.vqa import answer_every_pair, vqa_metrics
+from vlzoo.eval.zeroshot import as_template, classification_scores, zeroshot_classifier
+from vlzoo.utils import ProgressLines
 
 AnswerPrior = Callable[[], Any] | None  # the data module's majority answers, for the VQA baseline
 
@@ -38,7 +39,7 @@ AnswerPrior = Callable[[], Any] | None  # the data module's majority answers, fo
 def class_embeddings(embed_texts: Callable[[list[str]], Tensor], classes: list[str], templates: list[str]) -> Tensor:
     """(C, D) normalised mean text embedding of each class over the prompt ``templates``
     (``"a photo of a {}"``): the zero-shot classifier."""
-    return mean_over_prompts(embed_texts([t.format(c) for c in classes for t in templates]), len(classes))
+    return zeroshot_classifier(embed_texts, classes, [as_template(t) for t in templates])
 
 
 class Evaluator:
@@ -78,10 +79,17 @@ class RetrievalEvaluator(Evaluator):
     @torch.no_grad()
     def evaluate(self, images: dict[str, Tensor], ann: EvalAnnotations, answer_prior: AnswerPrior = None
                  ) -> dict[str, float]:
-        index = CaptionIndex.build(ann.captions)
-        text_embeds = self.model.embed_texts(index.texts)  # (T, D)
-        metrics = recall_at_k(self.model.itc_similarity(images["embeds"], text_embeds).float().cpu(), index)
-        return {**metrics, **self.compositional_and_zeroshot(images, ann)}
+        return {**self.retrieval(images, ann.captions), **self.compositional_and_zeroshot(images, ann)}
+
+    @torch.no_grad()
+    def retrieval(self, images: dict[str, Tensor], captions: list[list[str]], match_identical: bool = True
+                  ) -> dict[str, float]:
+        """R@1/5/10 both ways of the images' embeddings against ``captions`` (per image);
+        ``match_identical``: see :class:`~vlzoo.eval.retrieval.CaptionIndex`."""
+        index = CaptionIndex.build(captions, match_identical)
+        texts, of_text = unique_texts(index.texts)
+        similarity = self.model.itc_similarity(images["embeds"], self.model.embed_texts(texts))  # (N, U)
+        return recall_at_k(similarity[:, of_text].float().cpu(), index)
 
     def compositional_and_zeroshot(self, images: dict[str, Tensor], ann: EvalAnnotations) -> dict[str, float]:
         metrics = {"compositional_acc": self.compositional(images, ann)}
@@ -108,9 +116,9 @@ class RetrievalEvaluator(Evaluator):
             return float("nan")
         class_embeds = self.class_embeddings(ann.zeroshot_classes)  # (C, D)
         rows = torch.tensor([i for i, _ in labelled], device=image_embeds.device)
-        labels = torch.tensor([y for _, y in labelled], device=image_embeds.device)
-        predictions = self.model.itc_similarity(image_embeds[rows], class_embeds).argmax(-1)
-        return (predictions == labels).float().mean().item()
+        labels = torch.tensor([y for _, y in labelled])
+        logits = self.model.itc_similarity(image_embeds[rows], class_embeds).float().cpu()
+        return classification_scores(logits, labels, ks=(1,))["top1"]
 
 
 class TwoStageEvaluator(RetrievalEvaluator):
@@ -127,6 +135,20 @@ class TwoStageEvaluator(RetrievalEvaluator):
     def __init__(self, model: Any, config: EvalConfig, captions: bool = False):
         super().__init__(model, config)
         self.captions = captions
+        self.progress_lines = False  # vlzoo eval: progress lines through the long ITM passes
+
+    def progress(self, label: str) -> Callable[[int, int], None] | None:
+        """``(done, total)`` pairs -> a progress line every 10 s (None: silent, as in training)."""
+        if not self.progress_lines:
+            return None
+        lines: list[ProgressLines] = []
+
+        def advance(done: int, total: int) -> None:
+            if not lines:
+                lines.append(ProgressLines(label, total, "pairs"))
+            lines[0].advance(done - lines[0].done)
+
+        return advance
 
     def image_outputs(self, pixel_values: Tensor) -> dict[str, Tensor]:
         tokens, embeds = self.model.image_tokens_and_embeds(pixel_values)
@@ -139,7 +161,29 @@ class TwoStageEvaluator(RetrievalEvaluator):
         """(P,) ITM match logit minus no-match logit of image rows[p] with text cols[p]."""
         logits = self.model.itm_logits(tokens["input_ids"][cols], tokens["attention_mask"][cols],
                                        images["tokens"][rows])
-        return logits[:, 1] - logits[:, 0]
+        return logits[:, 1] if self.config.itm_score == "match_logit" else logits[:, 1] - logits[:, 0]
+
+    @torch.no_grad()
+    def retrieval(self, images: dict[str, Tensor], captions: list[list[str]], match_identical: bool = True
+                  ) -> dict[str, float]:
+        """``itc_r{k}_*`` from ITC alone, ``r{k}_*`` after the ITM rerank of each query's
+        top ``rerank_k`` (ITC alone when ``rerank_k`` is 0)."""
+        index = CaptionIndex.build(captions, match_identical)
+        texts, of_text = unique_texts(index.texts)
+        similarity = self.model.itc_similarity(images["embeds"], self.model.embed_texts(texts))  # (N, U) ITC
+        itc = recall_at_k(similarity[:, of_text].float().cpu(), index)
+        if self.config.rerank_k <= 0:
+            return itc
+        tokens = self.model.tokenize(texts)
+        k, batch, weight = self.config.rerank_k, self.config.itm_batch_size, self.rerank_itc_weight()
+        i2t = rerank_top_k(similarity, k, lambda q, c: self.itm_scores(images, q, tokens, c), batch, weight,
+                           self.progress("ITM rerank, image to text"))
+        t2i = rerank_top_k(similarity.T, k, lambda q, c: self.itm_scores(images, c, tokens, q), batch, weight,
+                           self.progress("ITM rerank, text to image"))
+        metrics = {f"itc_{k}": v for k, v in itc.items()}
+        metrics.update({m: v for m, v in recall_at_k(i2t[:, of_text].cpu(), index).items() if m.endswith("i2t")})
+        metrics.update({m: v for m, v in recall_at_k(t2i.T[:, of_text].cpu(), index).items() if m.endswith("t2i")})
+        return metrics
 
     def rerank_itc_weight(self) -> float:
         """What multiplies the ITC cosine in the reranked score (``eval.rerank_itc``)."""
@@ -160,17 +204,8 @@ class TwoStageEvaluator(RetrievalEvaluator):
     @torch.no_grad()
     def evaluate(self, images: dict[str, Tensor], ann: EvalAnnotations, answer_prior: AnswerPrior = None
                  ) -> dict[str, float]:
-        index = CaptionIndex.build(ann.captions)
-        texts, of_text = unique_texts(index.texts)
-        tokens = self.model.tokenize(texts)
-        similarity = self.model.itc_similarity(images["embeds"], self.model.embed_texts(texts))  # (N, U) ITC
-        metrics = {f"itc_{k}": v for k, v in recall_at_k(similarity[:, of_text].float().cpu(), index).items()
-                   if k.startswith("r1_")}
-        k, batch, weight = self.config.rerank_k, self.config.itm_batch_size, self.rerank_itc_weight()
-        i2t = rerank_top_k(similarity, k, lambda q, c: self.itm_scores(images, q, tokens, c), batch, weight)
-        t2i = rerank_top_k(similarity.T, k, lambda q, c: self.itm_scores(images, c, tokens, q), batch, weight)
-        metrics.update({m: v for m, v in recall_at_k(i2t[:, of_text].cpu(), index).items() if m.endswith("i2t")})
-        metrics.update({m: v for m, v in recall_at_k(t2i.T[:, of_text].cpu(), index).items() if m.endswith("t2i")})
+        metrics = {k: v for k, v in self.retrieval(images, ann.captions).items()
+                   if not k.startswith("itc_") or k.startswith("itc_r1_")}
         metrics.update(self.compositional_and_zeroshot(images, ann))
         if self.captions:
             predictions = [self.model.decode(row).strip() for row in images["caption_ids"].long()]
@@ -271,8 +306,6 @@ class ClassificationEvaluator(Evaluator):
                 labels.append(index[ann.zeroshot_classes[y]])
         if not rows:
             raise ValueError("the evaluation split has no image labelled with one of this model's classes")
-        logits = images["logits"][torch.tensor(rows, device=images["logits"].device)]
-        labels = torch.tensor(labels, device=logits.device)
-        top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
-        return {"acc": (top[:, 0] == labels).float().mean().item(),
-                "top5_acc": (top == labels[:, None]).any(-1).float().mean().item()}
+        logits = images["logits"][torch.tensor(rows, device=images["logits"].device)].float().cpu()
+        scores = classification_scores(logits, torch.tensor(labels), ks=(1, 5))
+        return {"acc": scores["top1"], **({"top5_acc": scores["top5"]} if scores["top5"] is not None else {})}

@@ -39,7 +39,7 @@ import threading
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -142,6 +142,23 @@ def fetch(name: str, source: dict, sha256: dict[str, str] | None = None, progres
     if kind == "url":
         return _fetch_url(name, source, sha256 or {}, progress)
     return artefacts.artefact_checkpoint(_zoo_reference(source["zoo"]))
+
+
+def download_to(url: str, target: Path, name: str, sha256: str | None = None, progress: bool = True) -> Path:
+    """``url`` into ``target`` (a data file, not a checkpoint: no cache), resumable through
+    ``<target>.part``, verified against ``sha256`` when given; its digest is recorded beside
+    it. A target already there (and matching ``sha256``) is kept."""
+    target = Path(target)
+    expected = _normalise_digest(sha256, target.name)
+    if target.is_file() and _cached_file_ok(target, expected):
+        return target
+    _check_reachable(name, url, target, _data_unavailable)
+    _download(name, url, target, expected, progress, _data_unavailable)
+    return target
+
+
+def _data_unavailable(name: str, where: str, target: str | os.PathLike, reason: str) -> CheckpointUnavailableError:
+    return CheckpointUnavailableError(f"{name}: cannot download {where} into {target}: {reason}")
 
 
 def cached_path(name: str, source: dict, sha256: dict[str, str] | None = None) -> Path | None:
@@ -313,14 +330,21 @@ def _fetch_url(name: str, source: dict, sha256: dict[str, str], progress: bool) 
             target.unlink()  # a different file than the manifest names: fetch it anew
             _sidecar(target).unlink(missing_ok=True)
         url = source["url"]
-        local = urllib.parse.urlparse(url).scheme == "file"
-        if is_offline() and not local:
-            raise _unavailable(name, url, target, "offline mode is on (VLZOO_OFFLINE / HF_HUB_OFFLINE)")
-        problem = None if local else unreachable(url)
-        if problem:
-            raise _unavailable(name, url, target, problem)
+        _check_reachable(name, url, target, _unavailable)
         _download(name, url, target, expected, progress)
     return target
+
+
+def _check_reachable(name: str, url: str, target: Path, unavailable: Callable[..., Exception]) -> None:
+    """Raise ``unavailable(...)`` when offline mode is on or ``url``'s server cannot be
+    reached (a ``file://`` URL always can)."""
+    if urllib.parse.urlparse(url).scheme == "file":
+        return
+    if is_offline():
+        raise unavailable(name, url, target, "offline mode is on (VLZOO_OFFLINE / HF_HUB_OFFLINE)")
+    problem = unreachable(url)
+    if problem:
+        raise unavailable(name, url, target, problem)
 
 
 def _cached_file_ok(target: Path, expected: str | None) -> bool:
@@ -330,8 +354,10 @@ def _cached_file_ok(target: Path, expected: str | None) -> bool:
     return _digest_matches(_known_digest(target, _sidecar(target)), expected)
 
 
-def _download(name: str, url: str, target: Path, expected: str | None, progress: bool) -> None:
+def _download(name: str, url: str, target: Path, expected: str | None, progress: bool,
+              unavailable: Callable[..., Exception] | None = None) -> None:
     """Stream ``url`` into ``<target>.part`` (resuming it), verify, then rename into place."""
+    unavailable = unavailable or _unavailable
     target.parent.mkdir(parents=True, exist_ok=True)
     part = target.with_name(target.name + ".part")
     digest = hashlib.sha256()
@@ -339,9 +365,9 @@ def _download(name: str, url: str, target: Path, expected: str | None, progress:
         _stream_into(name, url, part, digest, progress)
     except (urllib.error.URLError, http.client.HTTPException, OSError, TimeoutError) as err:
         if isinstance(err, urllib.error.HTTPError) and err.code in (404, 410):
-            raise FileNotFoundError(f"checkpoint {name!r}: {url} answered HTTP {err.code}") from err
+            raise FileNotFoundError(f"{name!r}: {url} answered HTTP {err.code}") from err
         kept = " (the partial file is kept; fetching again resumes it)" if part.exists() else ""
-        raise _unavailable(name, url, target, f"download failed: {err}{kept}") from err
+        raise unavailable(name, url, target, f"download failed: {err}{kept}") from err
     actual = digest.hexdigest()
     if expected and not _digest_matches(actual, expected):
         part.unlink(missing_ok=True)

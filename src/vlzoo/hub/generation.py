@@ -80,3 +80,14 @@ def answer_blip_vqa(parts, pixel_values: Tensor, questions: list[str], config: G
     """BLIP VQA: the answer decoder's text for each question."""
     ids, mask = parts.tokenize(questions)
     return _decode(parts.tokenizer, parts.model.answer(pixel_values, ids, mask, config))
+
+
+def rank_answers_blip_vqa(parts, pixel_values: Tensor, questions: list[str], answer_tokens: tuple[Tensor, Tensor],
+                          k: int) -> list[int]:
+    """BLIP VQA by ranking: the index in the answer list (``answer_tokens``: its ids and mask,
+    (A, La), tokenised once) of each question's answer: the ``k`` answers with the likeliest
+    first token, rescored by their whole likelihood."""
+    ids, mask = parts.tokenize(questions)
+    answer_ids, answer_mask = answer_tokens
+    return parts.model.rank_answers(parts.model.vision(pixel_values).tokens, ids, mask, answer_ids, answer_mask,
+                                    k).tolist()

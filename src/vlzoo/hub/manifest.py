@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from vlzoo import families
+from vlzoo.eval.names import BENCHMARK_KEYS
 
 MANIFEST_NAME = "checkpoints_manifest.yaml"
 WEIGHT_FORMATS = ("open_clip", "hf", "vlzoo")  # besides the original releases the families convert
@@ -137,6 +138,17 @@ def _check_metric(where: str, metric: Any, root: Path | None) -> None:
         _fill_measured(where, metric, root or repo_root())
     if not isinstance(metric.get("value"), (int, float)):
         _fail(f"{where}.value", f"expected a number, got {metric.get('value')!r}")
+    if "benchmark" in metric:  # the figure vlzoo eval --benchmark reproduces, and its key in the report
+        _check_benchmark(where, metric)
+
+
+def _check_benchmark(where: str, metric: dict[str, Any]) -> None:
+    keys = BENCHMARK_KEYS.get(metric["benchmark"])
+    if keys is None:
+        _fail(f"{where}.benchmark", f"expected one of {sorted(BENCHMARK_KEYS)}, got {metric['benchmark']!r}")
+    if metric.get("key") not in keys:
+        _fail(f"{where}.key", f"expected a metric of {metric['benchmark']} ({', '.join(keys)}), "
+                              f"got {metric.get('key')!r}")
 
 
 def read_measured(path: Path) -> dict[str, Any]:

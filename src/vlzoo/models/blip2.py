@@ -153,6 +153,11 @@ class BLIP2(QFormerOverFrozenVision):
         hidden = self.qformer(None, input_ids, mask).text
         return F.normalize(self.text_proj(pool_tokens(hidden, mask, self.text_pooling)), dim=-1)
 
+    def image_tokens_and_embeds(self, pixel_values: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, 3, H, W) -> the frozen tokens ITM reads (B, N, Dv) and the query embeddings (B, Q, E)."""
+        tokens = self.image_tokens(pixel_values)
+        return tokens, self.query_features(tokens)
+
     def encode_image(self, pixel_values: Tensor) -> Tensor:
         """(B, 3, H, W) -> (B, Q, E): one normalised embedding per query."""
         return self.query_features(self.image_tokens(pixel_values))

@@ -16,6 +16,7 @@ Built from vlzoo's shared block (:class:`~vlzoo.backbones.BertTextEncoder`,
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlzoo.backbones import BertTextEncoder, VisionEncoder
@@ -105,6 +106,44 @@ class BLIPVQA(nn.Module):
             return self.decode(ids, torch.ones_like(ids), states[rows], question_mask[rows])[:, -1]
 
         return generate(next_logits, prefix, self.eos_id, self.pad_id, config)
+
+    @torch.no_grad()
+    def rank_answers(
+        self, image_tokens: Tensor, question_ids: Tensor, question_mask: Tensor, answer_ids: Tensor,
+        answer_mask: Tensor, k: int = 128, label_smoothing: float = 0.1, chunk: int = 512,
+    ) -> Tensor:
+        """(B,) index into the answer list of each question's answer, as BLIP's ``rank_answer``.
+
+        image_tokens (B, N, Dv); questions (B, Lq); the answer list (A, La), each answer
+        tokenised with its end token ([DEC] replaces the first token). The ``k`` answers
+        whose first token is likeliest are rescored by the sum over their tokens of the
+        decoder's cross-entropy with ``label_smoothing`` (BLIP's decoder loss, 0.1, which
+        its ranking keeps); the lowest wins. Candidates are decoded ``chunk`` at a time (the
+        logits of B k answers over the vocabulary would not fit at once).
+        """
+        states = self.question_states(image_tokens, question_ids, question_mask)  # (B, Lq, Dt)
+        answers = answer_ids.clone()
+        answers[:, 0] = self.dec_id
+        n_questions, k = len(states), min(k, len(answers))
+        start = answers[:1, :1].expand(n_questions, 1)
+        first = self.decode(start, torch.ones_like(start), states, question_mask)[:, 0].softmax(-1)  # (B, V)
+        top = first[:, answers[:, 1]].topk(k, dim=1).indices  # (B, k) candidate answers
+        cand_ids, cand_mask = answers[top].flatten(0, 1), answer_mask[top].flatten(0, 1)  # (B k, La)
+        owner = torch.arange(n_questions, device=states.device).repeat_interleave(k)  # (B k,) its question
+        nll = torch.cat([self._answer_nll(cand_ids[s : s + chunk], cand_mask[s : s + chunk],
+                                          states[owner[s : s + chunk]], question_mask[owner[s : s + chunk]],
+                                          label_smoothing)
+                         for s in range(0, len(cand_ids), chunk)])  # (B k,)
+        best = nll.view(n_questions, k).argmin(1)
+        return top.gather(1, best[:, None]).squeeze(1)
+
+    def _answer_nll(self, ids: Tensor, mask: Tensor, states: Tensor, question_mask: Tensor, label_smoothing: float
+                    ) -> Tensor:
+        """(C,) summed smoothed cross-entropy of answers (C, La) after [DEC] given question states."""
+        logits = self.decode(ids, mask, states, question_mask)  # (C, La, V)
+        targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+        return F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), targets, ignore_index=-100,
+                               label_smoothing=label_smoothing, reduction="none").sum(1)
 
 
 def _check_cross_attention(encoder: BertTextEncoder, what: str) -> None:

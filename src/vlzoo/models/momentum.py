@@ -144,6 +144,10 @@ class MomentumModel(nn.Module):
         out = text(input_ids, attention_mask, layers=self.text_layers)
         return out.tokens, F.normalize(proj(out.pooled), dim=-1)
 
+    def image_tokens_and_embeds(self, pixel_values: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, 3, H, W) -> the tokens ITM reads (B, N, Dv) and the ITC embeddings (B, D)."""
+        return self.image_tokens_and_feat(pixel_values)
+
     def encode_image(self, pixel_values: Tensor) -> Tensor:
         """(B, 3, H, W) -> (B, D) normalised ITC embedding."""
         return self.image_tokens_and_feat(pixel_values)[1]
