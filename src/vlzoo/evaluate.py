@@ -59,7 +59,6 @@ def stdout_to_stderr() -> Iterator[None]:
 def score_caption_files(results_path: str, annotations_path: str) -> dict[str, Any]:
     """coco-caption scores of a results file against an annotations file (nocaps: also per
     ``domain``)."""
-    from vlzoo.eval.captioning import coco_caption_scores
     from vlzoo.eval.formats import (
         match_caption_results,
         read_caption_annotations,
@@ -73,16 +72,16 @@ def score_caption_files(results_path: str, annotations_path: str) -> dict[str, A
         log(f"{results_path} captions {len(results)} of the {len(annotations.captions)} images {annotations_path} "
             "annotates: the scores are over those")
     report = caption_report(results, references.captions, references.domains,
-                            n_annotated=len(annotations.captions), coco_caption_scores=coco_caption_scores)
+                            n_annotated=len(annotations.captions))
     return {**report, "units": CAPTION_UNITS}
 
 
-def caption_report(predictions: dict, references: dict, domains: dict, n_annotated: int | None,
-                   coco_caption_scores=None) -> dict[str, Any]:
+def caption_report(predictions: dict, references: dict, domains: dict, n_annotated: int | None
+                   ) -> dict[str, Any]:
     """Scores overall and, when images have a nocaps ``domain``, per domain (each scored as
     its own corpus, as the nocaps server does)."""
-    if coco_caption_scores is None:
-        from vlzoo.eval.captioning import coco_caption_scores
+    from vlzoo.eval.captioning import coco_caption_scores
+
     overall = coco_caption_scores(predictions, references)
     report: dict[str, Any] = {"metrics": overall.scores, "images": overall.images, "notes": overall.notes}
     if n_annotated is not None:
@@ -216,8 +215,9 @@ def _pixels(zoo, images: list):
     return torch.stack([zoo.preprocess(im) for im in images]).to(zoo.device)
 
 
-def _percent(metrics: dict[str, float]) -> dict[str, float]:
-    return {k: 100.0 * v for k, v in metrics.items()}
+def _percent(metrics: dict[str, float | None]) -> dict[str, float | None]:
+    """Fractions as percentages (None, an undefined figure, stays None)."""
+    return {k: None if v is None else 100.0 * v for k, v in metrics.items()}
 
 
 def from_published_release(zoo) -> bool:
@@ -405,7 +405,7 @@ def run_zeroshot(zoo, protocol, dataset, name: str, options: Options, skipped: d
         logits.append(embedding_similarity(zoo.model.encode_image(_pixels(zoo, images)), classifier).float().cpu())
         labels += [dataset.labels[i] for i in indices]
     scores = classification_scores(torch.cat(logits), torch.tensor(labels))
-    return {"metrics": {k: None if v is None else 100.0 * v for k, v in scores.items()},
+    return {"metrics": _percent(scores),
             "counts": {"images": len(labels), "classes": len(classnames)},
             "settings": {"templates": source, "n_templates": len(templates)}}
 
@@ -600,11 +600,10 @@ def report_table(report: dict[str, Any]) -> str:
     published = report.get("published") or {}
     rows = [("metric", "value", "published", "difference")]
     for key, value in _flat(report["metrics"]).items():
-        same = published.get("key") == key
-        rows.append((key, _format(value, kind), _format(published.get("value"), kind) if same else "",
-                     f"{published['difference']:+.2f}" if same and published.get("difference") is not None
-                     and kind == "percent" else (f"{published['difference']:+.4f}" if same and
-                                                 published.get("difference") is not None else "")))
+        theirs = published if published.get("key") == key else {}
+        difference = theirs.get("difference")
+        rows.append((key, _format(value, kind), _format(theirs["value"], kind) if theirs else "",
+                     "" if difference is None else "+" * (difference >= 0) + _format(difference, kind)))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
              for r in rows]
