@@ -65,6 +65,31 @@ def test_pil_images_are_preprocessed(checkpoints):
     assert model.encode_image([rgba, rgba.convert("L")]).shape == (2, 16)
 
 
+def test_a_vlzoo_checkpoint_is_preprocessed_as_its_training_data(checkpoints):
+    """A model vlzoo trained keeps vlzoo's pipeline: the data readers' to_rgb and PIL resize, then mean/std."""
+    from vlzoo.data.images import decode
+
+    for name in ("clip", "blip"):
+        model = vlzoo.load(checkpoints[name][1])
+        cfg = model.preprocess_config
+        assert model.pipeline.kind == "vlzoo" and model.exif_transpose is True  # upright, as its training data
+        for image in (Image.fromarray(np.random.default_rng(0).integers(0, 255, (41, 67, 3), dtype=np.uint8)),
+                      Image.fromarray(np.random.default_rng(1).integers(0, 255, (23, 19, 4), dtype=np.uint8), "RGBA")):
+            pixels = decode(image, cfg.image_size, cfg.resize_mode).float() / 255.0
+            expected = (pixels - torch.tensor(cfg.mean).view(3, 1, 1)) / torch.tensor(cfg.std).view(3, 1, 1)
+            torch.testing.assert_close(model.preprocess(image), expected, atol=1e-6, rtol=0)
+
+
+def test_generation_settings_take_transformers_names(checkpoints):
+    from vlzoo.hub.generation import CAPTION_DEFAULTS, generation_config
+
+    config = generation_config({}, "generation", CAPTION_DEFAULTS, {"max_new_tokens": 7, "num_beams": 1})
+    assert config.max_length == 7 and config.method == "greedy"
+    assert generation_config({}, "generation", CAPTION_DEFAULTS, {"num_beams": 4}).method == "beam"
+    with pytest.raises(TypeError, match="either max_new_tokens or max_length"):
+        generation_config({}, "generation", CAPTION_DEFAULTS, {"max_new_tokens": 7, "max_length": 9})
+
+
 def test_a_run_directory_loads_its_checkpoint(checkpoints, tmp_path):
     (tmp_path / "checkpoints").mkdir()
     save_task_checkpoint(checkpoints["clip"][0], tmp_path / "checkpoints" / "last.ckpt")

@@ -165,7 +165,11 @@ class ZooEvalModel:
 @dataclasses.dataclass
 class Options:
     """How ``vlzoo eval --model`` runs: batch sizes, reader threads, the rerank depth and the
-    VQA inference (None: the family protocol's), quiet progress."""
+    VQA inference (None: the family protocol's), quiet progress, and how images are read:
+    ``exif_transpose`` (rotate by EXIF orientation; None: as the model's reference, which for
+    open_clip, transformers and the original releases means not rotating) and
+    ``image_conversion`` (``reference``: the checkpoint's own colour conversion; ``vlzoo``:
+    :func:`vlzoo.data.images.to_rgb` first)."""
 
     batch_size: int = 32
     workers: int = 4
@@ -175,17 +179,20 @@ class Options:
     templates: str | None = None
     quiet: bool = False
     save_results: str | None = None
+    exif_transpose: bool | None = None  # None: as the model's pipeline's reference
+    image_conversion: str = "reference"
 
 
 def read_images(items: list, options: Options, label: str, skipped: dict[int, str]) -> Iterator[tuple[list[int], Any]]:
     """(indices, PIL images) in batches of ``options.batch_size``, decoded by a thread pool; an
     unreadable image is skipped, named and recorded in ``skipped``."""
-    from vlzoo.data.images import BadSample, open_image
+    from vlzoo.data.images import BadSample, load_image
     from vlzoo.inference import progress
 
     def load(i: int):
-        try:  # a path, or a webdataset member read now
-            return i, open_image(items[i].read() if hasattr(items[i], "read") else items[i])
+        try:  # a path, or a webdataset member read now; the mode left to the model's pipeline
+            return i, load_image(items[i].read() if hasattr(items[i], "read") else items[i],
+                                 exif_transpose=options.exif_transpose)
         except (BadSample, OSError) as bad:
             return i, bad if isinstance(bad, BadSample) else BadSample(f"unreadable ({bad})")
 
@@ -210,9 +217,7 @@ def read_images(items: list, options: Options, label: str, skipped: dict[int, st
 
 
 def _pixels(zoo, images: list):
-    import torch
-
-    return torch.stack([zoo.preprocess(im) for im in images]).to(zoo.device)
+    return zoo.pixel_values(list(images))
 
 
 def _percent(metrics: dict[str, float | None]) -> dict[str, float | None]:
@@ -474,8 +479,12 @@ def evaluate_model(model_ref: str, benchmark: str, data: str, device: str | None
                                  f"{err}") from err
     log(f"{benchmark}: read {spec.describe(dataset)} from {data}")
     zoo = load_model(model_ref, device)
+    zoo.set_image_options(options.image_conversion, options.exif_transpose)
+    options = dataclasses.replace(options, exif_transpose=zoo.exif_transpose)  # read as the model's reference
     protocol = zoo_family(zoo).protocol or _default_protocol()
     log(f"protocol: {protocol.source}")
+    log(f"images: {zoo.pipeline.kind} pipeline, {options.image_conversion} colour conversion, EXIF orientation "
+        f"{'applied' if options.exif_transpose else 'ignored'}")
     skipped: dict = {f"data {i}": why for i, why in enumerate(getattr(dataset, "skipped", []))}
     with torch.inference_mode():
         report = RUNNERS[spec.kind](zoo, protocol, dataset, benchmark, options, skipped)
@@ -677,7 +686,8 @@ def _benchmark_command(args: argparse.Namespace) -> None:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     options = Options(batch_size=args.batch_size, workers=args.workers, rerank_k=args.rerank_k,
                       vqa_inference=args.vqa_inference, classnames=args.classnames, templates=args.templates,
-                      quiet=args.json and not sys.stderr.isatty(), save_results=args.save_results)
+                      quiet=args.json and not sys.stderr.isatty(), save_results=args.save_results,
+                      exif_transpose=args.exif_transpose, image_conversion=args.image_conversion)
     report = evaluate_model(args.model, args.benchmark, args.data, args.device, options)
     if args.out:
         from vlzoo.utils import atomic_write_json
@@ -707,6 +717,11 @@ def add_eval_command(commands) -> None:
                    help="VQA answers generated or ranked over answer_list.json (default: the paper's)")
     p.add_argument("--classnames", default=None, help="zero-shot: class names file, one per line")
     p.add_argument("--templates", default=None, help="zero-shot: prompt templates file, one per line with {}")
+    p.add_argument("--exif-transpose", action=argparse.BooleanOptionalAction, default=None,
+                   help="rotate images by their EXIF orientation (default: as the model's reference: ignored by "
+                        "open_clip, transformers and the original releases, applied for a model vlzoo trained)")
+    p.add_argument("--image-conversion", choices=["reference", "vlzoo"], default="reference",
+                   help="colour conversion: the checkpoint's own (default) or vlzoo's (palette, alpha, 16-bit)")
     p.add_argument("--save-results", default=None, help="write captions / answers in the official results format")
     p.add_argument("--out", default=None, help="write the report (JSON) here too")
     p.add_argument("--json", action="store_true", help="print only JSON on stdout")

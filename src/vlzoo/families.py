@@ -76,7 +76,9 @@ class Family:
     - ``caption`` / ``answer``: ``(parts, pixel_values, prompt or questions, GenerationConfig)
       -> list[str]`` behind ``ZooModel.generate`` / ``.vqa`` (None: cannot).
     - ``hf_model_type`` / ``load_hf``: the transformers ``model_type`` it converts from
-      and the converter ``(directory, config.json dict) -> LoadedParts``.
+      and the converter ``(directory, config.json dict, dtype=None) -> LoadedParts``
+      (``dtype``: torch.float32/bfloat16/float16 or None, see :mod:`vlzoo.hub.convert.precision`;
+      a converter may load and then :func:`~vlzoo.hub.convert.precision.cast_parts`).
     - ``to_hf``: ``(parts, head) -> PreTrainedModel``, the ``vlzoo export --to hf`` exporter.
     - ``original_format`` / ``convert_original``: the manifest format of the original
       release and its key converter (see :mod:`vlzoo.hub.convert.original`).

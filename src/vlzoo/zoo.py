@@ -14,11 +14,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor, nn
 
 from vlzoo import families
 from vlzoo.config import VisionConfig
+from vlzoo.data.images import load_image
+from vlzoo.data.pipelines import ImagePipeline, build_image_transform
 from vlzoo.hub.convert import LoadedParts
 from vlzoo.hub.generation import ANSWER_DEFAULTS, CAPTION_DEFAULTS, generation_config
 from vlzoo.hub.loaders import load_parts, parts_from_zoo_config
@@ -32,30 +36,11 @@ class CapabilityError(NotImplementedError):
     """The loaded model's family (or checkpoint) cannot do what was asked."""
 
 
-RESIZE_MODES = ("shortest", "squash")
-
-
-def build_preprocess(cfg: VisionConfig):
-    """PIL image -> (3, S, S) float tensor: RGB; ``resize_mode`` ``shortest`` resizes the
-    shorter side to S and centre-crops (CLIP, open_clip), ``squash`` resizes to S x S
-    (BLIP's and ALBEF's pipelines, transformers' BlipImageProcessor); the config's
-    interpolation; scaled to [0, 1] and normalised with mean/std."""
-    from torchvision.transforms import v2
-
-    mode = {"bicubic": v2.InterpolationMode.BICUBIC, "bilinear": v2.InterpolationMode.BILINEAR}[cfg.interpolation]
-    size = cfg.image_size
-    if cfg.resize_mode not in RESIZE_MODES:
-        raise ValueError(f"vision.resize_mode must be one of {RESIZE_MODES}, got {cfg.resize_mode!r}")
-    resize = ([v2.Resize((size, size), interpolation=mode, antialias=True)] if cfg.resize_mode == "squash"
-              else [v2.Resize(size, interpolation=mode, antialias=True), v2.CenterCrop(size)])
-    transform = v2.Compose([
-        v2.ToImage(), *resize, v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(cfg.mean), list(cfg.std)),
-    ])
-
-    def preprocess(image) -> Tensor:
-        return transform(image.convert("RGB") if hasattr(image, "convert") else image)
-
-    return preprocess
+def build_preprocess(cfg: VisionConfig, pipeline: ImagePipeline | None = None, conversion: str = "reference"):
+    """PIL image -> (3, S, S) float tensor through ``pipeline`` (None: vlzoo's own, from ``cfg``:
+    ``resize_mode`` ``shortest`` resizes the shorter side to S and centre-crops, ``squash``
+    resizes to S x S; bicubic; mean/std). See :mod:`vlzoo.data.pipelines`."""
+    return build_image_transform(pipeline or ImagePipeline(), cfg, conversion)
 
 
 def embedding_similarity(image: Tensor, text: Tensor) -> Tensor:
@@ -74,14 +59,17 @@ class ZooModel(nn.Module):
     ``tokenizer`` (texts -> ``input_ids``/``attention_mask``), ``source``.
     """
 
-    def __init__(self, parts: LoadedParts):
+    def __init__(self, parts: LoadedParts, image_conversion: str = "reference", exif_transpose: bool | None = None):
         super().__init__()
         families.get(parts.family)  # a registered family, or an error naming the known ones
         self.model = parts.model
         self.family, self.capabilities, self.config = parts.family, parts.capabilities, parts.config
         self.preprocess_config = parts.preprocess
-        self.preprocess = build_preprocess(parts.preprocess)
+        self.pipeline = parts.pipeline or ImagePipeline()
+        self.set_image_options(image_conversion, exif_transpose)
         self.tokenizer = parts.tokenizer
+        if self.tokenizer is not None and self.pipeline.kind == "open_clip":
+            self.tokenizer.pad_to_context = True  # open_clip's tokenizer pads to its context length
         self.source = parts.source
         self.extra = parts.extra
         self.eval()
@@ -105,12 +93,45 @@ class ZooModel(nn.Module):
                              "decoded to text (put the tokenizer files in the model directory)")
 
     # ----------------------------------------------------------------- inputs
+    def set_image_options(self, image_conversion: str = "reference", exif_transpose: bool | None = None) -> None:
+        """``image_conversion``: ``reference`` (the release's own colour conversion) or ``vlzoo``
+        (:func:`vlzoo.data.images.to_rgb` first: palette expanded before resizing, alpha onto
+        white, 16-bit scaled); ``exif_transpose``: rotate image files by their EXIF orientation
+        (None: as the pipeline's reference: the foreign references do not, vlzoo's own
+        readers do)."""
+        self.preprocess = build_preprocess(self.preprocess_config, self.pipeline, image_conversion)
+        self.image_conversion = image_conversion
+        self.exif_transpose = self.pipeline.kind == "vlzoo" if exif_transpose is None else exif_transpose
+
     def pixel_values(self, images) -> Tensor:
-        """A (B, 3, S, S) tensor as is, or PIL images (one or a list) preprocessed."""
-        if isinstance(images, Tensor):
-            return images.to(self.device)
-        images = images if isinstance(images, Sequence) else [images]
-        return torch.stack([self.preprocess(im) for im in images]).to(self.device)
+        """A (B, 3, S, S) float tensor as is (moved to the model's device and input dtype), or
+        images preprocessed by the checkpoint's own pipeline: one or a sequence of PIL images,
+        file paths, encoded bytes, (H, W[, C]) uint8 arrays or (C, H, W) uint8 tensors."""
+        if isinstance(images, Tensor) and images.dim() == 4:
+            return images.to(self.device, self.input_dtype)
+        one = not isinstance(images, Sequence) or isinstance(images, (str, bytes, bytearray, memoryview))
+        images = [images] if one else images
+        pixels = torch.stack([self.preprocess(self._image(im)) for im in images])
+        return pixels.to(self.device, self.input_dtype)
+
+    @property
+    def input_dtype(self) -> torch.dtype:
+        """The dtype the model's image tower takes (float32, or its half precision after
+        ``vlzoo.load(..., dtype=...)``; BLIP-2's frozen tower casts its own input)."""
+        vision = getattr(self.model, "vision", self.model)
+        return next((p.dtype for p in vision.parameters() if p.is_floating_point()), torch.float32)
+
+    def _image(self, image):
+        """A PIL image as is; a path or bytes decoded as the reference reads files (EXIF
+        orientation applied only when ``exif_transpose``); an array or tensor as a PIL image."""
+        if isinstance(image, (str, Path, bytes, bytearray, memoryview)):
+            return load_image(bytes(image) if isinstance(image, memoryview) else image,
+                              exif_transpose=self.exif_transpose)
+        if isinstance(image, Tensor):  # (C, H, W) uint8, as torchvision reads images
+            image = image.permute(1, 2, 0).squeeze(-1).cpu().numpy() if image.dim() == 3 else image.cpu().numpy()
+        if isinstance(image, np.ndarray):
+            return Image.fromarray(image)
+        return image
 
     def tokenize(self, texts: str | Sequence[str] | Tensor, attention_mask: Tensor | None = None
                  ) -> tuple[Tensor, Tensor | None]:
@@ -207,8 +228,19 @@ def create_model(name_or_config: str | Path, pretrained: bool = False) -> ZooMod
     return ZooModel(parts)
 
 
-def load(ref: str | Path, device: str | torch.device | None = None) -> ZooModel:
-    """A pretrained model in eval mode, with ``.preprocess`` and ``.tokenizer``. See the
-    module docstring for what ``ref`` may be."""
-    model = ZooModel(load_parts(ref))
+def load(ref: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+         image_conversion: str = "reference", exif_transpose: bool | None = None) -> ZooModel:
+    """A pretrained model in eval mode, with ``.preprocess`` (the checkpoint's own image
+    pipeline) and ``.tokenizer``. See the module docstring for what ``ref`` may be, and
+    :meth:`ZooModel.set_image_options` for ``image_conversion`` and ``exif_transpose``.
+
+    ``dtype``: ``torch.float16``, ``torch.bfloat16``, ``torch.float32`` or None (as
+    stored). BLIP-2 runs its frozen parts in it (the vision tower; stage 2's LLM) and keeps
+    ``ln_vision``, the Q-Former with its queries and the projections (``llm_proj``) in
+    float32, as transformers and LAVIS do (a float16 Q-Former overflows); its LLM is read
+    from a transformers directory straight into ``dtype``, one tensor at a time, never as
+    a float32 copy. CLIP, ALBEF and BLIP have no frozen part: the whole model is cast, as
+    ``model.to(dtype)``. Anything else is a ValueError. ``device``: where the model goes
+    after loading."""
+    model = ZooModel(load_parts(ref, dtype), image_conversion, exif_transpose)
     return model.to(device) if device is not None else model

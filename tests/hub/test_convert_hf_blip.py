@@ -131,8 +131,7 @@ def test_captioning_logits_and_greedy_generation_match_transformers():
     logits = ours.decoder_logits(ids, mask, ours.vision(pixels).tokens)
     assert_close(logits, hf(pixel_values=pixels, input_ids=ids, attention_mask=mask).logits)
 
-    hf_ids = hf.generate(pixel_values=pixels, max_new_tokens=GREEDY.max_length, num_beams=1, do_sample=False,
-                         suppress_tokens=[PAD])  # vlzoo never generates padding
+    hf_ids = hf.generate(pixel_values=pixels, max_new_tokens=GREEDY.max_length, num_beams=1, do_sample=False)
     prefix = torch.full((2, 1), DEC)
     assert torch.equal(ours.generate(pixels, prefix, GREEDY), hf_ids[:, 1:])
 
@@ -162,8 +161,13 @@ def test_vqa_answer_logits_and_answers_match_transformers():
     # transformers' generate lets the decoder read question padding: compare unpadded questions
     full = torch.ones_like(q_mask)
     hf_ids = hf.generate(input_ids=enc_questions, pixel_values=pixels, attention_mask=full,
-                         max_new_tokens=GREEDY.max_length, num_beams=1, do_sample=False, suppress_tokens=[PAD])
+                         max_new_tokens=GREEDY.max_length, num_beams=1, do_sample=False)
     assert torch.equal(ours.answer(pixels, questions, full, GREEDY), hf_ids[:, 1:])
+    beam = GenerationConfig(method="beam", num_beams=3, max_length=6, min_length=2, length_penalty=0.8)
+    hf_ids = hf.generate(input_ids=enc_questions, pixel_values=pixels, attention_mask=full, max_new_tokens=6,
+                         min_new_tokens=2, num_beams=3, length_penalty=0.8, do_sample=False)
+    got = ours.answer(pixels, questions, full, beam)
+    assert torch.equal(got, hf_ids[:, 1 : 1 + got.shape[1]]) and (hf_ids[:, 1 + got.shape[1]:] == PAD).all()
 
 
 # --------------------------------------------------------------- keys and loading
@@ -245,7 +249,7 @@ def test_config_defaults_and_sizes():
     assert cfg.vision.kwargs["num_heads"] == 12 and cfg.vision.kwargs["mlp_ratio"] == 4.0
     assert cfg.text.kwargs["num_attention_heads"] == 8 and cfg.text.kwargs["type_vocab_size"] == 0
     assert cfg.text.kwargs["vocab_size"] == 30524 and cfg.embed_dim == 256 and cfg.queue_size == 4096
-    assert cfg.text.context_length == 35 and cfg.vision.interpolation == "bicubic"
+    assert cfg.text.context_length == 512 and cfg.vision.interpolation == "bicubic"  # no truncation, as the processor
 
 
 @pytest.mark.parametrize("architecture", [RETRIEVAL, CAPTIONING, VQA])

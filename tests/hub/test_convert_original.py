@@ -316,6 +316,7 @@ def test_albef_pretrain_file(tmp_path, vocab):
     assert torch.equal(model.mlm_head.decoder.weight, state["text_encoder.bert.embeddings.word_embeddings.weight"])
     assert_queue(model, q)
     assert parts.extra["absent"] == () and model.temp.item() == pytest.approx(0.05)
+    assert_original_pipeline(parts)
     check_itc_by_hand(model, state, "text_encoder.bert.", vocab)
 
 
@@ -351,6 +352,7 @@ def test_blip_files(tmp_path, vocab, kind):
     expected = {"pretrain": {"encode", "itm", "generate"}, "retrieval": {"encode", "itm"}, "caption": {"generate"},
                 "untied_lm_head": {"encode", "itm"}}[kind]
     assert parts.capabilities == expected, parts.extra["notes"]
+    assert_original_pipeline(parts)
     assert_landed(model, state, skip=lambda n: n == "text_decoder.cls.predictions.decoder.weight")
     assert torch.equal(model.text.embeddings.token_type_embeddings.weight, torch.zeros(2, DT))  # MED has none
     assert all(m.eps == 1e-6 for m in model.vision.modules() if isinstance(m, torch.nn.LayerNorm))
@@ -367,6 +369,23 @@ def test_blip_files(tmp_path, vocab, kind):
     if kind == "caption":
         assert torch.equal(model.text.encoder.layer[0].crossattention.self.key.weight,
                            state["text_decoder.bert.encoder.layer.0.crossattention.self.key.weight"])
+
+
+def assert_original_pipeline(parts) -> None:
+    """The release's own evaluation transform: torchvision's bicubic Resize((S, S)) of the PIL image."""
+    import numpy as np
+    from PIL import Image
+    from torchvision import transforms
+
+    from vlzoo.zoo import ZooModel
+
+    vision = parts.config.vision
+    assert parts.pipeline.kind == "original" and parts.pipeline.settings["size"] == vision.image_size
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (45, 71, 3), dtype=np.uint8))
+    reference = transforms.Compose([
+        transforms.Resize((vision.image_size,) * 2, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.ToTensor(), transforms.Normalize(vision.mean, vision.std)])
+    assert torch.equal(ZooModel(parts).preprocess(image), reference(image))
 
 
 def test_blip_decoder_copy_differs(tmp_path, vocab):

@@ -188,11 +188,58 @@ def test_min_length_delays_eos(method: str, min_length: int) -> None:
     assert out.tolist() == [[A, C, D][:min_length] + [EOS]]
 
 
-@pytest.mark.parametrize("method", ["greedy", "beam", "nucleus"])
-def test_pad_is_never_generated(method: str) -> None:
+def test_pad_is_generated_when_likeliest_as_transformers_does() -> None:
     padded = bigram({BOS: {PAD: 0.7, A: 0.3}})
-    out = run(Bigram(padded), [[BOS]], method=method, min_length=0, max_length=5)
-    assert out.tolist() == [[A, EOS]]
+    out = run(Bigram(padded), [[BOS]], method="greedy", min_length=0, max_length=2)
+    assert out.tolist() == [[PAD, EOS]]
+
+
+def tiny_causal_lm(seed: int, vocab: int = 12):
+    """A random transformers GPT-2 whose small vocabulary makes EOS and ties of beams likely."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=vocab, n_positions=64, n_embd=16, n_layer=2, n_head=2, bos_token_id=BOS,
+                        eos_token_id=EOS, pad_token_id=PAD)
+    model = GPT2LMHeadModel(config).eval()
+    with torch.no_grad():  # sharper distributions: beams diverge and finish at different lengths
+        model.lm_head.weight.mul_(6.0)
+    return model
+
+
+SETTINGS = [  # (num_beams, max_new, min_new, repetition_penalty, length_penalty, early_stopping)
+    (1, 8, 0, 1.0, 1.0, False), (1, 8, 3, 1.3, 1.0, False), (2, 8, 0, 1.0, 1.0, False),
+    (3, 10, 2, 1.0, 1.0, False), (3, 10, 0, 1.5, 1.0, False), (3, 10, 0, 1.0, 0.6, False),
+    (3, 10, 1, 1.0, 2.0, "never"), (4, 9, 0, 1.0, -0.5, False), (3, 10, 0, 1.0, 1.0, True),
+    (5, 12, 5, 1.2, 1.0, False),
+]
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=[str(s) for s in SETTINGS])
+@pytest.mark.parametrize("seed", range(2))
+@torch.no_grad()
+def test_tokens_equal_transformers_generate(seed: int, setting: tuple) -> None:
+    """Greedy and beam search give transformers' generate tokens under the same settings."""
+    beams, max_new, min_new, repetition, length_penalty, early_stopping = setting
+    model = tiny_causal_lm(seed)
+    prefix = torch.tensor([[BOS, A], [BOS, C], [BOS, E]])
+    expected = model.generate(prefix, attention_mask=torch.ones_like(prefix), do_sample=False, num_beams=beams,
+                              max_new_tokens=max_new, min_new_tokens=min_new, repetition_penalty=repetition,
+                              length_penalty=length_penalty, early_stopping=early_stopping, eos_token_id=EOS,
+                              pad_token_id=PAD)[:, prefix.shape[1]:]
+    config = GenerationConfig(method="beam" if beams > 1 else "greedy", num_beams=beams, max_length=max_new,
+                              min_length=min_new, repetition_penalty=repetition, length_penalty=length_penalty,
+                              early_stopping=early_stopping)
+    ours = generate(lambda ids, rows: model(ids).logits[:, -1], prefix, EOS, PAD, config)
+    assert until_eos(ours) == until_eos(expected)  # transformers pads with EOS when the pad id is 0
+
+
+def until_eos(ids: Tensor) -> list[list[int]]:
+    """Each row's tokens up to and including its first EOS (the rest is padding)."""
+    rows = []
+    for row in ids.tolist():
+        rows.append(row[: row.index(EOS) + 1] if EOS in row else row)
+    return rows
 
 
 def test_nucleus_with_tiny_top_p_equals_greedy() -> None:

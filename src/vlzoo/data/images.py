@@ -1,7 +1,9 @@
 """Decoding images from files and bytes, safely: every failure is a :class:`BadSample`.
 
 Whatever a dataset holds (grayscale, palette, RGBA, CMYK, 16-bit, EXIF-rotated), the
-result is an 8-bit RGB image; transparent pixels are composited onto white. Images
+result of :func:`open_image` (vlzoo's readers) is an 8-bit RGB image turned upright by its
+EXIF orientation; :func:`load_image` gives the image as the reference pipelines see it
+(its own mode, EXIF orientation only on request); transparent pixels are composited onto white. Images
 with more than ``max_pixels`` pixels are refused before their pixels are decoded
 (decompression-bomb guard).
 """
@@ -34,12 +36,26 @@ class BadSample(Exception):
         return BadSample(self.reason, location)
 
 
-def open_image(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """A path or encoded bytes -> a fully decoded 8-bit RGB PIL image.
+def open_image(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
+               exif_transpose: bool = True) -> Image.Image:
+    """A path or encoded bytes -> a fully decoded 8-bit RGB PIL image (rotated by its EXIF
+    orientation unless ``exif_transpose`` is False).
 
     Raises :class:`BadSample` for a missing or empty file, undecodable or truncated
     data, and images over ``max_pixels``.
     """
+    image = load_image(source, max_pixels, exif_transpose)
+    try:
+        return to_rgb(image)
+    except (OSError, ValueError) as err:
+        raise BadSample(f"image could not be converted to RGB ({err})") from err
+
+
+def load_image(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
+               exif_transpose: bool = False) -> Image.Image:
+    """A path or encoded bytes -> the decoded PIL image in its own mode (what
+    ``Image.open(path)`` gives the reference pipelines), rotated by its EXIF orientation
+    only when ``exif_transpose``. Raises :class:`BadSample` as :func:`open_image`."""
     if isinstance(source, (str, Path)):
         path = Path(source)
         if not path.is_file():
@@ -61,10 +77,12 @@ def open_image(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS)
             raise BadSample("not a decodable image") from err
         except (OSError, SyntaxError, ValueError) as err:  # truncated or corrupt data
             raise BadSample(f"corrupt or truncated image ({err})") from err
+    if not exif_transpose:
+        return image
     try:
-        return to_rgb(ImageOps.exif_transpose(image))
+        return ImageOps.exif_transpose(image)
     except (OSError, ValueError) as err:
-        raise BadSample(f"image could not be converted to RGB ({err})") from err
+        raise BadSample(f"image EXIF orientation could not be applied ({err})") from err
 
 
 def check_size(image: Image.Image, max_pixels: int) -> None:

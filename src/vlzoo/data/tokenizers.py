@@ -8,7 +8,8 @@ Three kinds, chosen by name in a text-encoder config:
 - anything else: a Hugging Face tokenizer name or local directory (``AutoTokenizer``).
 
 Every tokenizer pads on the right, so the last attended position of a row is its
-end-of-text token (CLIP's EOT pooling).
+end-of-text token (CLIP's EOT pooling); to the batch's longest row, or (``pad_to_context``,
+as open_clip's tokenizer for checkpoints loaded from open_clip) to the context length.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class Tokenizer:
 
     info: TokenizerInfo
     context_length: int
+    pad_to_context: bool = False  # pad every batch to context_length (open_clip's output), not its longest row
 
     def __call__(self, texts: str | list[str]) -> dict[str, torch.Tensor]:
         """Tokenize ``texts`` into ``input_ids`` and ``attention_mask``, each (B, L) long."""
@@ -54,7 +56,7 @@ class Tokenizer:
         for row in rows:  # keep the end-of-text token when truncating
             if self.info.eos_id is not None and len(row) == self.context_length:
                 row[-1] = self.info.eos_id
-        length = max(1, max(len(r) for r in rows))
+        length = self.context_length if self.pad_to_context else max(1, max(len(r) for r in rows))
         input_ids = torch.full((len(rows), length), self.info.pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
         for i, row in enumerate(rows):

@@ -19,6 +19,7 @@ import yaml
 
 from vlzoo import families
 from vlzoo.config import VisionConfig, as_config
+from vlzoo.data.pipelines import ImagePipeline
 from vlzoo.data.tokenizers import HFTokenizer
 from vlzoo.hub.convert import LoadedParts
 from vlzoo.hub.convert.hf_blip2 import IMAGE_TOKEN
@@ -70,6 +71,8 @@ def export_parts(parts: LoadedParts, out: str | Path) -> Path:
         for key in ("generation", "vqa_generation"):  # the decoding the model was evaluated with
             if parts.extra.get(key) is not None:
                 meta[key] = dataclasses.asdict(parts.extra[key])
+        if parts.pipeline is not None:  # the release's own image pipeline, kept through the export
+            meta["pipeline"] = dataclasses.asdict(parts.pipeline)
         if parts.extra.get("classes"):  # a CLIP fine-tuned for classification: its head's classes
             meta["classes"] = list(parts.extra["classes"])
         token_ids = {k: getattr(parts.model, f"{k}_id") for k in ("enc", "dec", "pad", "eos")
@@ -126,8 +129,9 @@ def load_export(directory: str | Path) -> LoadedParts:
     for key in ("generation", "vqa_generation"):
         if meta.get(key) is not None:
             extra[key] = GenerationConfig(**meta[key])
+    pipeline = ImagePipeline(**meta["pipeline"]) if meta.get("pipeline") else None
     return LoadedParts(family.name, model.eval(), config, preprocess, tokenizer, frozenset(meta["capabilities"]),
-                       str(directory), extra)
+                       str(directory), extra, pipeline)
 
 
 def export_to_hf(parts: LoadedParts, out: str | Path, head: str | None = None) -> Path:

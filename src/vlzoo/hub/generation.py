@@ -19,12 +19,24 @@ CAPTION_DEFAULTS = GenerationConfig(method="beam", num_beams=3, max_length=30, m
 ANSWER_DEFAULTS = GenerationConfig(method="greedy", max_length=10, min_length=1)
 
 
+HF_NAMES = {"max_new_tokens": "max_length", "min_new_tokens": "min_length"}  # the same counts of new tokens
+
+
 def generation_config(extra: dict[str, Any], key: str, default: GenerationConfig, overrides: dict[str, Any]
                       ) -> GenerationConfig:
     """The model's own decoding settings (``extra[key]``: ``generation`` for captions,
     ``vqa_generation`` for answers; else ``default``) with ``overrides``
-    (GenerationConfig fields; an unknown one is an error naming it)."""
+    (GenerationConfig fields, or transformers' ``max_new_tokens`` / ``min_new_tokens``, which
+    count new tokens as vlzoo's ``max_length`` / ``min_length`` do; ``num_beams`` without a
+    ``method`` picks beam search above 1 and greedy at 1, as transformers; an unknown one is
+    an error naming it)."""
     base = extra.get(key) or default
+    both = [(hf, ours) for hf, ours in HF_NAMES.items() if hf in overrides and ours in overrides]
+    if both:
+        raise TypeError(f"give either {both[0][0]} or {both[0][1]} (the same count of new tokens), not both")
+    overrides = {HF_NAMES.get(k, k): v for k, v in overrides.items()}
+    if "num_beams" in overrides and "method" not in overrides:  # as transformers: beams > 1 is beam search
+        overrides["method"] = "beam" if overrides["num_beams"] > 1 else "greedy"
     unknown = set(overrides) - {f.name for f in dataclasses.fields(GenerationConfig)}
     if unknown:
         raise TypeError(f"unknown generation settings {sorted(unknown)}; "

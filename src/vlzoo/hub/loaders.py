@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -16,12 +16,16 @@ from vlzoo.finetune import has_lora, merge_lora
 from vlzoo.hub.convert import LoadedParts
 from vlzoo.hub.convert.clip import OPEN_CLIP_WEIGHT_FILES, load_open_clip_dir, load_open_clip_file
 from vlzoo.hub.convert.original import load_original
+from vlzoo.hub.convert.precision import cast_parts, check_load_dtype
 from vlzoo.hub.download import fetch, fetch_hf_repo
 from vlzoo.hub.export import EXPORT_CONFIG, load_export
 from vlzoo.hub.manifest import config_path, get_entry
 from vlzoo.models.builders import concrete_config
 from vlzoo.utils import read_json_file
 from vlzoo.weights import CheckpointKeyError, read_hf_config
+
+if TYPE_CHECKING:
+    import torch
 
 
 def parts_from_task(task, source: str) -> LoadedParts:
@@ -100,48 +104,52 @@ def load_parts_once(ref: str | Path) -> LoadedParts:
     return _HANDED_OVER.pop(str(ref), None) or load_parts(ref)
 
 
-def load_parts(ref: str | Path) -> LoadedParts:
-    """Resolve ``ref``: ``hf://org/repo``, an existing file or directory, or a manifest name."""
+def load_parts(ref: str | Path, dtype: torch.dtype | None = None) -> LoadedParts:
+    """Resolve ``ref``: ``hf://org/repo``, an existing file or directory, or a manifest name.
+    ``dtype`` (float32, bfloat16, float16 or None: as stored): the precision of the model,
+    see :mod:`vlzoo.hub.convert.precision` (BLIP-2: the frozen parts only)."""
+    check_load_dtype(dtype)
     text = str(ref)
     if text.startswith("hf://"):
-        return load_path(fetch_hf_repo(text.removeprefix("hf://")))
+        return load_path(fetch_hf_repo(text.removeprefix("hf://")), dtype)
     path = Path(text).expanduser()
     if path.exists():
-        return load_path(path)
+        return load_path(path, dtype)
     try:
         entry = get_entry(text)
     except (KeyError, FileNotFoundError) as err:
         raise FileNotFoundError(f"{text!r} is neither a file or directory nor a manifest name: {err.args[0]}") from None
-    return load_entry(entry)
+    return load_entry(entry, dtype)
 
 
-def load_path(path: Path) -> LoadedParts:
-    """A local checkpoint file or model directory."""
+def load_path(path: Path, dtype: torch.dtype | None = None) -> LoadedParts:
+    """A local checkpoint file or model directory, in ``dtype`` (see :func:`load_parts`)."""
     if path.is_file():
-        return parts_from_task(families.load_task(path), str(path))
+        return cast_parts(parts_from_task(families.load_task(path), str(path)), dtype)
     if (path / EXPORT_CONFIG).is_file():
-        return load_export(path)
+        return cast_parts(load_export(path), dtype)
     has_hf_config = (path / "config.json").is_file()
     # open_clip's hub layout may hold a config.json too (timm's, no transformers model_type)
     if (path / "open_clip_config.json").is_file() and (
             not has_hf_config or families.of_model_type(read_hf_config(path).get("model_type")) is None):
-        return load_open_clip_dir(path)
+        return cast_parts(load_open_clip_dir(path), dtype)
     if has_hf_config:
-        return load_hf_dir(path)
+        return load_hf_dir(path, dtype)
     checkpoints = path / "checkpoints"
     if checkpoints.is_dir():  # a `vlzoo fit` run directory: its best checkpoint, else last
         best = sorted(checkpoints.glob("best*.ckpt"), key=lambda p: p.stat().st_mtime)
         chosen = best[-1] if best else checkpoints / "last.ckpt"
         if chosen.is_file():
-            return load_path(chosen)
+            return load_path(chosen, dtype)
     raise ValueError(f"{path}: not a model directory vlzoo can read (expected {EXPORT_CONFIG} from `vlzoo export`, "
                      "a Hugging Face config.json, an open_clip_config.json, or a run directory with checkpoints/)")
 
 
-def load_hf_dir(directory: str | Path) -> LoadedParts:
+def load_hf_dir(directory: str | Path, dtype: torch.dtype | None = None) -> LoadedParts:
     """A local transformers directory whose ``model_type`` a registered family converts
     (``clip``, ``blip``, ``blip-2``); a config field or tensor the converter needs and does
-    not find is an error naming the directory and the key."""
+    not find is an error naming the directory and the key. ``dtype`` goes to the
+    family's converter (``Family.load_hf``): BLIP-2 reads its LLM straight into it."""
     directory = Path(directory)
     hf_config = read_hf_config(directory)
     family = families.of_model_type(hf_config.get("model_type"))
@@ -150,7 +158,7 @@ def load_hf_dir(directory: str | Path) -> LoadedParts:
         raise ValueError(f"{directory / 'config.json'}: model_type {hf_config.get('model_type')!r} is not "
                          f"supported; expected one of {known}")
     try:
-        return family.load_hf(directory, hf_config)
+        return family.load_hf(directory, hf_config, dtype=dtype)
     except CheckpointKeyError:
         raise
     except KeyError as err:
@@ -158,16 +166,17 @@ def load_hf_dir(directory: str | Path) -> LoadedParts:
                          f"{hf_config.get('model_type')!r} model has") from err
 
 
-def load_entry(entry) -> LoadedParts:
-    """Fetch (or find in the cache) a manifest entry's weights and convert them."""
+def load_entry(entry, dtype: torch.dtype | None = None) -> LoadedParts:
+    """Fetch (or find in the cache) a manifest entry's weights and convert them (in
+    ``dtype``, see :func:`load_parts`)."""
 
     local = Path(fetch(entry.name, entry.source, entry.sha256))
     if entry.format == "open_clip":
-        parts = _load_open_clip_entry(entry, local)
+        parts = cast_parts(_load_open_clip_entry(entry, local), dtype)
     elif entry.format in ("hf", "vlzoo"):
-        parts = load_path(local)
+        parts = load_path(local, dtype)
     else:
-        parts = load_original_entry(entry, local)
+        parts = cast_parts(load_original_entry(entry, local), dtype)
     if parts.family != entry.family:
         raise ValueError(f"manifest entry {entry.name!r} says family {entry.family!r}, "
                          f"but its weights load as {parts.family!r}")
@@ -191,11 +200,13 @@ def load_original_entry(entry, local: Path) -> LoadedParts:
 def _load_open_clip_entry(entry, local: Path) -> LoadedParts:
     """open_clip weights: a hub snapshot directory (``open_clip_config.json`` optional)
     or a single file; the architecture from the snapshot's config or open_clip's own."""
-    preprocess = {k: entry.preprocess[k] for k in ("mean", "std", "interpolation")}
+    preprocess = {k: entry.preprocess[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in entry.preprocess}
     source, model_cfg = entry.source["open_clip"], None
     if local.is_dir():
         if (local / "open_clip_config.json").is_file():
-            model_cfg = read_json_file(local / "open_clip_config.json", "an open_clip config object").get("model_cfg")
+            raw = read_json_file(local / "open_clip_config.json", "an open_clip config object")
+            model_cfg = raw.get("model_cfg")
+            preprocess = {**(raw.get("preprocess_cfg") or {}), **preprocess}  # e.g. its resize_mode, fill_color
         weights = next((local / f for f in OPEN_CLIP_WEIGHT_FILES if (local / f).is_file()), None)
         if weights is None:
             raise FileNotFoundError(f"{entry.name}: {local} holds none of {OPEN_CLIP_WEIGHT_FILES}")

@@ -58,13 +58,18 @@ class FrozenImageEncoder(nn.Module):
 
     def __init__(self, encoder: VisionEncoder, dtype: str | None = None):
         super().__init__()
-        if dtype not in FROZEN_DTYPES:
-            raise ValueError(f"frozen precision must be one of {[k for k in FROZEN_DTYPES if k]}, got {dtype!r}")
         encoder.lock()
         self.encoder = encoder
-        self.dtype = FROZEN_DTYPES[dtype]
-        if self.dtype is not None:
-            encoder.to(self.dtype)
+        self.dtype = None
+        if dtype is not None:  # None: as built
+            self.set_precision(dtype)
+
+    def set_precision(self, precision: str | None) -> None:
+        """Run in ``precision`` (``bf16``, ``fp16``; None or ``fp32``: float32) from now on."""
+        if precision not in FROZEN_DTYPES:
+            raise ValueError(f"frozen precision must be one of {[k for k in FROZEN_DTYPES if k]}, got {precision!r}")
+        self.dtype = FROZEN_DTYPES[precision]
+        self.encoder.to(self.dtype or torch.float32)
 
     @property
     def width(self) -> int:
@@ -90,6 +95,11 @@ class QFormerOverFrozenVision(nn.Module):
         self.vision = FrozenImageEncoder(vision, frozen_precision)
         self.ln_vision = nn.LayerNorm(vision.width, eps=getattr(vision, "norm_eps", None) or 1e-5)
         self.qformer = qformer
+
+    def set_frozen_precision(self, precision: str | None) -> None:
+        """Cast the frozen parts to ``precision`` (``bf16``, ``fp16``; None: float32); the
+        Q-Former, its queries, ``ln_vision`` and the projections stay float32."""
+        self.vision.set_precision(precision)
 
     def image_tokens(self, pixel_values: Tensor) -> Tensor:
         """(B, 3, H, W) -> (B, N, Dv): frozen encoder tokens after ``ln_vision``."""
@@ -284,6 +294,13 @@ class BLIP2LLM(QFormerOverFrozenVision):
         self.llm_proj = nn.Linear(qformer.width, llm.config.hidden_size)
         self.is_encoder_decoder = bool(getattr(llm.config, "is_encoder_decoder", False))
 
+    def set_frozen_precision(self, precision: str | None) -> None:
+        """The image encoder and the LLM in ``precision`` (None: float32)."""
+        super().set_frozen_precision(precision)
+        dtype = FROZEN_DTYPES[precision] or torch.float32
+        for param in self.llm.parameters():  # parameters only: buffers kept float32 (e.g. rotary inv_freq)
+            param.data = param.data.to(dtype)
+
     def train(self, mode: bool = True) -> BLIP2LLM:
         super().train(mode)
         self.llm.eval()  # frozen: no dropout
@@ -340,23 +357,37 @@ class BLIP2LLM(QFormerOverFrozenVision):
     def generate(self, soft: Tensor, prompt_ids: Tensor, prompt_mask: Tensor,
                  config: GenerationConfig = GenerationConfig(), eos_token_id: int | None = None) -> Tensor:  # noqa: B008
         """Text after the soft prompt (B, Q, H) and a prompt (B, P) (left-padded for a
-        decoder-only LLM): (B, T) new token ids, through the LLM's own ``generate``."""
+        decoder-only LLM): (B, T) new token ids, through the LLM's own ``generate``.
+
+        A decoder-only LLM reads ``[left padding; soft prompt; prompt]`` as embeddings, and as
+        ``input_ids`` the same positions with ``Q`` placeholder ids for the soft prompt
+        (``image_token_id`` when set, as a transformers checkpoint does; else each row's last
+        prompt id), so a repetition penalty also counts the prompt (and its padding), as in
+        transformers' ``Blip2ForConditionalGeneration``."""
         embeds, mask = self._with_soft_prompt(soft, prompt_ids, prompt_mask)
-        if not self.is_encoder_decoder:  # left padding stays in front of the soft prompt
+        ids = {}
+        if not self.is_encoder_decoder:
+            token = getattr(self, "image_token_id", None)
+            fill = prompt_ids[:, -1:] if token is None else torch.full_like(prompt_ids[:, :1], token)
+            input_ids = torch.cat([fill.expand(-1, soft.shape[1]), prompt_ids], dim=1)
+            # left padding moved in front of the soft prompt: positions count real tokens only
+            # for every LLM (OPT counts them from the mask anyway); the penalty sees the same ids
             order = torch.argsort(mask, dim=1, stable=True)
             embeds = torch.gather(embeds, 1, order[..., None].expand_as(embeds))
-            mask = torch.gather(mask, 1, order)
+            mask, ids["input_ids"] = torch.gather(mask, 1, order), torch.gather(input_ids, 1, order)
         kwargs = dict(max_new_tokens=config.max_length, min_new_tokens=config.min_length,
                       repetition_penalty=config.repetition_penalty, length_penalty=config.length_penalty,
                       num_beams=config.num_beams if config.method == "beam" else 1,
                       do_sample=config.method == "nucleus")
         if config.method == "nucleus":
             kwargs.update(top_p=config.top_p, temperature=config.temperature)
+        if config.method == "beam":
+            kwargs.update(early_stopping=config.early_stopping)
         eos = eos_token_id if eos_token_id is not None else self.llm.config.eos_token_id
         pad = self.llm.config.pad_token_id if self.llm.config.pad_token_id is not None else eos
         out = self.llm.generate(inputs_embeds=embeds, attention_mask=mask, eos_token_id=eos, pad_token_id=pad,
-                                synced_gpus=generation_in_lockstep(), **kwargs)
-        return out[:, 1:] if self.is_encoder_decoder else out  # drop the decoder's start token
+                                synced_gpus=generation_in_lockstep(), **ids, **kwargs)
+        return out[:, 1:] if self.is_encoder_decoder else out[:, embeds.shape[1]:]  # the decoder start; the prompt
 
 
 def llm_prompt_batch(model: BLIP2LLM, llm_tokenizer, prompts: list[str], max_length: int) -> dict[str, Tensor]:

@@ -60,7 +60,9 @@ class GenerationConfig:
     apply to nucleus sampling only. ``repetition_penalty`` > 1 discourages tokens already in
     the sequence, prefix included (CTRL-style: positive logits divided, negative multiplied).
     A beam hypothesis scores ``sum(logprob) / length ** length_penalty``, length counting its
-    new tokens including EOS.
+    new tokens including EOS. ``early_stopping`` (beam search): as transformers' (False: stop
+    a row when no live beam can beat its finished ones; True: at ``num_beams`` finished;
+    ``"never"``).
     """
 
     method: str = "beam"
@@ -71,6 +73,7 @@ class GenerationConfig:
     temperature: float = 1.0
     repetition_penalty: float = 1.0
     length_penalty: float = 1.0
+    early_stopping: bool | str = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -81,6 +84,8 @@ class GenerationConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.temperature <= 0.0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.early_stopping not in (True, False, "never"):
+            raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
         if self.repetition_penalty <= 0.0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
 
@@ -99,7 +104,8 @@ def generate(
     prefix: (B, P) long, the same length for every row (e.g. [DEC] + prompt tokens).
     Returns (B, T) long, T <= ``config.max_length``: the new tokens only, each row ending at
     its EOS (kept) and right-padded with ``pad_id``. A row that never reached EOS holds
-    ``max_length`` tokens. ``pad_id`` is never generated. ``generator`` (on the logits'
+    ``max_length`` tokens. Greedy and beam search give transformers' ``generate`` tokens for
+    the same settings (``max_new_tokens``, ``min_new_tokens``). ``generator`` (on the logits'
     device) drives nucleus sampling. ``config`` defaults to ``GenerationConfig()`` (beam
     search, 3 beams).
     """
@@ -122,18 +128,18 @@ def generate(
 
 
 def _process_logits(
-    logits: Tensor, ids: Tensor, step: int, eos_id: int, pad_id: int, config: GenerationConfig
+    logits: Tensor, ids: Tensor, step: int, eos_id: int, config: GenerationConfig
 ) -> Tensor:
     """logits (R, V) for sequences ids (R, T) with ``step`` new tokens so far -> (R, V) float32.
 
-    Applies the repetition penalty, forbids ``pad_id`` and forbids EOS before ``min_length``.
-    Returns a new tensor; the caller's logits are left untouched.
+    Applies the repetition penalty and forbids EOS before ``min_length`` (transformers'
+    ``RepetitionPenaltyLogitsProcessor`` and ``MinNewTokensLengthLogitsProcessor``; like
+    transformers, no other token is forbidden). Returns a new tensor; the caller's logits
+    are left untouched.
     """
     logits = logits.to(torch.float32, copy=True)
     if config.repetition_penalty != 1.0:
         _penalise_repeats(logits, ids, config.repetition_penalty)
-    if pad_id != eos_id:
-        logits[:, pad_id] = float("-inf")
     if step < config.min_length:
         logits[:, eos_id] = float("-inf")
     return logits
@@ -190,7 +196,7 @@ def _decode_rows(
     for step in range(config.max_length):
         active = (~finished).nonzero().squeeze(1)  # may be empty here while another rank decodes on
         logits = next_logits(ids[active], active)
-        logits = _process_logits(logits, ids[active], step, eos_id, pad_id, config)
+        logits = _process_logits(logits, ids[active], step, eos_id, config)
         token = torch.full_like(finished, pad_id, dtype=torch.long)
         if len(active):
             token[active] = pick(logits)
@@ -203,162 +209,123 @@ def _decode_rows(
 
 
 # ----------------------------------------------------------------------- beam search
+_NEG = -1.0e9  # the finite "impossible" score transformers' beam search adds (so ties and sums match it)
 
 
 @dataclass
-class _Hypotheses:
-    """The K best finished hypotheses of every row.
+class _Beams:
+    """Beam-search state of B rows with K beams each; T new tokens so far.
 
-    scores (B, K) length-normalised (-inf marks an empty slot), lengths (B, K),
-    tokens (B, K, L) right-padded with pad_id.
+    running (B, K) summed log-probabilities of the live beams (best first), tokens (B, K, T)
+    their new tokens; finished (B, K) length-normalised scores of the best finished
+    hypotheses (``_NEG``-shifted where empty), finished_tokens (B, K, L) right-padded,
+    finished_len (B, K), is_finished (B, K); improvable (B,) whether a live beam can still
+    beat the finished ones.
     """
 
-    scores: Tensor
-    lengths: Tensor
+    running: Tensor
     tokens: Tensor
-
-    @classmethod
-    def empty(
-        cls, batch: int, beams: int, max_length: int, pad_id: int, device: torch.device
-    ) -> _Hypotheses:
-        return cls(
-            scores=torch.full((batch, beams), float("-inf"), device=device),
-            lengths=torch.zeros(batch, beams, dtype=torch.long, device=device),
-            tokens=torch.full((batch, beams, max_length), pad_id, dtype=torch.long, device=device),
-        )
-
-    def count(self) -> Tensor:
-        """(B,) number of finished hypotheses held per row."""
-        return self.scores.isfinite().sum(dim=1)
-
-    def add(self, scores: Tensor, lengths: Tensor, tokens: Tensor, keep: Tensor) -> None:
-        """Merge candidates scores (B, N), lengths (B, N), tokens (B, N, L) where keep (B, N)."""
-        beams = self.scores.shape[1]
-        all_scores = torch.cat([self.scores, scores.masked_fill(~keep, float("-inf"))], dim=1)
-        self.scores, best = all_scores.topk(beams, dim=1)
-        self.lengths = torch.cat([self.lengths, lengths], dim=1).gather(1, best)
-        all_tokens = torch.cat([self.tokens, tokens], dim=1)
-        self.tokens = all_tokens.gather(1, best[..., None].expand(-1, -1, all_tokens.shape[2]))
-
-    def best(self) -> Tensor:
-        """(B, T) the top hypothesis of every row, trimmed to the longest one."""
-        top = self.scores.argmax(dim=1)
-        rows = torch.arange(top.shape[0], device=top.device)
-        length = int(self.lengths[rows, top].max())
-        return self.tokens[rows, top, :length]
-
-
-def _pad_to(tokens: Tensor, length: int, pad_id: int) -> Tensor:
-    """tokens (..., T) -> (..., length) right-padded with pad_id."""
-    return F.pad(tokens, (0, length - tokens.shape[-1]), value=pad_id)
+    finished: Tensor
+    finished_tokens: Tensor
+    finished_len: Tensor
+    is_finished: Tensor
+    improvable: Tensor
+    pad_id: int
 
 
 def _beam_search(
     next_logits: NextTokenLogits, prefix: Tensor, eos_id: int, pad_id: int, config: GenerationConfig
 ) -> Tensor:
-    """Beam search with K = ``num_beams`` beams per row. prefix (B, P) -> (B, T).
-
-    Sequences are row-major (row b's beams at b*K .. b*K+K-1). Each step keeps the 2K best
-    continuations of a row; an EOS among its top K becomes a finished hypothesis, and the
-    K best non-EOS continuations become the next beams. A row is done once it holds K
-    finished hypotheses (early stopping); rows still open after ``max_length`` steps also
-    consider their live beams. The best length-normalised hypothesis of each row is returned;
-    with K = 1 this is exactly greedy decoding.
-    """
+    """Beam search with K = ``num_beams`` beams per row, step for step as transformers'
+    ``generate(num_beams=K, do_sample=False)``: the logits processors act on log-probabilities;
+    each step keeps the 2K best continuations; those among the top K that end in EOS, or reach
+    ``max_length``, become finished hypotheses scored ``sum / new_length ** length_penalty``;
+    the K best others stay live. ``early_stopping``: True stops a row at K finished hypotheses,
+    False (transformers' and BLIP's default) once the best live beam at its current length
+    cannot beat the worst finished one, ``"never"`` as False but with a positive length
+    penalty judged at ``max_length``. prefix (B, P) -> (B, T) the best hypothesis per row."""
     batch, beams, max_length = prefix.shape[0], config.num_beams, config.max_length
     device = prefix.device
     rows = torch.arange(batch, device=device).repeat_interleave(beams)
-    ids = prefix.repeat_interleave(beams, dim=0)
-    new_tokens = prefix.new_empty(batch * beams, 0)
-    # Only beam 0 is live at the start, so the first step expands distinct tokens.
-    beam_scores = torch.full((batch, beams), float("-inf"), device=device)
-    beam_scores[:, 0] = 0.0
-    finished = _Hypotheses.empty(batch, beams, max_length, pad_id, device)
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
-    steps = 0
+    ids = prefix.repeat_interleave(beams, dim=0)  # (B*K, P + T)
+    state = _Beams(
+        running=torch.cat([torch.zeros(batch, 1, device=device), torch.full((batch, beams - 1), _NEG, device=device)],
+                          dim=1),
+        tokens=prefix.new_empty(batch, beams, 0),
+        finished=torch.full((batch, beams), _NEG, device=device),
+        finished_tokens=torch.full((batch, beams, max_length), pad_id, dtype=torch.long, device=device),
+        finished_len=torch.zeros(batch, beams, dtype=torch.long, device=device),
+        is_finished=torch.zeros(batch, beams, dtype=torch.bool, device=device),
+        improvable=torch.ones(batch, dtype=torch.bool, device=device),
+        pad_id=pad_id,
+    )
     for step in range(max_length):
-        logits = _process_logits(next_logits(ids, rows), ids, step, eos_id, pad_id, config)
-        logprobs = F.log_softmax(logits, dim=-1).view(batch, beams, -1)
-        scores, source, token = _top_candidates(beam_scores, logprobs)
-        _add_finished(
-            finished, scores, source, token, new_tokens, done, eos_id, pad_id, config, step
-        )
-        beam_scores, source, token = _next_beams(scores, source, token, eos_id, beams)
-        flat = (torch.arange(batch, device=device)[:, None] * beams + source).view(-1)
-        ids = torch.cat([ids[flat], token.view(-1, 1)], dim=1)
-        new_tokens = torch.cat([new_tokens[flat], token.view(-1, 1)], dim=1)
-        done |= finished.count() >= beams
-        steps = step + 1
-        if done_everywhere(done):
+        logprobs = F.log_softmax(next_logits(ids, rows).to(torch.float32), dim=-1)
+        logprobs = _process_logits(logprobs, ids, step, eos_id, config)
+        scores, source, token = _top_candidates(state.running, logprobs.view(batch, beams, -1))
+        candidates = torch.cat([state.tokens.gather(1, source[..., None].expand(-1, -1, step)), token[..., None]], 2)
+        ends = (token == eos_id) | (step + 1 == max_length)  # (B, 2K): transformers' stopping criteria
+        _add_finished(state, scores, candidates, ends, config, step)
+        keep = (scores + ends.float() * _NEG).topk(beams, dim=1).indices
+        state.running = (scores + ends.float() * _NEG).gather(1, keep)
+        state.tokens = candidates.gather(1, keep[..., None].expand(-1, -1, step + 1))
+        ids = torch.cat([prefix.repeat_interleave(beams, dim=0), state.tokens.flatten(0, 1)], dim=1)
+        state.improvable &= _can_improve(state, step + 1, config)
+        full = state.is_finished.all(dim=1) & (config.early_stopping is True)
+        if done_everywhere(~state.improvable | full) or bool(ends.all()):
             break
-    _add_live_beams(finished, beam_scores, new_tokens, done, steps, pad_id, config)
-    return finished.best()
+    return _best(state)
 
 
-def _top_candidates(beam_scores: Tensor, logprobs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """beam_scores (B, K), logprobs (B, K, V) -> the 2K best continuations of every row.
-
-    Returns scores (B, 2K) summed log-probabilities (descending), source (B, 2K) the beam
-    they extend, token (B, 2K) the appended token.
-    """
+def _top_candidates(running: Tensor, logprobs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """running (B, K), logprobs (B, K, V) -> the 2K best continuations of every row: scores
+    (B, 2K) summed log-probabilities (descending), source (B, 2K) the beam they extend,
+    token (B, 2K) the appended token."""
     beams, vocab = logprobs.shape[1], logprobs.shape[2]
-    totals = (beam_scores[:, :, None] + logprobs).flatten(1)
+    totals = (logprobs + running[:, :, None]).flatten(1)
     scores, index = totals.topk(min(2 * beams, beams * vocab), dim=1)
     return scores, index // vocab, index % vocab
 
 
-def _add_finished(
-    finished: _Hypotheses,
-    scores: Tensor,
-    source: Tensor,
-    token: Tensor,
-    new_tokens: Tensor,
-    done: Tensor,
-    eos_id: int,
-    pad_id: int,
-    config: GenerationConfig,
-    step: int,
-) -> None:
-    """Record EOS continuations ranked within the top K of rows that are not done yet.
-
-    scores/source/token (B, 2K) from ``_top_candidates``; new_tokens (B*K, step) the beams'
-    tokens so far.
-    """
-    batch, beams = done.shape[0], config.num_beams
-    top_scores, top_source = scores[:, :beams], source[:, :beams]
-    keep = (token[:, :beams] == eos_id) & top_scores.isfinite() & ~done[:, None]
-    if not bool(keep.any()):
-        return
-    history = new_tokens.view(batch, beams, step)
-    history = history.gather(1, top_source[..., None].expand(-1, -1, step))
-    eos = torch.full_like(top_source, eos_id)[..., None]
-    tokens = _pad_to(torch.cat([history, eos], dim=2), config.max_length, pad_id)
-    lengths = torch.full_like(top_source, step + 1)
-    normalised = top_scores / float(step + 1) ** config.length_penalty
-    finished.add(normalised, lengths, tokens, keep)
+def _add_finished(state: _Beams, scores: Tensor, candidates: Tensor, ends: Tensor, config: GenerationConfig,
+                  step: int) -> None:
+    """Merge the ending candidates among the top K of each row (scores (B, 2K), candidates
+    (B, 2K, step + 1), ends (B, 2K)) into the K best finished hypotheses."""
+    beams = config.num_beams
+    top = torch.zeros_like(ends)
+    top[:, :beams] = True
+    new = ends & top
+    normalised = scores / float(step + 1) ** config.length_penalty
+    full = state.is_finished.all(dim=1, keepdim=True) & (config.early_stopping is True)
+    normalised = normalised + full.float() * _NEG + (~state.improvable[:, None]).float() * _NEG
+    normalised = normalised + (~new).float() * _NEG
+    padded = _pad_to(candidates, config.max_length, state.pad_id)
+    merged = torch.cat([state.finished, normalised], dim=1)
+    best = merged.topk(beams, dim=1).indices
+    state.finished = merged.gather(1, best)
+    all_tokens = torch.cat([state.finished_tokens, padded], dim=1)
+    state.finished_tokens = all_tokens.gather(1, best[..., None].expand(-1, -1, all_tokens.shape[2]))
+    lengths = torch.cat([state.finished_len, torch.full_like(scores, step + 1, dtype=torch.long)], dim=1)
+    state.finished_len = lengths.gather(1, best)
+    state.is_finished = torch.cat([state.is_finished, new], dim=1).gather(1, best)
 
 
-def _next_beams(
-    scores: Tensor, source: Tensor, token: Tensor, eos_id: int, beams: int
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The K best non-EOS continuations: (B, 2K) candidates -> scores, source, token (B, K)."""
-    # A stable sort on is-EOS keeps the descending score order among the rest.
-    order = torch.argsort((token == eos_id).long(), dim=1, stable=True)[:, :beams]
-    return scores.gather(1, order), source.gather(1, order), token.gather(1, order)
+def _can_improve(state: _Beams, length: int, config: GenerationConfig) -> Tensor:
+    """(B,) whether the best live beam (``length`` new tokens) may still beat the worst finished
+    hypothesis (transformers' early-stop heuristic)."""
+    if config.early_stopping == "never" and config.length_penalty > 0.0:
+        length = config.max_length
+    best_possible = state.running[:, :1] / float(length) ** config.length_penalty
+    worst = torch.where(state.is_finished, state.finished.min(dim=1, keepdim=True).values, _NEG)
+    return (best_possible > worst).any(dim=1)
 
 
-def _add_live_beams(
-    finished: _Hypotheses,
-    beam_scores: Tensor,
-    new_tokens: Tensor,
-    done: Tensor,
-    steps: int,
-    pad_id: int,
-    config: GenerationConfig,
-) -> None:
-    """Let rows that are not done also choose among their live beams (B, K) of ``steps`` tokens."""
-    batch, beams = beam_scores.shape
-    tokens = _pad_to(new_tokens.view(batch, beams, steps), config.max_length, pad_id)
-    lengths = torch.full_like(tokens[:, :, 0], steps)
-    normalised = beam_scores / float(max(steps, 1)) ** config.length_penalty
-    finished.add(normalised, lengths, tokens, ~done[:, None].expand(-1, beams))
+def _best(state: _Beams) -> Tensor:
+    """(B, T) the best finished hypothesis of every row, trimmed to the longest one."""
+    length = int(state.finished_len[:, 0].max())
+    return state.finished_tokens[:, 0, :length]
+
+
+def _pad_to(tokens: Tensor, length: int, pad_id: int) -> Tensor:
+    """tokens (..., T) -> (..., length) right-padded with pad_id."""
+    return F.pad(tokens, (0, length - tokens.shape[-1]), value=pad_id)

@@ -3,7 +3,8 @@ vlzoo models: explicit key maps, shape checks, strict loading.
 
 Every converter ends in a :class:`LoadedParts`: the vlzoo model with its weights
 loaded, the vlzoo config that rebuilds it, its preprocessing, its tokenizer and what
-it can do. ``vlzoo.load`` wraps that in a :class:`vlzoo.zoo.ZooModel`.
+it can do, and the image pipeline of the release it came from (:mod:`vlzoo.data.pipelines`).
+``vlzoo.load`` wraps that in a :class:`vlzoo.zoo.ZooModel`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from vlzoo.config import CAPABILITIES, VisionConfig
+from vlzoo.data.pipelines import ImagePipeline
 from vlzoo.data.tokenizers import Tokenizer
 
 __all__ = ["CAPABILITIES", "LoadedParts", "rename_keys"]
@@ -29,7 +31,8 @@ class LoadedParts:
     config: the vlzoo model config dataclass that builds ``model``; preprocess: image
     size, mean, std, interpolation; tokenizer: None when the source has none (tests);
     capabilities: a subset of :data:`CAPABILITIES` (e.g. a BLIP retrieval checkpoint
-    has no trained captioning decoder, so no ``generate``); source: where it came from.
+    has no trained captioning decoder, so no ``generate``); source: where it came from;
+    pipeline: the release's own image pipeline (None: vlzoo's, from ``preprocess``).
     """
 
     family: str
@@ -40,6 +43,7 @@ class LoadedParts:
     capabilities: frozenset[str]
     source: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    pipeline: ImagePipeline | None = None
 
     def __post_init__(self) -> None:
         unknown = set(self.capabilities) - set(CAPABILITIES)

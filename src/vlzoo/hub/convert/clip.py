@@ -10,6 +10,7 @@ into ``in_proj``, projections transposed).
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +18,15 @@ import torch
 from torch import Tensor
 
 from vlzoo.config import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, CLIPConfig, TextConfig, VisionConfig
+from vlzoo.data.pipelines import (
+    ImagePipeline,
+    open_clip_pipeline,
+    pipeline_statistics,
+    transformers_pipeline,
+)
 from vlzoo.hub.convert import LoadedParts, rename_keys
 from vlzoo.hub.convert.hf import timm_mlp_ratio
+from vlzoo.hub.convert.precision import cast_parts
 from vlzoo.models.builders import build_clip
 from vlzoo.utils import read_json_file
 from vlzoo.weights import CheckpointKeyError, hf_weights, load_state_dict_file, load_strict
@@ -139,24 +147,18 @@ def open_clip_config_from_hf(hf_config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def hf_preprocess_cfg(directory: Path) -> dict[str, Any]:
-    """mean/std/interpolation from a transformers ``preprocessor_config.json`` (or {})."""
-    path = directory / "preprocessor_config.json"
-    if not path.is_file():
-        return {}
-    raw = read_json_file(path, "a transformers image processor config object")
-    pre = {k: raw[f"image_{k}"] for k in ("mean", "std") if f"image_{k}" in raw}
-    pre["interpolation"] = {2: "bilinear", 3: "bicubic"}.get(raw.get("resample", 3), "bicubic")
-    return pre
+HF_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
 
 
 # ------------------------------------------------------------------------ loading
-def build_converted_clip(config: CLIPConfig, state: dict[str, Tensor], source: str, tokenizer=True) -> LoadedParts:
-    """Build vlzoo's CLIP for ``config``, load ``state`` (vlzoo keys) strictly."""
+def build_converted_clip(config: CLIPConfig, state: dict[str, Tensor], source: str, tokenizer=True,
+                         pipeline: ImagePipeline | None = None) -> LoadedParts:
+    """Build vlzoo's CLIP for ``config``, load ``state`` (vlzoo keys) strictly; ``pipeline``:
+    the source's image pipeline."""
     model, tok = build_clip(config)
     load_strict(model, state, source=source)
     return LoadedParts("clip", model.eval(), config, config.vision, tok if tokenizer else None,
-                       frozenset({"encode"}), source)
+                       frozenset({"encode"}), source, pipeline=pipeline)
 
 
 def load_open_clip_dir(directory: Path) -> LoadedParts:
@@ -169,7 +171,10 @@ def load_open_clip_dir(directory: Path) -> LoadedParts:
     if weights is None:
         raise FileNotFoundError(f"{directory}: none of {OPEN_CLIP_WEIGHT_FILES}")
     config = clip_config_from_open_clip(raw["model_cfg"], raw.get("preprocess_cfg"))
-    return build_converted_clip(config, convert_open_clip_state(load_state_dict_file(weights)), str(weights))
+    pipeline = open_clip_pipeline(config.vision.image_size, raw["model_cfg"].get("preprocess_cfg"),
+                                  raw.get("preprocess_cfg"))
+    return build_converted_clip(config, convert_open_clip_state(load_state_dict_file(weights)), str(weights),
+                                pipeline=pipeline)
 
 
 def load_open_clip_file(weights: Path, model_name: str, preprocess_cfg: dict[str, Any] | None = None,
@@ -188,12 +193,19 @@ def load_open_clip_file(weights: Path, model_name: str, preprocess_cfg: dict[str
     preprocess = {**{k: pretrained[k] for k in ("mean", "std", "interpolation") if k in pretrained},
                   **(preprocess_cfg or {})}
     config = clip_config_from_open_clip(model_cfg, preprocess)
-    return build_converted_clip(config, convert_open_clip_state(load_state_dict_file(weights)), str(weights))
+    pipeline = open_clip_pipeline(config.vision.image_size, model_cfg.get("preprocess_cfg"), pretrained,
+                                  preprocess_cfg)
+    return build_converted_clip(config, convert_open_clip_state(load_state_dict_file(weights)), str(weights),
+                                pipeline=pipeline)
 
 
-def load_hf_clip(directory: Path, hf_config: dict[str, Any]) -> LoadedParts:
-    """A transformers ``CLIPModel`` directory (``config.json`` + weights)."""
+def load_hf_clip(directory: Path, hf_config: dict[str, Any], dtype: torch.dtype | None = None) -> LoadedParts:
+    """A transformers ``CLIPModel`` directory (``config.json`` + weights), cast to ``dtype``
+    after loading (:func:`vlzoo.hub.convert.precision.cast_parts`)."""
     model_cfg = open_clip_config_from_hf(hf_config)
-    config = clip_config_from_open_clip(model_cfg, hf_preprocess_cfg(directory))
+    pipeline = transformers_pipeline(directory)
+    config = clip_config_from_open_clip(model_cfg, pipeline_statistics(pipeline))
+    if any((Path(directory) / name).is_file() for name in HF_TOKENIZER_FILES):  # the directory's own tokenizer
+        config = dataclasses.replace(config, text=dataclasses.replace(config.text, tokenizer=str(directory)))
     state = convert_open_clip_state(hf_clip_to_open_clip(hf_weights(directory)))
-    return build_converted_clip(config, state, str(directory))
+    return cast_parts(build_converted_clip(config, state, str(directory), pipeline=pipeline), dtype)

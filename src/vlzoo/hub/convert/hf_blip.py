@@ -35,14 +35,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor, nn
 
 from vlzoo.backbones.vision import TimmVisionEncoder
 from vlzoo.config import BLIPConfig, TextConfig, VisionConfig
+from vlzoo.data.pipelines import pipeline_statistics, transformers_pipeline
 from vlzoo.data.tokenizers import HFTokenizer
 from vlzoo.hub.convert import LoadedParts, rename_keys
-from vlzoo.hub.convert.clip import hf_preprocess_cfg
 from vlzoo.hub.convert.hf import hf_vit_rules, hf_weights, timm_mlp_ratio
+from vlzoo.hub.convert.precision import cast_parts
 from vlzoo.layers.transformer import BertConfig
 from vlzoo.models.blip import BLIP
 from vlzoo.models.blip_vqa import BLIPVQA
@@ -76,7 +78,6 @@ EMBED_DIM_DEFAULT = 256  # BlipConfig.image_text_hidden_size
 # entries cost 2 x 4096 x D floats (8 MB at D = 256) and divide every power-of-two global
 # batch up to 4096 (the queue-size check of training). BLIP's own recipes used 57600.
 QUEUE_SIZE = 4096
-CONTEXT_LENGTH = 35  # BLIP's maximum text length for retrieval and VQA questions
 CAPTION_PROMPT = BLIPConfig.prompt  # "a picture of ", BLIP's captioning prompt
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
 _TIMM_NAMES = {(768, 12): "vit_base_patch16_224", (1024, 24): "vit_large_patch16_224"}
@@ -136,7 +137,7 @@ def blip_config_from_hf(
     return BLIPConfig(
         vision=_vision_config(hf_vision_config(hf_config), pre),
         text=TextConfig(impl="bert", tokenizer=tokenizer, pooling="cls",
-                        context_length=min(CONTEXT_LENGTH, int(text["max_position_embeddings"])),
+                        context_length=int(text["max_position_embeddings"]),  # transformers' processor
                         kwargs=_bert_kwargs(text)),
         embed_dim=int(hf_config.get("image_text_hidden_size", EMBED_DIM_DEFAULT)),
         queue_size=QUEUE_SIZE,
@@ -360,15 +361,18 @@ def _tokenizer(directory: Path, cfg: BLIPConfig, ids: BlipTokenIds) -> HFTokeniz
     return tokenizer
 
 
-def load_hf_blip(directory: Path, hf_config: dict[str, Any]) -> LoadedParts:
+def load_hf_blip(directory: Path, hf_config: dict[str, Any], dtype: torch.dtype | None = None) -> LoadedParts:
     """A transformers BLIP directory: config.json (``hf_config``), weights
     (``model.safetensors``, ``pytorch_model.bin`` or sharded), optional tokenizer files
-    and ``preprocessor_config.json``."""
+    and ``preprocessor_config.json``; cast to ``dtype`` after loading
+    (:func:`vlzoo.hub.convert.precision.cast_parts`)."""
     directory = Path(directory)
     architecture = hf_architecture(hf_config)  # fail before reading weights
     has_tokenizer = any((directory / name).is_file() for name in TOKENIZER_FILES)
-    return hf_blip_parts(hf_weights(directory), hf_config, directory if has_tokenizer else None,
-                         f"{directory} ({architecture})", hf_preprocess_cfg(directory))
+    pipeline = transformers_pipeline(directory)
+    parts = hf_blip_parts(hf_weights(directory), hf_config, directory if has_tokenizer else None,
+                          f"{directory} ({architecture})", pipeline_statistics(pipeline))
+    return cast_parts(dataclasses.replace(parts, pipeline=pipeline), dtype)
 
 
 # ------------------------------------------------------ export (vlzoo -> transformers)

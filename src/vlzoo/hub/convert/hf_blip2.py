@@ -46,19 +46,20 @@ from vlzoo.config import (
     VisionConfig,
 )
 from vlzoo.data.llm_text import load_lm_tokenizer
+from vlzoo.data.pipelines import pipeline_statistics, transformers_pipeline
 from vlzoo.data.tokenizers import HFTokenizer
 from vlzoo.hub.convert import LoadedParts, rename_keys
-from vlzoo.hub.convert.hf import hf_vit_rules, hf_weights, timm_mlp_ratio
+from vlzoo.hub.convert.hf import hf_vit_rules, timm_mlp_ratio
 from vlzoo.hub.convert.hf_blip import (
     check_all_exported,
     fold_token_types,
     hf_vit_config,
     invert_conversion,
 )
-from vlzoo.models.blip2 import BLIP2, BLIP2LLM
+from vlzoo.hub.convert.precision import with_frozen_precision
+from vlzoo.models.blip2 import BLIP2, BLIP2LLM, FROZEN_DTYPES
 from vlzoo.models.builders import build_blip2_retrieval, build_vision_and_qformer
-from vlzoo.utils import read_json_file
-from vlzoo.weights import load_strict
+from vlzoo.weights import LazyWeights, load_lazily, load_strict, parameters_on_meta
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -70,6 +71,7 @@ QFORMER_TOKENIZER = "bert-base-uncased"  # BLIP-2's Q-Former tokenizer when the 
 QFORMER_CONTEXT = 32  # LAVIS's max_txt_len for the Q-Former
 CAPTION_PROMPT = "a photo of"  # the BLIP-2 paper's captioning prompt
 VQA_PROMPT = "Question: {} Answer:"  # the BLIP-2 paper's zero-shot VQA prompt (OPT and Flan-T5)
+UNTRUNCATED = 1 << 30  # max_text_length of an LLM without a position limit (T5): no truncation
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model")
 
 _VIT = "vision.encoder.model"
@@ -95,6 +97,7 @@ GENERATION_RULES = VISION_RULES + QFORMER_RULES + [
     (r"language_projection\.(weight|bias)", r"llm_proj.\1"),
     (r"language_model\.(.+)", r"llm.\1"),  # the LLM keeps its own names (checked against it when loading)
 ]
+LLM_PREFIX = "language_model."  # the LLM's tensors in a Blip2ForConditionalGeneration checkpoint
 RULES = {RETRIEVAL: RETRIEVAL_RULES, GENERATION: GENERATION_RULES}
 CAPABILITIES = {RETRIEVAL: frozenset({"encode", "itm"}), GENERATION: frozenset({"generate", "vqa"})}
 
@@ -165,27 +168,14 @@ def blip2_llm_config_from_hf(hf_config: dict[str, Any], preprocess: dict[str, An
     cfg = parse_hf_config(hf_config)
     kind = "causal" if cfg.use_decoder_only_language_model else "seq2seq"
     reference = getattr(cfg.text_config, "_name_or_path", "") or llm or ""
+    # transformers' Blip2Processor does not truncate text: cut only where the LLM's positions end
+    positions = getattr(cfg.text_config, "max_position_embeddings", None)
+    max_text = positions - cfg.num_query_tokens if positions else UNTRUNCATED
     return BLIP2LLMConfig(vision=vision_config_from_hf(hf_config, preprocess), qformer=qformer_config_from_hf(hf_config),
                           num_queries=cfg.num_query_tokens,
                           cross_attention_every=cfg.qformer_config.cross_attention_frequency, llm=reference,
-                          llm_kind=kind, caption_prompt=CAPTION_PROMPT, vqa_prompt=VQA_PROMPT, checkpoint_llm=True)
-
-
-def hf_blip2_preprocess(directory: Path) -> dict[str, Any]:
-    """mean/std/interpolation of a ``preprocessor_config.json`` (BlipImageProcessor), or {}.
-    The image size is the vision tower's ``image_size`` (BLIP-2's processors resize to it;
-    BlipImageProcessor's own default, 384, is BLIP's)."""
-    path = Path(directory) / "preprocessor_config.json"
-    if not path.is_file():
-        return {}
-    raw = read_json_file(path, "a transformers image processor config object")
-    pre = {k: tuple(raw[f"image_{k}"]) for k in ("mean", "std") if f"image_{k}" in raw}
-    resample = raw.get("resample", 3)  # a PIL code (BICUBIC = 3) or a name
-    if isinstance(resample, str):
-        pre["interpolation"] = resample.lower()
-    else:
-        pre["interpolation"] = {0: "nearest", 2: "bilinear", 3: "bicubic"}.get(resample, "bicubic")
-    return pre
+                          llm_kind=kind, caption_prompt=CAPTION_PROMPT, vqa_prompt=VQA_PROMPT,
+                          max_text_length=max_text, checkpoint_llm=True)
 
 
 # ----------------------------------------------------------------------------- weights
@@ -250,63 +240,67 @@ def convert_hf_blip2_state(
     return ours, absent_keys(cfg, architecture), CAPABILITIES[architecture]
 
 
-def fill_tied_weights(module: nn.Module, state: dict[str, Tensor], prefix: str = "") -> None:
-    """Add to ``state`` the keys of parameters ``module`` shares (tied embeddings and LM
-    heads, which transformers saves once) from whichever name of the group is present."""
-    groups: dict[int, list[str]] = {}
-    for name, param in module.named_parameters(remove_duplicate=False):
-        groups.setdefault(id(param), []).append(prefix + name)
-    for names in groups.values():
-        present = [n for n in names if n in state]
-        for name in names:
-            if present and name not in state:
-                state[name] = state[present[0]]
-
-
 # ----------------------------------------------------------------------------- loading
 def _has_tokenizer(directory: Path) -> bool:
     return any((directory / f).is_file() for f in TOKENIZER_FILES)
 
 
-def build_blip2_llm_from_hf(cfg: BLIP2LLMConfig, hf_cfg) -> nn.Module:
-    """vlzoo BLIP2LLM for ``cfg`` around a randomly initialised float32 LLM built from
-    the transformers ``text_config`` (its weights come from the checkpoint)."""
-    import torch
+def build_blip2_llm_from_hf(cfg: BLIP2LLMConfig, hf_cfg) -> BLIP2LLM:
+    """vlzoo BLIP2LLM for ``cfg``: the vision tower and Q-Former randomly initialised,
+    the LLM built from the transformers ``text_config`` in ``cfg.llm_precision`` (float32
+    when None) with its parameters on the meta device (no memory): fill it with
+    :func:`~vlzoo.weights.load_lazily`. Built in its dtype, the LLM is not cast again:
+    buffers transformers makes in float32 (rotary frequencies) stay so, as in its own
+    ``from_pretrained(..., dtype=...)``."""
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     vision, qformer = build_vision_and_qformer(cfg)
     auto = AutoModelForCausalLM if cfg.llm_kind == "causal" else AutoModelForSeq2SeqLM
-    model = BLIP2LLM(vision, qformer, auto.from_config(hf_cfg.text_config, dtype=torch.float32))
-    return model
+    with parameters_on_meta():
+        llm = auto.from_config(hf_cfg.text_config, dtype=FROZEN_DTYPES[cfg.llm_precision] or torch.float32)
+    return BLIP2LLM(vision, qformer, llm, cfg.frozen_precision)
 
 
-def load_hf_blip2(directory: Path, hf_config: dict[str, Any]) -> LoadedParts:
+def load_hf_blip2(directory: Path, hf_config: dict[str, Any], dtype: torch.dtype | None = None) -> LoadedParts:
     """A transformers BLIP-2 directory (``config.json``, weights, optional tokenizer and
     ``preprocessor_config.json``) as a vlzoo model, loaded strictly, in eval mode.
 
     Stage 1: ``tokenizer`` is the directory's (BERT) tokenizer for the Q-Former's text.
     Stage 2: ``tokenizer`` is None; the LLM's tokenizer is ``extra["llm_tokenizer"]``
-    (None when the directory has none)."""
+    (None when the directory has none).
+
+    ``dtype`` (:mod:`vlzoo.hub.convert.precision`): the frozen tower and LLM in it, the Q-Former
+    float32. Stage 2's LLM is built on the meta device and each of its tensors read from
+    the checkpoint (safetensors lazily) and converted to the LLM's dtype one at a time:
+    no float32 copy of the LLM is made on the way."""
     directory = Path(directory)
     architecture = architecture_of(hf_config)
     hf_cfg = parse_hf_config(hf_config)
-    state, absent, capabilities = convert_hf_blip2_state(hf_weights(directory), hf_config, architecture)
-    preprocess = hf_blip2_preprocess(directory)
+    weights = LazyWeights(directory)
+    lazy = LLM_PREFIX if architecture == GENERATION else None  # the LLM's tensors: read into the LLM itself
+    own = {k: weights[k] for k in weights.keys() if lazy is None or not k.startswith(lazy)}
+    state, absent, capabilities = convert_hf_blip2_state(own, hf_config, architecture)
+    pipeline = transformers_pipeline(directory)
+    preprocess = pipeline_statistics(pipeline)
     has_tokenizer = _has_tokenizer(directory)
     extra: dict[str, Any] = {"architecture": architecture}
     if architecture == RETRIEVAL:
         tok_name = str(directory) if has_tokenizer else QFORMER_TOKENIZER
-        config = blip2_config_from_hf(hf_config, preprocess, tok_name)
+        config = with_frozen_precision(blip2_config_from_hf(hf_config, preprocess, tok_name), dtype)
         tokenizer = HFTokenizer(str(directory), config.qformer.context_length, blip_tokens=False) if has_tokenizer else None
         model, family = build_blip2_retrieval(config, tokenizer), "blip2"
+        model.set_frozen_precision(config.frozen_precision)
     else:
-        config = blip2_llm_config_from_hf(hf_config, preprocess, llm=str(directory))
+        config = with_frozen_precision(blip2_llm_config_from_hf(hf_config, preprocess, llm=str(directory)), dtype)
         tokenizer, family = None, "blip2_llm"
         model = build_blip2_llm_from_hf(config, hf_cfg)
-        fill_tied_weights(model.llm, state, prefix="llm.")
+        model.image_token_id = hf_cfg.image_token_index  # transformers' placeholder id (BLIP2LLM.generate)
+        load_lazily(model.llm, weights, prefix=LLM_PREFIX)
+        absent = [*absent, "llm."]
         extra["llm_tokenizer"] = load_lm_tokenizer(str(directory)) if has_tokenizer else None
     load_strict(model, state, source=str(directory), allow_missing=absent)
-    return LoadedParts(family, model.eval(), config, config.vision, tokenizer, capabilities, str(directory), extra)
+    return LoadedParts(family, model.eval(), config, config.vision, tokenizer, capabilities, str(directory), extra,
+                       pipeline=pipeline)
 
 
 # ------------------------------------------------------------- export (vlzoo -> transformers)

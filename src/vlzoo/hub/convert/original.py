@@ -55,6 +55,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from vlzoo.data.pipelines import original_pipeline
 from vlzoo.hub.convert import LoadedParts, rename_keys
 from vlzoo.weights import load_state_dict_file, load_strict
 
@@ -466,4 +467,5 @@ def load_original(entry: Any, local_path: Path, parts: LoadedParts, convert: Cal
     extra = {**parts.extra, "format": entry.format, "absent": absent, "notes": notes}
     preprocess = dataclasses.replace(config.vision, resize_mode="squash")  # the releases resize to S x S
     return dataclasses.replace(parts, family=entry.family, config=config, capabilities=capabilities,
-                               source=entry.name, extra=extra, preprocess=preprocess)
+                               source=entry.name, extra=extra, preprocess=preprocess,
+                               pipeline=original_pipeline(preprocess))
