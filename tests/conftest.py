@@ -1,4 +1,5 @@
 import os
+import signal
 
 import pytest
 import torch
@@ -11,6 +12,14 @@ def _isolated_home(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("VLZOO_HOME", str(home))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     torch.manual_seed(0)
+
+
+def pytest_configure(config):
+    """A suite started in the background by a shell without job control inherits SIGINT
+    ignored, and so would the runs it starts, which then could not be stopped by the Ctrl-C
+    the fault tests send: Python's own handler makes the children start with the default."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_collection_modifyitems(config, items):
