@@ -187,13 +187,13 @@ def test_squash_preprocessing_matches_blips_image_processor():
     from transformers import BlipImageProcessor
 
     from vlzoo.config import VisionConfig
-    from vlzoo.zoo import build_preprocess
+    from vlzoo.data.pipelines import ImagePipeline, build_image_transform
 
     image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (48, 96, 3), dtype=np.uint8))
     processor = BlipImageProcessor(size={"height": 32, "width": 32})
     expected = torch.as_tensor(processor(image, return_tensors="np")["pixel_values"][0])
-    squash = build_preprocess(VisionConfig(image_size=32, resize_mode="squash"))(image)
-    crop = build_preprocess(VisionConfig(image_size=32, resize_mode="shortest"))(image)
+    squash = build_image_transform(ImagePipeline(), VisionConfig(image_size=32, resize_mode="squash"))(image)
+    crop = build_image_transform(ImagePipeline(), VisionConfig(image_size=32, resize_mode="shortest"))(image)
     assert (squash - expected).abs().mean() < 0.05  # interpolation kernels differ slightly (PIL vs torchvision)
     assert (crop - expected).abs().mean() > 4 * (squash - expected).abs().mean()
 

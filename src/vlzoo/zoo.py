@@ -20,7 +20,6 @@ from PIL import Image
 from torch import Tensor, nn
 
 from vlzoo import families
-from vlzoo.config import VisionConfig
 from vlzoo.data.images import load_image
 from vlzoo.data.pipelines import ImagePipeline, build_image_transform
 from vlzoo.hub.convert import LoadedParts
@@ -34,13 +33,6 @@ __all__ = ["ZooModel", "create_model", "list_models", "load"]
 
 class CapabilityError(NotImplementedError):
     """The loaded model's family (or checkpoint) cannot do what was asked."""
-
-
-def build_preprocess(cfg: VisionConfig, pipeline: ImagePipeline | None = None, conversion: str = "reference"):
-    """PIL image -> (3, S, S) float tensor through ``pipeline`` (None: vlzoo's own, from ``cfg``:
-    ``resize_mode`` ``shortest`` resizes the shorter side to S and centre-crops, ``squash``
-    resizes to S x S; bicubic; mean/std). See :mod:`vlzoo.data.pipelines`."""
-    return build_image_transform(pipeline or ImagePipeline(), cfg, conversion)
 
 
 def embedding_similarity(image: Tensor, text: Tensor) -> Tensor:
@@ -99,7 +91,7 @@ class ZooModel(nn.Module):
         white, 16-bit scaled); ``exif_transpose``: rotate image files by their EXIF orientation
         (None: as the pipeline's reference: the foreign references do not, vlzoo's own
         readers do)."""
-        self.preprocess = build_preprocess(self.preprocess_config, self.pipeline, image_conversion)
+        self.preprocess = build_image_transform(self.pipeline, self.preprocess_config, image_conversion)
         self.image_conversion = image_conversion
         self.exif_transpose = self.pipeline.kind == "vlzoo" if exif_transpose is None else exif_transpose
 

@@ -104,18 +104,30 @@ OPEN_CLIP_PREPROCESS = {  # ViT-B-32 openai; a squash with bilinear resampling; 
 }
 
 
+def _open_clip_reference(directory: Path, preprocess: dict | None = None,
+                         weights: str = "open_clip_model.safetensors"):
+    """A tiny random open_clip CLIP saved into ``directory`` (with an ``open_clip_config.json``
+    holding ``preprocess`` when given: open_clip's hub layout); returns the model."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    ref = open_clip.CLIP(**OPEN_CLIP_CFG).eval()
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, directory / weights)
+    if preprocess is not None:
+        config = {"model_cfg": OPEN_CLIP_CFG, "preprocess_cfg": preprocess}
+        (directory / "open_clip_config.json").write_text(json.dumps(config))
+    return ref
+
+
 @pytest.mark.parametrize("preprocess", list(OPEN_CLIP_PREPROCESS))
 @torch.no_grad()
 def test_open_clip_hub_directory(preprocess, images, tmp_path):
     import open_clip
     from open_clip.transform import PreprocessCfg, image_transform_v2
-    from safetensors.torch import save_file
 
-    torch.manual_seed(0)
-    ref = open_clip.CLIP(**OPEN_CLIP_CFG).eval()
     pre = OPEN_CLIP_PREPROCESS[preprocess]
-    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, tmp_path / "open_clip_model.safetensors")
-    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": OPEN_CLIP_CFG, "preprocess_cfg": pre}))
+    ref = _open_clip_reference(tmp_path, pre)
     zoo = vlzoo.load(tmp_path)
 
     transform = image_transform_v2(PreprocessCfg(size=224, **pre), is_train=False)
@@ -291,14 +303,7 @@ def test_exif_orientation_and_vlzoo_colour_conversion_are_options(images, tmp_pa
 
     from vlzoo.data.images import to_rgb
 
-    torch.manual_seed(0)
-    import open_clip
-    from safetensors.torch import save_file
-
-    ref = open_clip.CLIP(**OPEN_CLIP_CFG).eval()
-    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, tmp_path / "open_clip_model.safetensors")
-    pre = OPEN_CLIP_PREPROCESS["openai"]
-    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": OPEN_CLIP_CFG, "preprocess_cfg": pre}))
+    _open_clip_reference(tmp_path, OPEN_CLIP_PREPROCESS["openai"])
     zoo = vlzoo.load(tmp_path, exif_transpose=True, image_conversion="vlzoo")
     upright = ImageOps.exif_transpose(Image.open(images["exif_jpeg"]))
     assert torch.equal(zoo.pixel_values(images["exif_jpeg"])[0], zoo.preprocess(upright))
@@ -315,14 +320,11 @@ def test_an_open_clip_file_with_its_pretrained_tag(images, tmp_path):
     as ``open_clip.create_model_and_transforms(name, pretrained=tag)`` would give it."""
     import open_clip
     from open_clip.transform import PreprocessCfg, image_transform_v2
-    from safetensors.torch import save_file
 
     from vlzoo.hub.convert.clip import load_open_clip_file
     from vlzoo.zoo import ZooModel
 
-    torch.manual_seed(0)
-    ref = open_clip.CLIP(**OPEN_CLIP_CFG).eval()
-    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, tmp_path / "weights.safetensors")
+    _open_clip_reference(tmp_path, weights="weights.safetensors")
     zoo = ZooModel(load_open_clip_file(tmp_path / "weights.safetensors", "ViT-B-32", None, "openai", OPEN_CLIP_CFG))
     tag = open_clip.get_pretrained_cfg("ViT-B-32", "openai")
     expected = PreprocessCfg(size=224, mean=tag["mean"], std=tag["std"], interpolation=tag["interpolation"],

@@ -27,14 +27,15 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 from torch import Tensor
 
-from vlzoo.data.images import resize, to_rgb, to_tensor
+from vlzoo.data.images import decode, to_rgb
 
 PIPELINE_KINDS = ("vlzoo", "open_clip", "transformers", "original")
 CONVERSIONS = ("reference", "vlzoo")
@@ -75,13 +76,12 @@ def build_image_transform(pipeline: ImagePipeline, vision, conversion: str = "re
 
 
 def _vlzoo_transform(settings: dict[str, Any], vision) -> ImageTransform:
-    """vlzoo's training pipeline: to_rgb, PIL bicubic resize (``vision.resize_mode``), mean/std
-    (bicubic whatever ``vision.interpolation`` says, as the training data readers resize)."""
+    """vlzoo's training pipeline: the data readers' :func:`~vlzoo.data.images.decode` (to_rgb,
+    PIL bicubic resize by ``vision.resize_mode``, whatever ``vision.interpolation`` says), mean/std."""
     mean, std = _stats(vision.mean), _stats(vision.std)
 
     def transform(image: Image.Image) -> Tensor:
-        pixels = to_tensor(resize(to_rgb(image), vision.image_size, vision.resize_mode))
-        return (pixels.float() / 255.0 - mean) / std
+        return (decode(image, vision.image_size, vision.resize_mode).float() / 255.0 - mean) / std
 
     return transform
 
@@ -151,8 +151,6 @@ def open_clip_pipeline(image_size: int, *configs: dict[str, Any] | None) -> Imag
     """open_clip's pipeline: its ``PreprocessCfg`` defaults, then each of ``configs`` (a hub
     config's ``preprocess_cfg``, a pretrained tag's settings) merged in order, as open_clip's
     factory merges them; the size is the vision tower's."""
-    from dataclasses import asdict
-
     from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 
     merged = asdict(PreprocessCfg())
@@ -173,8 +171,6 @@ PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")  # the h
 def transformers_pipeline(directory) -> ImagePipeline | None:
     """The image processor of a transformers directory (None without one of
     :data:`PROCESSOR_FILES`), as ``AutoImageProcessor.from_pretrained`` builds it (its class recorded)."""
-    from pathlib import Path
-
     if not any((Path(directory) / name).is_file() for name in PROCESSOR_FILES):
         return None
     from transformers import AutoImageProcessor

@@ -218,9 +218,8 @@ def build_blip2_retrieval(cfg: BLIP2Config, tokenizer=None) -> nn.Module:
     if tokenizer is not None:
         info = tokenizer.info
         dec, pad, eos = info.dec_id if info.dec_id is not None else info.bos_id, info.pad_id, info.eos_id
-    model = BLIP2(vision, qformer, dec_id=dec, pad_id=pad, eos_id=eos, embed_dim=cfg.embed_dim,
-                  text_pooling=cfg.qformer.pooling or "cls")
-    return model
+    return BLIP2(vision, qformer, dec_id=dec, pad_id=pad, eos_id=eos, embed_dim=cfg.embed_dim,
+                 text_pooling=cfg.qformer.pooling or "cls", frozen_precision=cfg.frozen_precision)
 
 
 def concrete_config(config: Any, model: nn.Module) -> Any:

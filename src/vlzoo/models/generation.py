@@ -247,7 +247,8 @@ def _beam_search(
     batch, beams, max_length = prefix.shape[0], config.num_beams, config.max_length
     device = prefix.device
     rows = torch.arange(batch, device=device).repeat_interleave(beams)
-    ids = prefix.repeat_interleave(beams, dim=0)  # (B*K, P + T)
+    prefixes = prefix.repeat_interleave(beams, dim=0)  # (B*K, P)
+    ids = prefixes  # (B*K, P + T)
     state = _Beams(
         running=torch.cat([torch.zeros(batch, 1, device=device), torch.full((batch, beams - 1), _NEG, device=device)],
                           dim=1),
@@ -266,10 +267,11 @@ def _beam_search(
         candidates = torch.cat([state.tokens.gather(1, source[..., None].expand(-1, -1, step)), token[..., None]], 2)
         ends = (token == eos_id) | (step + 1 == max_length)  # (B, 2K): transformers' stopping criteria
         _add_finished(state, scores, candidates, ends, config, step)
-        keep = (scores + ends.float() * _NEG).topk(beams, dim=1).indices
-        state.running = (scores + ends.float() * _NEG).gather(1, keep)
+        live = scores + ends.float() * _NEG  # an ended candidate cannot go on
+        keep = live.topk(beams, dim=1).indices
+        state.running = live.gather(1, keep)
         state.tokens = candidates.gather(1, keep[..., None].expand(-1, -1, step + 1))
-        ids = torch.cat([prefix.repeat_interleave(beams, dim=0), state.tokens.flatten(0, 1)], dim=1)
+        ids = torch.cat([prefixes, state.tokens.flatten(0, 1)], dim=1)
         state.improvable &= _can_improve(state, step + 1, config)
         full = state.is_finished.all(dim=1) & (config.early_stopping is True)
         if done_everywhere(~state.improvable | full) or bool(ends.all()):

@@ -289,7 +289,6 @@ def load_hf_blip2(directory: Path, hf_config: dict[str, Any], dtype: torch.dtype
         config = with_frozen_precision(blip2_config_from_hf(hf_config, preprocess, tok_name), dtype)
         tokenizer = HFTokenizer(str(directory), config.qformer.context_length, blip_tokens=False) if has_tokenizer else None
         model, family = build_blip2_retrieval(config, tokenizer), "blip2"
-        model.set_frozen_precision(config.frozen_precision)
     else:
         config = with_frozen_precision(blip2_llm_config_from_hf(hf_config, preprocess, llm=str(directory)), dtype)
         tokenizer, family = None, "blip2_llm"

@@ -7,7 +7,7 @@
   the config's ``frozen_precision`` / ``llm_precision`` (``bf16``, ``fp16``; float32:
   None), so an export of the loaded model records it.
 - Every other family (CLIP, ALBEF, BLIP) has no frozen part: the whole model is cast,
-  as ``model.to(dtype)`` (its vision tower casts the float32 images it is given).
+  as ``model.to(dtype)`` (``ZooModel.pixel_values`` gives its images in the tower's dtype).
 """
 
 from __future__ import annotations
