@@ -209,7 +209,7 @@ def test_a_toy_family_fits_loads_exports_and_compares(toy_plugin, tmp_path):
     torch.testing.assert_close(again.encode_text(["a red circle"]), model.encode_text(["a red circle"]))
 
     recipe = yaml.safe_load((ROOT / "zoo_configs/recipes/shapes.yaml").read_text())
-    recipe.update(steps=3, global_batch=16)
+    recipe.update(global_batch=16, budget={"by": "steps", "steps": 3}, curve_points=1)
     recipe["data"]["shapes"] = {"image_size": 16, "train_size": 48, "val_size": 16, "test_size": 16}
     recipe["models"] = {"toy": {"config": str(config), "overrides": {"trainer.enable_progress_bar": False}}}
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
@@ -217,6 +217,7 @@ def test_a_toy_family_fits_loads_exports_and_compares(toy_plugin, tmp_path):
     assert main(["compare", "--recipe", str(tmp_path / "recipe.yaml"), "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     assert 0.0 <= results["models"]["toy"]["metrics"]["test/r1_t2i"] <= 1.0
+    assert results["models"]["toy"]["flops_per_step"] > 0  # the flop counter sees a plug-in family's step
     assert "| toy |" in (out / "results.md").read_text()
 
 

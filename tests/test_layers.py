@@ -28,7 +28,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("convert", ("vlzoo.hub.convert", "vlzoo.hub.generation")),
     ("families", ("vlzoo.families",)),
     ("hub", ("vlzoo.hub",)),
-    ("api", ("vlzoo.zoo", "vlzoo.inference", "vlzoo.evaluate", "vlzoo.recipes", "vlzoo.compare", "vlzoo.plots", "vlzoo.capfilt",
+    ("api", ("vlzoo.zoo", "vlzoo.inference", "vlzoo.evaluate", "vlzoo.recipes", "vlzoo.compare", "vlzoo.budget", "vlzoo.plots", "vlzoo.capfilt",
              "vlzoo.cli_help", "vlzoo.cli")),
 ]
 ROOT = "vlzoo"  # the package itself: ``__version__`` and the lazy facade of the zoo API

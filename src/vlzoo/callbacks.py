@@ -33,7 +33,9 @@ def peak_memory_mb(device: torch.device | None = None) -> float:
 class RunStats(L.Callback):
     """Measures training samples/s (training steps only: validation, checkpointing and
     data waits between steps excluded), counts parameters, and reads peak memory.
-    :meth:`summary` gives them for ``metrics.json``."""
+    :meth:`summary` gives them for ``metrics.json``. The training time so far is logged
+    as ``train/elapsed_s`` with each validation (the time axis of learning curves) and
+    kept in checkpoints, so a resumed run counts on from where it stopped."""
 
     def __init__(self) -> None:
         self.train_seconds = 0.0
@@ -49,6 +51,17 @@ class RunStats(L.Callback):
         self.train_seconds += time.perf_counter() - self._start
         self.train_samples += batch_samples(batch) * trainer.world_size
         self._start = None
+
+    def on_validation_epoch_end(self, trainer, module) -> None:
+        if not trainer.sanity_checking and trainer.state.fn == "fit":
+            module.log("train/elapsed_s", self.train_seconds)
+
+    def state_dict(self) -> dict[str, float]:
+        return {"train_seconds": self.train_seconds, "train_samples": self.train_samples}
+
+    def load_state_dict(self, state_dict: dict[str, float]) -> None:
+        self.train_seconds = float(state_dict.get("train_seconds", 0.0))
+        self.train_samples = int(state_dict.get("train_samples", 0))
 
     def summary(self, trainer, module) -> dict[str, float]:
         params = list(module.parameters())

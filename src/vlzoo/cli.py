@@ -26,7 +26,10 @@ LIGHTNING_COMMANDS = {
 }
 
 
-def _lightning_cli(args: list[str] | None) -> None:
+def _lightning_cli(args: list[str] | None, run: bool = True):
+    """Run a Lightning command (``args`` starts with fit/validate/test/predict), or with
+    ``run`` False build its model, data module and trainer from ``args`` (no subcommand)
+    and return the CLI object holding them."""
     from jsonargparse import ArgumentError
     from lightning.pytorch.cli import LightningCLI
 
@@ -71,13 +74,14 @@ def _lightning_cli(args: list[str] | None) -> None:
                 raise CLIError(condense(str(err))) from err
 
         def instantiate_trainer(self, **kwargs: Any):
-            trainer_cfg = self.config_init[self.subcommand]["trainer"]
+            section = self.config_init[self.subcommand] if self.subcommand else self.config_init  # run=False: flat
+            trainer_cfg = section["trainer"]
             if trainer_cfg.get("logger") in (None, True):
-                ckpt = self.config_init[self.subcommand].get("ckpt_path") if self.subcommand == "fit" else None
+                ckpt = section.get("ckpt_path") if self.subcommand == "fit" else None
                 trainer_cfg["logger"] = default_loggers(trainer_cfg.get("default_root_dir") or ".", ckpt)
             if trainer_cfg.get("enable_progress_bar") is False:  # the progress callback is vlzoo's: keep it, silent
                 trainer_cfg["enable_progress_bar"] = True
-                self.config_init[self.subcommand]["progress"].disable()
+                section["progress"].disable()
             return super().instantiate_trainer(**kwargs)
 
         def _resolve_init_from(self) -> bool:
@@ -126,7 +130,7 @@ def _lightning_cli(args: list[str] | None) -> None:
             write_run_summary(self.trainer, _stage_metrics(self.trainer.callback_metrics, "val/"))
 
     try:
-        VLZooCLI(
+        return VLZooCLI(
             model_class=VLTask,
             subclass_mode_model=True,
             datamodule_class=VLDataModule,
@@ -135,11 +139,23 @@ def _lightning_cli(args: list[str] | None) -> None:
             trainer_defaults={"callbacks": [ThreadPolicy()]},
             seed_everything_default=0,
             args=args,
+            run=run,
         )
     except SystemExit:  # SIGTERMException, or Lightning's exit(1) after a KeyboardInterrupt
         if Preemption.user_interrupted:  # Ctrl-C: exit as an interrupted command (what was saved is printed)
             raise KeyboardInterrupt from None
         raise
+
+
+def build_lightning_run(args: list[str]):
+    """The model, data module and trainer that ``vlzoo fit ARGS`` would use, built but not
+    run (``args``: the options, without the subcommand); ``.model``, ``.datamodule`` and
+    ``.trainer`` of the returned object hold them."""
+    import warnings
+
+    with warnings.catch_warnings():  # the calling command's own argv is not meant for this run
+        warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python")
+        return _lightning_cli(args, run=False)
 
 
 def valid_options(cli, args: list[str] | None) -> list[str]:
@@ -150,7 +166,7 @@ def valid_options(cli, args: list[str] | None) -> list[str]:
     from vlzoo import families
 
     argv = list(sys.argv[1:] if args is None else args)
-    parser = cli._subcommand_parsers.get(argv[0]) if argv else None
+    parser = getattr(cli, "_subcommand_parsers", {}).get(argv[0]) if argv else None
     names = [o for a in (parser._actions if parser is not None else []) for o in a.option_strings]
     for task in dict.fromkeys(families.task_classes().values()):
         model = ArgumentParser(exit_on_error=False)
@@ -378,20 +394,28 @@ def _compare(args: argparse.Namespace) -> None:
     from vlzoo.compare import compare
 
     models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
-    compare(args.recipe, args.out, models)
-    print(f"wrote {Path(args.out) / 'results.json'}, results.md and comparison.png")
+    compare(args.recipe, args.out, models, seeds=args.seeds, budget=args.budget)
+    print(f"wrote {Path(args.out) / 'results.json'}, results.md, curves.png and comparison.png")
 
 
 def _add_zoo_commands(commands) -> None:
     comparing = commands.add_parser(
         "compare", help="train every family under one recipe and compare them on one test split",
-        description="Re-run with the same --out to continue: finished models are skipped and an interrupted one "
-                    "resumes from its last checkpoint.",
+        description="Each model gets the same budget (the recipe's: steps, samples, FLOPs or wall time), each seed "
+                    "its own run. Re-run with the same --out to continue: finished runs are skipped and an "
+                    "interrupted one resumes from its last checkpoint.",
         epilog=examples("vlzoo compare --recipe zoo_configs/recipes/shapes.yaml --out runs/compare",
-                        "vlzoo compare --recipe zoo_configs/recipes/shapes.yaml --out runs/compare --models clip,blip2"))
+                        "vlzoo compare --recipe zoo_configs/recipes/shapes.yaml --out runs/compare --models clip,blip2",
+                        "vlzoo compare --recipe zoo_configs/recipes/shapes.yaml --out runs/compare3 --seeds 3",
+                        "vlzoo compare --recipe zoo_configs/recipes/shapes.yaml --out runs/steps --budget steps=300"))
     comparing.add_argument("--recipe", required=True, help="recipe YAML (zoo_configs/recipes/)")
     comparing.add_argument("--models", default=None, help="comma-separated subset, e.g. clip,blip2")
     comparing.add_argument("--out", required=True, help="output directory")
+    comparing.add_argument("--seeds", type=int, default=None,
+                           help="runs per model, seeds SEED..SEED+N-1 (default: the recipe's seeds, else 1)")
+    comparing.add_argument("--budget", default=None, metavar="KIND[=AMOUNT]",
+                           help="steps, samples, flops or wall_time (seconds), per model; the amount defaults to "
+                                "the recipe's (default: the recipe's budget.by)")
     comparing.set_defaults(run=_compare)
     listing = commands.add_parser("list", help="list the pretrained checkpoints of the manifest",
                                   epilog=examples("vlzoo list blip-"))
@@ -522,7 +546,7 @@ def _finetune(argv: list[str], from_command_line: bool) -> int:
 
 
 # Commands that compute (train, evaluate, generate, embed): they get the thread policy.
-COMPUTING = (*LIGHTNING_COMMANDS, "finetune", "capfilt", "caption", "vqa", "retrieve", "zeroshot", "embed", "data",
+COMPUTING = (*LIGHTNING_COMMANDS, "compare", "finetune", "capfilt", "caption", "vqa", "retrieve", "zeroshot", "embed", "data",
              "export")
 DEBUG_ENV = "VLZOO_DEBUG"
 

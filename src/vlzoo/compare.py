@@ -1,34 +1,51 @@
-"""``vlzoo compare``: every family trained under one recipe, evaluated on one test split.
+"""``vlzoo compare``: every family trained under one recipe and one budget, evaluated on
+one test split, with learning curves and error bars.
 
 A recipe (``zoo_configs/recipes/*.yaml``) holds the shared settings — data, image size,
-steps, global batch, optimizer, learning-rate schedule, precision, seed, evaluation —
+budget, global batch, optimizer, learning-rate schedule, precision, seed, evaluation —
 and, per model, the zoo config that gives its architecture and the settings only that
-family has. Each model is trained by ``vlzoo fit`` in a subprocess (its own memory
-peak, its own progress lines) into ``OUT/runs/NAME``; ``OUT/results.json``,
-``OUT/results.md`` and ``OUT/comparison.png`` are rewritten after each model. A model
-whose run finished is skipped when the command is run again.
+family has. The budget (:mod:`vlzoo.budget`) is steps, samples, FLOPs or wall time per
+model; a FLOPs or wall-time budget is turned into each model's steps from its measured
+step cost. Each model is trained ``seeds`` times, each run by ``vlzoo fit`` in a
+subprocess (its own memory peak, its own progress lines) into
+``OUT/runs/NAME/seed-S``, validated at ``curve_points`` points along the way. After
+each run, ``OUT/results.json``, ``OUT/results.md``, ``OUT/curves.png`` and
+``OUT/comparison.png`` are rewritten. Running the command again skips finished runs and
+continues an interrupted one from its last checkpoint.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
+import platform
+import shutil
+import statistics
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from vlzoo.plots import plot_comparison
+from vlzoo.budget import Budget, measure_step_cost, parse_budget
+from vlzoo.plots import plot_comparison, plot_curves
 from vlzoo.utils import atomic_write_json, atomic_write_text
 
-SHARED_KEYS = ("seed", "steps", "global_batch", "precision", "optimizer", "data", "eval")
+SHARED_KEYS = ("seed", "budget", "global_batch", "precision", "optimizer", "data", "eval")
+OPTIONAL_KEYS = {"seeds": 1, "curve_points": 4}  # with their defaults
 PARTIAL_WALL = "compare_wall.json"  # wall time of an interrupted run, added when it continues
+PLAN = "plan.json"  # OUT/plan.json: each model's measured step cost and steps under the budget
 DONE_KEY = "compare/finished"
+HEADLINE = "test/r1_t2i"
 TABLE_METRICS = ("test/r1_t2i", "test/r1_i2t", "test/r10_t2i", "test/compositional_acc", "test/zeroshot_acc",
                  "test/bleu4", "test/cider")
+RUN_FIGURES = ("params_total", "params_trainable", "train_samples_per_s", "peak_memory_mb", "wall_time_s",
+               "train_time_s", "steps", "samples", "flops")
 
 
 @dataclass
@@ -39,6 +56,10 @@ class Recipe:
     shared: dict[str, Any]
     models: dict[str, dict[str, Any]] = field(default_factory=dict)
 
+    @property
+    def global_batch(self) -> int:
+        return int(self.shared["global_batch"])
+
 
 def load_recipe(path: str | Path) -> Recipe:
     """Read and check a recipe YAML; errors name the file and the field."""
@@ -46,12 +67,22 @@ def load_recipe(path: str | Path) -> Recipe:
     if not path.is_file():
         raise FileNotFoundError(f"recipe {path} does not exist")
     raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a mapping of recipe fields")
+    if "steps" in raw:
+        raise ValueError(f"{path}: steps: the budget is now a mapping, e.g. budget: {{by: steps, steps: "
+                         f"{raw['steps']}}} (or by: flops, samples, wall_time)")
     missing = [k for k in (*SHARED_KEYS, "models") if k not in raw]
     if missing:
         raise ValueError(f"{path}: missing fields {missing}")
-    unknown = sorted(set(raw) - {*SHARED_KEYS, "models"})
+    unknown = sorted(set(raw) - {*SHARED_KEYS, *OPTIONAL_KEYS, "models"})
     if unknown:
         raise ValueError(f"{path}: unknown fields {unknown}")
+    parse_budget(raw["budget"], None, str(path))  # checked now, not after the first model
+    for key in OPTIONAL_KEYS:
+        value = raw.get(key, OPTIONAL_KEYS[key])
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{path}: {key}: expected a positive integer, got {value!r}")
     if not isinstance(raw["models"], dict) or not raw["models"]:
         raise ValueError(f"{path}: models: expected a mapping name -> {{config: ...}}")
     root = path.resolve().parent
@@ -69,20 +100,22 @@ def load_recipe(path: str | Path) -> Recipe:
         source = spec.get("vision_from")
         if source is not None and source not in models:
             raise ValueError(f"{path}: models.{name}.vision_from {source!r} is not a model of the recipe")
-    return Recipe(path, {k: raw[k] for k in SHARED_KEYS}, models)
+    shared = {k: raw[k] for k in SHARED_KEYS} | {k: raw.get(k, v) for k, v in OPTIONAL_KEYS.items()}
+    return Recipe(path, shared, models)
 
 
-def shared_config(recipe: Recipe) -> dict:
-    """The recipe's shared settings as a ``vlzoo fit`` config, layered over each model's
-    own zoo config (``--config MODEL --config SHARED``: jsonargparse merges them key by
-    key, the later file winning)."""
+def shared_config(recipe: Recipe, steps: int, seed: int) -> dict:
+    """The recipe's shared settings for one run of ``steps`` optimizer steps, as a ``vlzoo
+    fit`` config layered over each model's own zoo config (``--config MODEL --config
+    SHARED``: jsonargparse merges them key by key, the later file winning). Validation
+    runs at ``curve_points`` evenly spaced steps, the last one at the end."""
     s = recipe.shared
-    steps = int(s["steps"])
+    interval = max(1, math.ceil(steps / int(s["curve_points"])))
     return {
-        "seed_everything": s["seed"],
-        "trainer": {"max_steps": steps, "val_check_interval": steps, "check_val_every_n_epoch": None,
+        "seed_everything": seed,
+        "trainer": {"max_steps": steps, "val_check_interval": interval, "check_val_every_n_epoch": None,
                     "precision": s["precision"], "devices": 1},
-        "data": {**s["data"], "batch_size": int(s["global_batch"])},
+        "data": {**s["data"], "batch_size": recipe.global_batch},
         "model": {"init_args": {"optim": dict(s["optimizer"]), "eval": dict(s["eval"])}},
     }
 
@@ -109,32 +142,76 @@ def family_settings(config: dict) -> dict:
     return {k: v for k, v in init.items() if k not in ("optim", "eval")}
 
 
+# ------------------------------------------------------------------------ the plan
+@dataclass
+class Plan:
+    """Per model: the measured step cost and the steps the budget gives it, kept in
+    ``OUT/plan.json`` so that a continued compare trains every run for the same steps."""
+
+    budget: Budget
+    models: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @classmethod
+    def read(cls, out: Path, budget: Budget) -> Plan:
+        path = out / PLAN
+        if not path.is_file():
+            return cls(budget)
+        saved = json.loads(path.read_text())
+        if saved.get("budget") != {"kind": budget.kind, "amount": budget.amount}:
+            raise ValueError(f"{out} was run with budget {saved.get('budget')}, not {budget.kind} {budget.amount:g}: "
+                             "use another --out, or the same budget to continue")
+        return cls(budget, saved.get("models", {}))
+
+    def write(self, out: Path) -> None:
+        atomic_write_json(out / PLAN, {"budget": {"kind": self.budget.kind, "amount": self.budget.amount},
+                                       "models": self.models})
+
+    def steps(self, recipe: Recipe, name: str, out: Path, fit_args: list[str]) -> int:
+        """The steps of model ``name``; measures its step cost first when the budget
+        needs one and the plan has none."""
+        if name not in self.models:  # FLOPs are measured under every budget: the results report them
+            print(f"vlzoo compare: measuring the cost of one {name} training step", flush=True)
+            cost = measure_step_cost(fit_args[1:], timed_steps=3 if self.budget.kind == "wall_time" else 0)
+            steps = self.budget.steps(recipe.global_batch, cost)
+            self.models[name] = {"flops_per_step": cost.flops, "seconds_per_step": cost.seconds, "steps": steps}
+            self.write(out)
+            print(f"vlzoo compare: {name}: {steps} steps under {self.budget.describe()} "
+                  f"({cost.flops / 1e9:.2f} GFLOP a step)", flush=True)
+        return int(self.models[name]["steps"])
+
+
 # ------------------------------------------------------------------------ running
-def run_model(recipe: Recipe, name: str, out: Path, results: dict[str, Any], position: str) -> None:
-    """Train and test model ``name`` in a ``vlzoo fit`` subprocess (skipped when finished)."""
-    run_dir = out / "runs" / name
+def run_dir_of(out: Path, name: str, seed: int) -> Path:
+    return out / "runs" / name / f"seed-{seed}"
+
+
+def run_model(recipe: Recipe, plan: Plan, name: str, seed: int, out: Path, position: str) -> dict[str, Any]:
+    """Train and test model ``name`` with ``seed`` in a ``vlzoo fit`` subprocess (skipped
+    when finished, continued when interrupted); returns its result."""
+    run_dir = run_dir_of(out, name, seed)
     metrics_path = run_dir / "metrics.json"
     if metrics_path.is_file() and json.loads(metrics_path.read_text()).get(DONE_KEY):
-        print(f"[{position}] {name}: finished before, skipped ({metrics_path})", flush=True)
-        results[name] = _result(name, run_dir)
-        return
+        print(f"[{position}] {name} seed {seed}: finished before, skipped ({metrics_path})", flush=True)
+        return _result(run_dir, plan.models[name])
     source = recipe.models[name].get("vision_from")
-    vision = _best_checkpoint(out / "runs" / source) if source else None
-    shared = out / "configs" / "shared.yaml"
-    atomic_write_text(shared, yaml.safe_dump(shared_config(recipe), sort_keys=False))
+    vision = _best_checkpoint(run_dir_of(out, source, seed)) if source else None
+    provisional = out / "configs" / f"{name}-seed-{seed}.yaml"
+    atomic_write_text(provisional, yaml.safe_dump(shared_config(recipe, 1, seed), sort_keys=False))
+    steps = plan.steps(recipe, name, out, fit_arguments(recipe, name, provisional, run_dir, vision))
+    shared = provisional
+    atomic_write_text(shared, yaml.safe_dump(shared_config(recipe, steps, seed), sort_keys=False))
     args = fit_arguments(recipe, name, shared, run_dir, vision)
     partial = run_dir / PARTIAL_WALL
     earlier = json.loads(partial.read_text()).get("wall_time_s", 0.0) if partial.is_file() else 0.0
     if (run_dir / "checkpoints" / "last.ckpt").is_file():  # interrupted before: continue where it stopped
         args += ["--ckpt_path", "last"]
-        print(f"[{position}] {name}: continuing the interrupted run from its last checkpoint", flush=True)
+        print(f"[{position}] {name} seed {seed}: continuing the interrupted run from its last checkpoint", flush=True)
     elif run_dir.exists():  # interrupted before its first checkpoint: start it again cleanly
-        import shutil
-
         shutil.rmtree(run_dir)
         earlier = 0.0
-    print(f"[{position}] {name}: {recipe.shared['steps']} steps x {recipe.shared['global_batch']} "
-          f"({recipe.models[name]['config'].name}" + (f", vision of {source}" if source else "") + ")", flush=True)
+    print(f"[{position}] {name} seed {seed}: {steps} steps x {recipe.global_batch} "
+          f"({recipe.models[name]['config'].name}" + (f", vision of {source} seed {seed}" if source else "") + ")",
+          flush=True)
     start = time.perf_counter()
     try:
         returncode = _run_fit(args, name, position)
@@ -151,9 +228,9 @@ def run_model(recipe: Recipe, name: str, out: Path, results: dict[str, Any], pos
     metrics = json.loads(metrics_path.read_text())
     metrics.update({DONE_KEY: True, "wall_time_s": wall})
     atomic_write_json(metrics_path, metrics)
-    results[name] = _result(name, run_dir)
-    print(f"[{position}] {name}: done in {wall / 60:.1f} min, test R@1 t2i "
-          f"{metrics.get('test/r1_t2i', float('nan')):.3f}", flush=True)
+    print(f"[{position}] {name} seed {seed}: done in {wall / 60:.1f} min, test R@1 t2i "
+          f"{metrics.get(HEADLINE, float('nan')):.3f}", flush=True)
+    return _result(run_dir, plan.models[name])
 
 
 def _run_fit(args: list[str], name: str, position: str) -> int:
@@ -170,7 +247,7 @@ def _run_fit(args: list[str], name: str, position: str) -> int:
         except (subprocess.TimeoutExpired, KeyboardInterrupt):
             process.kill()
             process.wait()
-        print("vlzoo compare: to continue, run the same command again: finished models are skipped and "
+        print("vlzoo compare: to continue, run the same command again: finished runs are skipped and "
               f"{name} continues from its last checkpoint", file=sys.stderr, flush=True)
         raise
 
@@ -184,47 +261,66 @@ def _best_checkpoint(run_dir: Path) -> Path:
     return path
 
 
-def _result(name: str, run_dir: Path) -> dict:
+def _result(run_dir: Path, planned: dict[str, Any]) -> dict[str, Any]:
+    """One finished run: its metrics, size, speed, memory and the budget it spent."""
     metrics = json.loads((run_dir / "metrics.json").read_text())
     config = yaml.safe_load((run_dir / "config.yaml").read_text())  # what vlzoo fit parsed, every layer applied
+    steps = int(config["trainer"]["max_steps"])
+    samples = steps * int(config["data"]["batch_size"])
+    speed = metrics.get("train/samples_per_s")
     return {"metrics": {k: v for k, v in metrics.items() if k.startswith(("test/", "val/", "train/"))},
             "params_total": metrics.get("params_total"), "params_trainable": metrics.get("params_trainable"),
-            "train_samples_per_s": metrics.get("train/samples_per_s"),
-            "peak_memory_mb": metrics.get("peak_memory_mb"), "wall_time_s": metrics.get("wall_time_s"),
-            "effective_settings": config, "family_settings": family_settings(config),
-            "run_dir": str(run_dir)}
+            "train_samples_per_s": speed, "peak_memory_mb": metrics.get("peak_memory_mb"),
+            "wall_time_s": metrics.get("wall_time_s"), "train_time_s": samples / speed if speed else None,
+            "steps": steps, "samples": samples,
+            "flops": steps * planned["flops_per_step"] if planned.get("flops_per_step") else None,
+            "flops_per_step": planned.get("flops_per_step"),
+            "effective_settings": config, "family_settings": family_settings(config), "run_dir": str(run_dir)}
 
 
-def compare(recipe_path: str | Path, out: str | Path, models: list[str] | None = None) -> dict[str, Any]:
-    """Run the recipe's models (all, or ``models`` in the recipe's order) and write the
-    results; returns the results dict."""
+def compare(recipe_path: str | Path, out: str | Path, models: list[str] | None = None, seeds: int | None = None,
+            budget: str | None = None) -> dict[str, Any]:
+    """Run the recipe's models (all, or ``models`` in the recipe's order), ``seeds`` runs
+    each (default: the recipe's), under the recipe's budget or ``budget`` (``KIND`` or
+    ``KIND=AMOUNT``), and write the results; returns the results dict."""
     recipe = load_recipe(recipe_path)
+    if seeds is not None:
+        if seeds < 1:
+            raise ValueError(f"--seeds: expected a positive integer, got {seeds}")
+        recipe.shared["seeds"] = seeds
+    chosen = parse_budget(recipe.shared["budget"], budget, str(recipe.path))
+    names = _selected(recipe, models)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    plan = Plan.read(out, chosen)
+    results_path = out / "results.json"
+    results = json.loads(results_path.read_text()).get("models", {}) if results_path.is_file() else {}
+    context = run_context(recipe)
+    _print_shared(recipe, chosen)
+    seed_list = [int(recipe.shared["seed"]) + i for i in range(int(recipe.shared["seeds"]))]
+    for i, name in enumerate(names, 1):
+        source = recipe.models[name].get("vision_from")
+        if source and source not in names and not (out / "runs" / source).is_dir():
+            raise ValueError(f"{name} takes the vision tower of {source}: include {source} in --models")
+        runs = results.get(name, {}).get("runs", {})
+        for seed in seed_list:
+            runs[str(seed)] = run_model(recipe, plan, name, seed, out, f"{i}/{len(names)}")
+            results[name] = summarise(runs)
+            write_results(recipe, chosen, results, out, context)
+    print(results_table(results))
+    for line in noise_notes(results):
+        print(line)
+    return results
+
+
+def _selected(recipe: Recipe, models: list[str] | None) -> list[str]:
     names = list(recipe.models)
     if models:
         unknown = [m for m in models if m not in recipe.models]
         if unknown:
             raise ValueError(f"--models {unknown}: not in {recipe.path} (it has {names})")
         names = [n for n in names if n in models]
-    names = _sources_first(names, recipe)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    results_path = out / "results.json"
-    results = json.loads(results_path.read_text()).get("models", {}) if results_path.is_file() else {}
-    _print_shared(recipe)
-    for i, name in enumerate(names, 1):
-        source = recipe.models[name].get("vision_from")
-        if source and source not in names and not (out / "runs" / source / "metrics.json").is_file():
-            raise ValueError(f"{name} takes the vision tower of {source}: include {source} in --models")
-        run_model(recipe, name, out, results, f"{i}/{len(names)}")
-        write_results(recipe, results, out)
-    table = results_table(results)
-    print(table)
-    return results
-
-
-def _sources_first(names: list[str], recipe: Recipe) -> list[str]:
-    """``names`` reordered so that a model whose vision tower another takes runs first."""
-    ordered: list[str] = []
+    ordered: list[str] = []  # a model whose vision tower another takes runs first
     for name in names:
         source = recipe.models[name].get("vision_from")
         if source in names and source not in ordered:
@@ -234,40 +330,181 @@ def _sources_first(names: list[str], recipe: Recipe) -> list[str]:
     return ordered
 
 
-def _print_shared(recipe: Recipe) -> None:
+def _print_shared(recipe: Recipe, budget: Budget) -> None:
     s = recipe.shared
-    print(f"recipe {recipe.path}: {s['steps']} steps x global batch {s['global_batch']}, {s['precision']}, "
-          f"seed {s['seed']}, optimizer {s['optimizer']}, data {s['data']}, eval {s['eval']}", flush=True)
+    print(f"recipe {recipe.path}: budget {budget.describe()}, global batch {s['global_batch']}, {s['precision']}, "
+          f"seeds {s['seed']}..{s['seed'] + s['seeds'] - 1}, optimizer {s['optimizer']}, data {s['data']}, "
+          f"eval {s['eval']}", flush=True)
     for name, spec in recipe.models.items():
         extra = {k: v for k, v in spec.items() if k != "config"}
         print(f"  {name}: architecture and family settings from {spec['config']}" + (f"; {extra}" if extra else ""))
 
 
+def run_context(recipe: Recipe) -> dict[str, Any]:
+    """Where and when: date, commit of the recipe's repository, machine, load at the start."""
+    commit = None
+    try:
+        commit = subprocess.run(["git", "-C", str(recipe.path.resolve().parent), "rev-parse", "--short", "HEAD"],
+                                capture_output=True, text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    import torch
+
+    from vlzoo import __version__
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"{os.cpu_count()}-core CPU"
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": commit,
+            "vlzoo": __version__, "torch": torch.__version__, "device": device,
+            "machine": platform.machine(), "load_average_at_start": load}
+
+
+# ------------------------------------------------------------------------ statistics
+def summarise(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """A model's runs (by seed) -> the mean of every metric and figure (``metrics``, and
+    the figures at the top level, as one run has them), their sample standard
+    deviations (``std``, absent with one run) and the runs themselves."""
+    finished = list(runs.values())
+    metric_keys = sorted({k for r in finished for k, v in r["metrics"].items() if _is_number(v)})
+    mean_metrics, std = {}, {}
+    for key in metric_keys:
+        values = [r["metrics"][key] for r in finished if _is_number(r["metrics"].get(key))]
+        mean_metrics[key] = statistics.fmean(values)
+        if len(values) > 1:
+            std[key] = statistics.stdev(values)
+    summary: dict[str, Any] = {"metrics": mean_metrics, "std": std, "seeds": sorted(int(s) for s in runs),
+                               "runs": runs}
+    for key in RUN_FIGURES:
+        values = [r[key] for r in finished if _is_number(r.get(key))]
+        summary[key] = statistics.fmean(values) if values else None
+        if len(values) > 1:
+            std[key] = statistics.stdev(values)
+    last = finished[-1]
+    summary.update(flops_per_step=last.get("flops_per_step"), effective_settings=last["effective_settings"],
+                   family_settings=last["family_settings"], run_dir=last["run_dir"])
+    return summary
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def within_noise(a: dict[str, Any], b: dict[str, Any], metric: str = HEADLINE) -> bool | None:
+    """Whether two models' mean ``metric`` differ by less than two standard errors of the
+    difference (about a 95 % interval); None when either has fewer than two seeds."""
+    if metric not in a["std"] or metric not in b["std"]:
+        return None
+    se = math.sqrt(a["std"][metric] ** 2 / len(a["seeds"]) + b["std"][metric] ** 2 / len(b["seeds"]))
+    return abs(a["metrics"][metric] - b["metrics"][metric]) <= 2 * se
+
+
+def noise_notes(results: dict[str, Any], metric: str = HEADLINE) -> list[str]:
+    """One line per pair of models on ``metric``: the difference and whether it is
+    within noise (or that one seed each cannot tell)."""
+    names = list(results)
+    lines = []
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            if metric not in results[a]["metrics"] or metric not in results[b]["metrics"]:
+                continue
+            diff = results[a]["metrics"][metric] - results[b]["metrics"][metric]
+            same = within_noise(results[a], results[b], metric)
+            verdict = ("within noise (less than two standard errors of the difference)" if same else
+                       "beyond noise (more than two standard errors)" if same is False else
+                       "not tested against noise (run --seeds 2 or more)")
+            lines.append(f"- {a} - {b}: {diff:+.3f} {metric.removeprefix('test/')}, {verdict}")
+    return lines
+
+
 # ------------------------------------------------------------------------ output
+def _cell(result: dict[str, Any], key: str, in_metrics: bool = True, digits: int = 3) -> str:
+    value = (result["metrics"] if in_metrics else result).get(key)
+    if not _is_number(value):
+        return "–"
+    spread = result["std"].get(key)
+    return f"{value:.{digits}f}" + (f" ± {spread:.{digits}f}" if spread is not None else "")
+
+
 def results_table(results: dict[str, Any]) -> str:
-    """A markdown table: one row per model."""
+    """The test metrics, mean ± standard deviation over seeds: one row per model."""
     columns = [m.removeprefix("test/") for m in TABLE_METRICS]
-    head = ["model", *columns, "params (trainable)", "train samples/s", "peak MB", "wall min"]
+    head = ["model", "seeds", *columns]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in results.items():
-        m = r["metrics"]
-        cells = [f"{m[k]:.3f}" if isinstance(m.get(k), (int, float)) else "–" for k in TABLE_METRICS]
-        params = f"{(r['params_total'] or 0) / 1e6:.2f} M ({(r['params_trainable'] or 0) / 1e6:.2f} M)"
-        speed = f"{r['train_samples_per_s']:.0f}" if r.get("train_samples_per_s") else "–"
-        memory = f"{r['peak_memory_mb']:.0f}" if r.get("peak_memory_mb") else "–"
-        wall = f"{r['wall_time_s'] / 60:.1f}" if r.get("wall_time_s") else "–"
-        lines.append("| " + " | ".join([name, *cells, params, speed, memory, wall]) + " |")
+        cells = [_cell(r, k) for k in TABLE_METRICS]
+        lines.append("| " + " | ".join([name, str(len(r["seeds"])), *cells]) + " |")
     return "\n".join(lines)
 
 
-def write_results(recipe: Recipe, results: dict[str, Any], out: Path) -> None:
-    """``results.json``, ``results.md`` and ``comparison.png`` for the models run so far."""
+def cost_table(results: dict[str, Any]) -> str:
+    """What each model spent and what it is: steps, samples, FLOPs, wall time, size,
+    speed and memory (means over seeds)."""
+    head = ["model", "steps", "samples", "GFLOP/step", "PFLOP", "train min", "wall min", "params (trainable)",
+            "train samples/s", "peak MB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    def number(r: dict[str, Any], key: str, scale: float = 1.0, digits: int = 0) -> str:
+        value = r.get(key)
+        return f"{value / scale:.{digits}f}" if _is_number(value) else "–"
+
+    for name, r in results.items():
+        params = f"{(r['params_total'] or 0) / 1e6:.2f} M ({(r['params_trainable'] or 0) / 1e6:.2f} M)"
+        lines.append("| " + " | ".join([
+            name, number(r, "steps"), number(r, "samples"), number(r, "flops_per_step", 1e9, 2),
+            number(r, "flops", 1e15, 3), number(r, "train_time_s", 60, 1), number(r, "wall_time_s", 60, 1), params,
+            number(r, "train_samples_per_s"), number(r, "peak_memory_mb")]) + " |")
+    return "\n".join(lines)
+
+
+def write_results(recipe: Recipe, budget: Budget, results: dict[str, Any], out: Path,
+                  context: dict[str, Any]) -> None:
+    """``results.json``, ``results.md``, ``curves.png`` and ``comparison.png`` for the
+    runs so far."""
     atomic_write_json(out / "results.json", {"recipe": str(recipe.path), "shared_settings": recipe.shared,
-                                             "models": results})
-    text = (f"# vlzoo compare\n\nRecipe `{recipe.path}`: {recipe.shared['steps']} steps x global batch "
-            f"{recipe.shared['global_batch']}, {recipe.shared['precision']}, seed {recipe.shared['seed']}.\n\n"
-            + results_table(results) + "\n\nPer-family settings (beyond the recipe) are in results.json "
-            "(`family_settings`).\n")
+                                             "budget": {"kind": budget.kind, "amount": budget.amount},
+                                             "context": context, "models": results})
+    plot_curves(results, out / "curves.png", recipe.global_batch)
+    plot_comparison(results, out / "comparison.png")
+    s = recipe.shared
+    load = context.get("load_average_at_start")
+    text = "\n".join([
+        "# vlzoo compare", "",
+        f"Recipe `{recipe.path.name}`: budget {budget.describe()}, global batch {s['global_batch']}, "
+        f"{s['precision']}, seeds {', '.join(str(x) for x in next(iter(results.values()))['seeds'])}. "
+        f"Measured {context['date']} at commit {context.get('commit') or 'unknown'} (vlzoo {context['vlzoo']}, "
+        f"torch {context['torch']}) on {context['device']}"
+        + (f", load average {load:.2f} at the start" if load is not None else "") + ".", "",
+        "Test split, mean ± standard deviation over seeds (coco-caption BLEU-4 and CIDEr):", "",
+        results_table(results), "",
+        "Budget spent and cost (means over seeds; FLOPs: forward + backward, torch's flop counter on the "
+        "first step; train min: training steps only; wall min: the whole run with its evaluations):", "",
+        cost_table(results), "",
+        "Differences in R@1 t2i:", "", *(noise_notes(results) or ["- one model only"]), "",
+        "![learning curves](curves.png)", "",
+        "Per-family settings (beyond the recipe) are in results.json (`family_settings`).", ""])
     atomic_write_text(out / "results.md", text)
 
-    plot_comparison(results, out / "comparison.png")
+
+def parse_results_table(markdown: str) -> dict[str, dict[str, str]]:
+    """The first results table of a markdown text (``results.md``, or a README quoting it):
+    model -> {column: cell}."""
+    lines = [line.strip() for line in markdown.splitlines()]
+    for i, line in enumerate(lines):
+        if line.startswith("| model | seeds |") and i + 1 < len(lines) and lines[i + 1].startswith("|---"):
+            head = [c.strip() for c in line.strip("|").split("|")]
+            rows = {}
+            for row in lines[i + 2:]:
+                if not row.startswith("|"):
+                    break
+                cells = [c.strip() for c in row.strip("|").split("|")]
+                if len(cells) != len(head):
+                    raise ValueError(f"results table row {row!r}: {len(cells)} cells, the header has {len(head)}")
+                rows[cells[0]] = dict(zip(head, cells, strict=True))
+            return rows
+    raise ValueError("no results table (a '| model | seeds | ...' header) found")
+
+
+def mean_of(cell: str) -> float | None:
+    """``"0.512 ± 0.020"`` -> 0.512; ``"–"`` -> None."""
+    head = cell.split("±")[0].strip()
+    return None if head in ("–", "-", "") else float(head)
+

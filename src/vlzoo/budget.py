@@ -1,0 +1,167 @@
+"""Training budgets of ``vlzoo compare``: steps, samples, FLOPs or wall time, turned into
+each model's number of optimizer steps.
+
+Equal steps is not equal compute: an ALBEF or BLIP step costs about 3.5 times a CLIP
+step at the same batch. A ``flops`` budget gives every model the same training
+compute; :func:`measure_step_cost` measures what one of its steps costs with torch's
+flop counter (``torch.utils.flop_counter.FlopCounterMode``: the matmul, convolution and
+attention FLOPs of the forward and backward pass of the first optimizer step), in a
+real ``Trainer.fit`` of the model's own config, so every hook of the step runs (momentum
+copies, queue, hard negatives, a frozen tower's features). A ``wall_time`` budget is
+turned into steps from the seconds per step measured the same way, so that the
+learning-rate schedule still ends where the run ends.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+
+KINDS = ("steps", "samples", "flops", "wall_time")
+UNITS = {"steps": "optimizer steps", "samples": "training samples", "flops": "FLOPs (forward + backward)",
+         "wall_time": "seconds of training"}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """``kind`` (one of :data:`KINDS`) and its ``amount`` per model."""
+
+    kind: str
+    amount: float
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"budget: expected one of {KINDS}, got {self.kind!r}")
+        if not (isinstance(self.amount, (int, float)) and math.isfinite(self.amount) and self.amount > 0):
+            raise ValueError(f"budget {self.kind}: expected a positive number, got {self.amount!r}")
+
+    @property
+    def needs_cost(self) -> bool:
+        """Whether the steps depend on a measured step cost."""
+        return self.kind in ("flops", "wall_time")
+
+    def steps(self, global_batch: int, cost: StepCost | None = None) -> int:
+        """Optimizer steps a model gets (at least 1)."""
+        if self.kind == "steps":
+            return max(1, int(self.amount))
+        if self.kind == "samples":
+            return max(1, int(self.amount // global_batch))
+        if cost is None:
+            raise ValueError(f"a {self.kind} budget needs the model's measured step cost")
+        per_step = cost.flops if self.kind == "flops" else cost.seconds
+        if not per_step:
+            raise ValueError(f"a {self.kind} budget: the measured step cost is {per_step!r}")
+        return max(1, int(self.amount // per_step))
+
+    def describe(self) -> str:
+        amount = f"{self.amount:.3g}" if self.kind == "flops" else f"{self.amount:g}"
+        return f"{amount} {UNITS[self.kind]} per model"
+
+
+def parse_budget(recipe_budget: Any, option: str | None, where: str) -> Budget:
+    """The budget of a run: the recipe's ``budget`` mapping (``by:`` the kind, and an amount
+    per kind), with ``--budget KIND`` (the recipe's amount of that kind) or
+    ``--budget KIND=AMOUNT`` on top. Errors name ``where`` (the recipe) or the option."""
+    if not isinstance(recipe_budget, dict) or "by" not in recipe_budget:
+        raise ValueError(f"{where}: budget: expected a mapping with 'by' ({'|'.join(KINDS)}) and an amount "
+                         "per kind, e.g. {by: flops, flops: 3.0e13, steps: 300}")
+    unknown = sorted(set(recipe_budget) - {"by", *KINDS})
+    if unknown:
+        raise ValueError(f"{where}: budget: unknown fields {unknown} (expected by and {', '.join(KINDS)})")
+    kind, amount = recipe_budget["by"], None
+    if option:
+        kind, _, given = option.partition("=")
+        if kind not in KINDS:
+            raise ValueError(f"--budget {option}: expected KIND or KIND=AMOUNT with KIND one of {KINDS}")
+        if given:
+            try:
+                amount = float(given)
+            except ValueError:
+                raise ValueError(f"--budget {option}: {given!r} is not a number") from None
+    if kind not in KINDS:
+        raise ValueError(f"{where}: budget.by: expected one of {KINDS}, got {kind!r}")
+    if amount is None:
+        if kind not in recipe_budget:
+            raise ValueError(f"{where}: budget.{kind} is not set: give it in the recipe or as --budget {kind}=AMOUNT")
+        amount = recipe_budget[kind]
+    try:
+        return Budget(kind, float(amount))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{where}: budget.{kind}: expected a positive number, got {amount!r}") from err
+
+
+# ------------------------------------------------------------------- step cost
+@dataclass(frozen=True)
+class StepCost:
+    """What one optimizer step of a model costs: ``flops`` (forward + backward, all ranks)
+    and ``seconds`` (median wall time of the timed steps; None when none were timed)."""
+
+    flops: float
+    seconds: float | None = None
+
+
+class StepCostMeter(L.Callback):
+    """Counts the FLOPs of the first optimizer step (everything from the first batch's
+    start to the optimizer update, micro-batches included) and times the later steps."""
+
+    def __init__(self) -> None:
+        self.flops: float | None = None
+        self.step_seconds: list[float] = []
+        self._counter = None
+        self._start: float | None = None
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx: int) -> None:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        if self.flops is None and self._counter is None:
+            self._counter = FlopCounterMode(display=False)
+            self._counter.__enter__()
+        self._start = time.perf_counter()
+
+    def on_before_optimizer_step(self, trainer, module, optimizer) -> None:
+        if self._counter is not None:
+            self._counter.__exit__(None, None, None)
+            self.flops = float(self._counter.get_total_flops()) * trainer.world_size
+            self._counter = None
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx: int) -> None:
+        if self._start is not None and self.flops is not None and trainer.global_step > 1:
+            self.step_seconds.append(time.perf_counter() - self._start)  # the first step warms up: not timed
+        self._start = None
+
+    def on_exception(self, trainer, module, exception: BaseException) -> None:
+        if self._counter is not None:
+            self._counter.__exit__(None, None, None)
+            self._counter = None
+
+
+def measure_step_cost(fit_args: list[str], timed_steps: int = 0) -> StepCost:
+    """Run ``1 + timed_steps`` optimizer steps of the model ``fit_args`` describes (the
+    options of ``vlzoo fit``, without the subcommand) in this process, in a scratch run
+    directory that is removed afterwards, and return its :class:`StepCost`."""
+    from vlzoo.cli import build_lightning_run
+
+    scratch = Path(tempfile.mkdtemp(prefix="vlzoo-step-cost-"))
+    try:
+        run = build_lightning_run([
+            *fit_args, "--trainer.default_root_dir", str(scratch), "--trainer.max_steps", str(1 + timed_steps),
+            "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0", "--trainer.logger", "false",
+            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+            "--trainer.val_check_interval", "null", "--trainer.check_val_every_n_epoch", "1"])
+        meter = StepCostMeter()
+        run.trainer.callbacks.append(meter)
+        run.trainer.fit(run.model, datamodule=run.datamodule)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    if meter.flops is None:
+        raise RuntimeError(f"measuring the step cost of {' '.join(fit_args)}: no optimizer step ran")
+    seconds = statistics.median(meter.step_seconds) if meter.step_seconds else None
+    return StepCost(meter.flops, seconds)
