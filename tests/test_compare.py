@@ -22,7 +22,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 def tiny_recipe(tmp_path, **overrides):
     recipe = yaml.safe_load(open(RECIPE))
     recipe.update(global_batch=8, curve_points=2)
-    recipe["budget"] = {"by": "steps", "steps": 3, "flops": 1.2e10}
+    recipe["budget"] = {"by": "steps", "steps": 4, "flops": 1.2e10}
     recipe["data"]["shapes"] = {"image_size": 64, "train_size": 64, "val_size": 16, "test_size": 16}
     recipe["eval"] = {"rerank_k": 4}
     for name in recipe["models"]:  # keep each family's architecture, make its evaluation cheap
@@ -98,8 +98,9 @@ def test_compare_runs_every_family_and_skips_finished_ones(tmp_path, capsys):
     for name, r in results["models"].items():
         assert 0.0 <= r["metrics"]["test/r1_t2i"] <= 1.0, name
         assert r["params_total"] > 0 and r["train_samples_per_s"] > 0 and r["peak_memory_mb"] > 0
-        assert r["steps"] == 3 and r["samples"] == 24 and r["flops"] == 3 * r["flops_per_step"] > 0
-        assert r["effective_settings"]["trainer"]["max_steps"] == 3
+        assert r["steps"] == 4 and r["samples"] == 32 and r["flops"] == 4 * r["flops_per_step"] > 0
+        assert r["effective_settings"]["trainer"]["max_steps"] == 4
+        assert r["effective_settings"]["trainer"]["val_check_interval"] == 2  # the last validation at the end
     flops = {n: r["flops_per_step"] for n, r in results["models"].items()}
     assert flops["albef"] > 2 * flops["clip"] and flops["blip"] > 2 * flops["clip"]  # momentum copies, ITM, MLM/LM
     assert "test/bleu4" in results["models"]["blip"]["metrics"]
@@ -130,7 +131,8 @@ def test_seeds_and_a_flops_budget_give_means_deviations_and_curves(tmp_path, cap
     for name in ("clip", "blip2"):
         r = results["models"][name]
         per_step = plan["models"][name]["flops_per_step"]
-        assert r["steps"] == int(1.2e10 // per_step) > 1 and r["flops"] <= 1.2e10  # the budget, not more
+        budget_steps = int(1.2e10 // per_step)
+        assert r["steps"] == budget_steps - budget_steps % 2 > 1 and r["flops"] <= 1.2e10  # the budget, not more
         assert r["seeds"] == [0, 1, 2] and len(r["runs"]) == 3
         values = [run["metrics"]["test/r1_t2i"] for run in r["runs"].values()]
         assert r["metrics"]["test/r1_t2i"] == pytest.approx(statistics.fmean(values))
@@ -196,7 +198,7 @@ def test_an_interrupted_model_continues_from_its_checkpoint(tmp_path, capsys, mo
     capsys.readouterr()
     assert main(["compare", "--recipe", str(tiny_recipe(tmp_path)), "--out", str(out), "--models", "clip"]) == 0
     assert "continuing the interrupted run from its last checkpoint" in capsys.readouterr().out
-    assert torch.load(last, weights_only=False)["global_step"] == 3
+    assert torch.load(last, weights_only=False)["global_step"] == 4
     assert not (run / "compare_wall.json").exists()
 
 

@@ -2,7 +2,7 @@
 each model's number of optimizer steps.
 
 Equal steps is not equal compute: an ALBEF or BLIP step costs about 3.5 times a CLIP
-step at the same batch. A ``flops`` budget gives every model the same training
+step at the same batch (3.5 and 3.8 times at the shapes recipe's). A ``flops`` budget gives every model the same training
 compute; :func:`measure_step_cost` measures what one of its steps costs with torch's
 flop counter (``torch.utils.flop_counter.FlopCounterMode``: the matmul, convolution and
 attention FLOPs of the forward and backward pass of the first optimizer step), in a
@@ -14,6 +14,7 @@ learning-rate schedule still ends where the run ends.
 
 from __future__ import annotations
 
+import gc
 import math
 import shutil
 import statistics
@@ -24,6 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
+
+from vlzoo.cli import build_lightning_run
 
 KINDS = ("steps", "samples", "flops", "wall_time")
 UNITS = {"steps": "optimizer steps", "samples": "training samples", "flops": "FLOPs (forward + backward)",
@@ -110,13 +114,15 @@ class StepCost:
 
 class StepCostMeter(L.Callback):
     """Counts the FLOPs of the first optimizer step (everything from the first batch's
-    start to the optimizer update, micro-batches included) and times the later steps."""
+    start to the optimizer update, micro-batches included) and times each later step
+    (from one optimizer update to the next, data loading included)."""
 
     def __init__(self) -> None:
         self.flops: float | None = None
         self.step_seconds: list[float] = []
         self._counter = None
-        self._start: float | None = None
+        self._last_update: float | None = None
+        self._world_size = 1
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx: int) -> None:
         from torch.utils.flop_counter import FlopCounterMode
@@ -124,44 +130,63 @@ class StepCostMeter(L.Callback):
         if self.flops is None and self._counter is None:
             self._counter = FlopCounterMode(display=False)
             self._counter.__enter__()
-        self._start = time.perf_counter()
 
     def on_before_optimizer_step(self, trainer, module, optimizer) -> None:
         if self._counter is not None:
-            self._counter.__exit__(None, None, None)
-            self.flops = float(self._counter.get_total_flops()) * trainer.world_size
-            self._counter = None
+            self.close()
+            return
+        if module.device.type == "cuda":
+            torch.cuda.synchronize(module.device)
+        now = time.perf_counter()
+        if self._last_update is not None:
+            self.step_seconds.append(now - self._last_update)
+        self._last_update = now
 
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx: int) -> None:
-        if self._start is not None and self.flops is not None and trainer.global_step > 1:
-            self.step_seconds.append(time.perf_counter() - self._start)  # the first step warms up: not timed
-        self._start = None
+    def close(self) -> None:
+        """Leave the flop counter (if still counting) and keep its total."""
+        if self._counter is not None:
+            counter, self._counter = self._counter, None
+            counter.__exit__(None, None, None)
+            if self.flops is None:
+                self.flops = float(counter.get_total_flops()) * self._world_size
+
+    def setup(self, trainer, module, stage: str) -> None:
+        self._world_size = trainer.world_size
 
     def on_exception(self, trainer, module, exception: BaseException) -> None:
-        if self._counter is not None:
-            self._counter.__exit__(None, None, None)
-            self._counter = None
+        self.close()
+
+    def teardown(self, trainer, module, stage: str) -> None:
+        self.close()
 
 
 def measure_step_cost(fit_args: list[str], timed_steps: int = 0) -> StepCost:
-    """Run ``1 + timed_steps`` optimizer steps of the model ``fit_args`` describes (the
-    options of ``vlzoo fit``, without the subcommand) in this process, in a scratch run
-    directory that is removed afterwards, and return its :class:`StepCost`."""
-    from vlzoo.cli import build_lightning_run
-
+    """Run ``1 + timed_steps`` optimizer steps (``timed_steps`` > 0: one more, so that
+    ``timed_steps`` intervals between updates are timed after the first) of the model
+    ``fit_args`` describes (the options of ``vlzoo fit``, without the subcommand) in this
+    process, in a scratch run directory that is removed afterwards, and return its
+    :class:`StepCost`. Hooks outside the step (``finetune.init_from``) do not run."""
     scratch = Path(tempfile.mkdtemp(prefix="vlzoo-step-cost-"))
     try:
         run = build_lightning_run([
-            *fit_args, "--trainer.default_root_dir", str(scratch), "--trainer.max_steps", str(1 + timed_steps),
+            *fit_args, "--trainer.default_root_dir", str(scratch),
+            "--trainer.max_steps", str(1 + timed_steps + (timed_steps > 0)),
             "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0", "--trainer.logger", "false",
             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
             "--trainer.val_check_interval", "null", "--trainer.check_val_every_n_epoch", "1"])
         meter = StepCostMeter()
         run.trainer.callbacks.append(meter)
-        run.trainer.fit(run.model, datamodule=run.datamodule)
+        try:
+            run.trainer.fit(run.model, datamodule=run.datamodule)
+        finally:
+            meter.close()
+            del run
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+        gc.collect()  # the measured model's memory back before the real runs start
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     if meter.flops is None:
-        raise RuntimeError(f"measuring the step cost of {' '.join(fit_args)}: no optimizer step ran")
+        raise RuntimeError(f"measuring the step cost of vlzoo fit {' '.join(fit_args)}: no optimizer step ran")
     seconds = statistics.median(meter.step_seconds) if meter.step_seconds else None
     return StepCost(meter.flops, seconds)

@@ -32,9 +32,10 @@ from typing import Any
 
 import yaml
 
+from vlzoo import __version__
 from vlzoo.budget import Budget, measure_step_cost, parse_budget
 from vlzoo.plots import plot_comparison, plot_curves
-from vlzoo.utils import atomic_write_json, atomic_write_text
+from vlzoo.utils import atomic_write_json, atomic_write_text, read_json_file
 
 SHARED_KEYS = ("seed", "budget", "global_batch", "precision", "optimizer", "data", "eval")
 OPTIONAL_KEYS = {"seeds": 1, "curve_points": 4}  # with their defaults
@@ -108,9 +109,10 @@ def shared_config(recipe: Recipe, steps: int, seed: int) -> dict:
     """The recipe's shared settings for one run of ``steps`` optimizer steps, as a ``vlzoo
     fit`` config layered over each model's own zoo config (``--config MODEL --config
     SHARED``: jsonargparse merges them key by key, the later file winning). Validation
-    runs at ``curve_points`` evenly spaced steps, the last one at the end."""
+    runs at ``curve_points`` evenly spaced steps, the last one at the end (``steps`` is a
+    multiple of them, see :func:`planned_steps`)."""
     s = recipe.shared
-    interval = max(1, math.ceil(steps / int(s["curve_points"])))
+    interval = max(1, steps // int(s["curve_points"]))
     return {
         "seed_everything": seed,
         "trainer": {"max_steps": steps, "val_check_interval": interval, "check_val_every_n_epoch": None,
@@ -143,6 +145,12 @@ def family_settings(config: dict) -> dict:
 
 
 # ------------------------------------------------------------------------ the plan
+def planned_steps(budget_steps: int, curve_points: int) -> int:
+    """The budget's steps rounded down to a multiple of ``curve_points``, so that the last
+    validation falls on the last step and the test sees the whole budget spent."""
+    return budget_steps if budget_steps <= curve_points else budget_steps - budget_steps % curve_points
+
+
 @dataclass
 class Plan:
     """Per model: the measured step cost and the steps the budget gives it, kept in
@@ -152,29 +160,38 @@ class Plan:
     models: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @classmethod
-    def read(cls, out: Path, budget: Budget) -> Plan:
+    def read(cls, out: Path, budget: Budget, global_batch: int) -> Plan:
+        """The plan of ``out`` (a new one if there is none); an ``out`` planned under another
+        budget or global batch is refused, since its runs would not be comparable."""
         path = out / PLAN
         if not path.is_file():
             return cls(budget)
-        saved = json.loads(path.read_text())
-        if saved.get("budget") != {"kind": budget.kind, "amount": budget.amount}:
-            raise ValueError(f"{out} was run with budget {saved.get('budget')}, not {budget.kind} {budget.amount:g}: "
-                             "use another --out, or the same budget to continue")
+        saved = read_json_file(path)
+        wanted = {"kind": budget.kind, "amount": budget.amount}
+        if saved.get("budget") != wanted or saved.get("global_batch", global_batch) != global_batch:
+            raise ValueError(f"{path}: {out} was run with budget {saved.get('budget')} and global batch "
+                             f"{saved.get('global_batch')}, not {wanted} and {global_batch}: use another --out, "
+                             "or the same budget and batch to continue")
         return cls(budget, saved.get("models", {}))
 
-    def write(self, out: Path) -> None:
+    def write(self, out: Path, global_batch: int) -> None:
         atomic_write_json(out / PLAN, {"budget": {"kind": self.budget.kind, "amount": self.budget.amount},
-                                       "models": self.models})
+                                       "global_batch": global_batch, "models": self.models})
 
     def steps(self, recipe: Recipe, name: str, out: Path, fit_args: list[str]) -> int:
-        """The steps of model ``name``; measures its step cost first when the budget
-        needs one and the plan has none."""
-        if name not in self.models:  # FLOPs are measured under every budget: the results report them
+        """The steps of model ``name``; measures its step cost first when the plan has none
+        (FLOPs are measured under every budget: the results report them)."""
+        if name not in self.models:
             print(f"vlzoo compare: measuring the cost of one {name} training step", flush=True)
             cost = measure_step_cost(fit_args[1:], timed_steps=3 if self.budget.kind == "wall_time" else 0)
-            steps = self.budget.steps(recipe.global_batch, cost)
-            self.models[name] = {"flops_per_step": cost.flops, "seconds_per_step": cost.seconds, "steps": steps}
-            self.write(out)
+            try:
+                budget_steps = self.budget.steps(recipe.global_batch, cost)
+            except ValueError as err:
+                raise ValueError(f"{recipe.path}: models.{name}: {err}") from err
+            steps = planned_steps(budget_steps, int(recipe.shared["curve_points"]))
+            self.models[name] = {"flops_per_step": cost.flops, "seconds_per_step": cost.seconds, "steps": steps,
+                                 "config": str(recipe.models[name]["config"])}
+            self.write(out, recipe.global_batch)
             print(f"vlzoo compare: {name}: {steps} steps under {self.budget.describe()} "
                   f"({cost.flops / 1e9:.2f} GFLOP a step)", flush=True)
         return int(self.models[name]["steps"])
@@ -190,15 +207,15 @@ def run_model(recipe: Recipe, plan: Plan, name: str, seed: int, out: Path, posit
     when finished, continued when interrupted); returns its result."""
     run_dir = run_dir_of(out, name, seed)
     metrics_path = run_dir / "metrics.json"
-    if metrics_path.is_file() and json.loads(metrics_path.read_text()).get(DONE_KEY):
-        print(f"[{position}] {name} seed {seed}: finished before, skipped ({metrics_path})", flush=True)
-        return _result(run_dir, plan.models[name])
     source = recipe.models[name].get("vision_from")
     vision = _best_checkpoint(run_dir_of(out, source, seed)) if source else None
-    provisional = out / "configs" / f"{name}-seed-{seed}.yaml"
-    atomic_write_text(provisional, yaml.safe_dump(shared_config(recipe, 1, seed), sort_keys=False))
-    steps = plan.steps(recipe, name, out, fit_arguments(recipe, name, provisional, run_dir, vision))
-    shared = provisional
+    shared = out / "configs" / f"{name}-seed-{seed}.yaml"
+    if name not in plan.models:  # the step cost is measured on the model this run would train
+        atomic_write_text(shared, yaml.safe_dump(shared_config(recipe, 1, seed), sort_keys=False))
+    steps = plan.steps(recipe, name, out, fit_arguments(recipe, name, shared, run_dir, vision))
+    if _finished(run_dir):
+        print(f"[{position}] {name} seed {seed}: finished before, skipped ({metrics_path})", flush=True)
+        return _result(run_dir, plan.models[name])
     atomic_write_text(shared, yaml.safe_dump(shared_config(recipe, steps, seed), sort_keys=False))
     args = fit_arguments(recipe, name, shared, run_dir, vision)
     partial = run_dir / PARTIAL_WALL
@@ -225,7 +242,7 @@ def run_model(recipe: Recipe, plan: Plan, name: str, seed: int, out: Path, posit
             atomic_write_json(partial, {"wall_time_s": wall})
         raise RuntimeError(f"vlzoo compare: {name} failed (exit {returncode}); command: vlzoo {' '.join(args)}")
     partial.unlink(missing_ok=True)
-    metrics = json.loads(metrics_path.read_text())
+    metrics = read_json_file(metrics_path)
     metrics.update({DONE_KEY: True, "wall_time_s": wall})
     atomic_write_json(metrics_path, metrics)
     print(f"[{position}] {name} seed {seed}: done in {wall / 60:.1f} min, test R@1 t2i "
@@ -252,9 +269,17 @@ def _run_fit(args: list[str], name: str, position: str) -> int:
         raise
 
 
-def _best_checkpoint(run_dir: Path) -> Path:
+def _finished(run_dir: Path) -> bool:
     metrics = run_dir / "metrics.json"
-    best = json.loads(metrics.read_text()).get("best_checkpoint") if metrics.is_file() else None
+    return metrics.is_file() and bool(read_json_file(metrics).get(DONE_KEY))
+
+
+def _best_checkpoint(run_dir: Path) -> Path:
+    """The tested checkpoint of a finished run (another model reads its vision tower)."""
+    if not _finished(run_dir):
+        raise FileNotFoundError(f"{run_dir} has not finished: train that model with this seed first "
+                                "(vlzoo compare --models SOURCE,...)")
+    best = read_json_file(run_dir / "metrics.json").get("best_checkpoint")
     path = Path(best) if best else run_dir / "checkpoints" / "last.ckpt"
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint in {run_dir} (train that model first)")
@@ -263,7 +288,7 @@ def _best_checkpoint(run_dir: Path) -> Path:
 
 def _result(run_dir: Path, planned: dict[str, Any]) -> dict[str, Any]:
     """One finished run: its metrics, size, speed, memory and the budget it spent."""
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = read_json_file(run_dir / "metrics.json")
     config = yaml.safe_load((run_dir / "config.yaml").read_text())  # what vlzoo fit parsed, every layer applied
     steps = int(config["trainer"]["max_steps"])
     samples = steps * int(config["data"]["batch_size"])
@@ -292,18 +317,20 @@ def compare(recipe_path: str | Path, out: str | Path, models: list[str] | None =
     names = _selected(recipe, models)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    plan = Plan.read(out, chosen)
-    results_path = out / "results.json"
-    results = json.loads(results_path.read_text()).get("models", {}) if results_path.is_file() else {}
+    plan = Plan.read(out, chosen, recipe.global_batch)
+    results = _earlier_results(out / "results.json")
     context = run_context(recipe)
     _print_shared(recipe, chosen)
     seed_list = [int(recipe.shared["seed"]) + i for i in range(int(recipe.shared["seeds"]))]
-    for i, name in enumerate(names, 1):
+    for name in names:
         source = recipe.models[name].get("vision_from")
-        if source and source not in names and not (out / "runs" / source).is_dir():
-            raise ValueError(f"{name} takes the vision tower of {source}: include {source} in --models")
-        runs = results.get(name, {}).get("runs", {})
-        for seed in seed_list:
+        unfinished = [s for s in seed_list if not _finished(run_dir_of(out, source, s))] if source else []
+        if source and source not in names and unfinished:
+            raise ValueError(f"{name} takes the vision tower of {source}, whose seed {unfinished[0]} has not "
+                             f"finished in {run_dir_of(out, source, unfinished[0])}: include {source} in --models")
+    for i, name in enumerate(names, 1):
+        runs: dict[str, Any] = {}
+        for seed in seed_list:  # the mean is over this command's seeds only
             runs[str(seed)] = run_model(recipe, plan, name, seed, out, f"{i}/{len(names)}")
             results[name] = summarise(runs)
             write_results(recipe, chosen, results, out, context)
@@ -311,6 +338,15 @@ def compare(recipe_path: str | Path, out: str | Path, models: list[str] | None =
     for line in noise_notes(results):
         print(line)
     return results
+
+
+def _earlier_results(path: Path) -> dict[str, Any]:
+    """The models of an earlier ``results.json`` in this layout (others are dropped: they
+    are rebuilt from their run directories when their runs are asked for again)."""
+    if not path.is_file():
+        return {}
+    models = read_json_file(path).get("models", {})
+    return {name: r for name, r in models.items() if isinstance(r, dict) and {"runs", "std", "seeds"} <= set(r)}
 
 
 def _selected(recipe: Recipe, models: list[str] | None) -> list[str]:
@@ -350,8 +386,6 @@ def run_context(recipe: Recipe) -> dict[str, Any]:
         pass
     import torch
 
-    from vlzoo import __version__
-
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"{os.cpu_count()}-core CPU"
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": commit,
@@ -389,13 +423,37 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+# two-sided 95 % quantiles of Student's t by degrees of freedom (scipy is no dependency);
+# a fractional df uses the next lower entry, which is conservative
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042, 60: 2.000}
+
+
+def t95(df: float) -> float:
+    """The two-sided 95 % quantile of Student's t with ``df`` degrees of freedom (rounded
+    down to a tabulated df; 1.96 beyond 60)."""
+    if df >= 120:
+        return 1.96
+    return _T95[max([k for k in _T95 if k <= max(1.0, df)])]
+
+
+def _values(result: dict[str, Any], metric: str) -> list[float]:
+    """Each run's finite ``metric``."""
+    return [r["metrics"][metric] for r in result["runs"].values() if _is_number(r["metrics"].get(metric))]
+
+
 def within_noise(a: dict[str, Any], b: dict[str, Any], metric: str = HEADLINE) -> bool | None:
-    """Whether two models' mean ``metric`` differ by less than two standard errors of the
-    difference (about a 95 % interval); None when either has fewer than two seeds."""
-    if metric not in a["std"] or metric not in b["std"]:
+    """Whether two models' mean ``metric`` differ by less than Welch's 95 % interval of the
+    difference (t with Welch-Satterthwaite degrees of freedom); None when either has fewer
+    than two runs with the metric, or both have no spread."""
+    xa, xb = _values(a, metric), _values(b, metric)
+    if len(xa) < 2 or len(xb) < 2:
         return None
-    se = math.sqrt(a["std"][metric] ** 2 / len(a["seeds"]) + b["std"][metric] ** 2 / len(b["seeds"]))
-    return abs(a["metrics"][metric] - b["metrics"][metric]) <= 2 * se
+    va, vb = statistics.variance(xa) / len(xa), statistics.variance(xb) / len(xb)
+    if va + vb == 0:
+        return None
+    df = (va + vb) ** 2 / (va**2 / (len(xa) - 1) + vb**2 / (len(xb) - 1))
+    return abs(statistics.fmean(xa) - statistics.fmean(xb)) <= t95(df) * math.sqrt(va + vb)
 
 
 def noise_notes(results: dict[str, Any], metric: str = HEADLINE) -> list[str]:
@@ -409,8 +467,8 @@ def noise_notes(results: dict[str, Any], metric: str = HEADLINE) -> list[str]:
                 continue
             diff = results[a]["metrics"][metric] - results[b]["metrics"][metric]
             same = within_noise(results[a], results[b], metric)
-            verdict = ("within noise (less than two standard errors of the difference)" if same else
-                       "beyond noise (more than two standard errors)" if same is False else
+            verdict = ("within noise (inside Welch's 95 % interval of the difference)" if same else
+                       "beyond noise (outside Welch's 95 % interval of the difference)" if same is False else
                        "not tested against noise (run --seeds 2 or more)")
             lines.append(f"- {a} - {b}: {diff:+.3f} {metric.removeprefix('test/')}, {verdict}")
     return lines
@@ -425,11 +483,18 @@ def _cell(result: dict[str, Any], key: str, in_metrics: bool = True, digits: int
     return f"{value:.{digits}f}" + (f" ± {spread:.{digits}f}" if spread is not None else "")
 
 
+def _table_head(head: list[str]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+
+def _number(r: dict[str, Any], key: str, scale: float = 1.0, digits: int = 0) -> str:
+    value = r.get(key)
+    return f"{value / scale:.{digits}f}" if _is_number(value) else "–"
+
+
 def results_table(results: dict[str, Any]) -> str:
     """The test metrics, mean ± standard deviation over seeds: one row per model."""
-    columns = [m.removeprefix("test/") for m in TABLE_METRICS]
-    head = ["model", "seeds", *columns]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = _table_head(["model", "seeds", *(m.removeprefix("test/") for m in TABLE_METRICS)])
     for name, r in results.items():
         cells = [_cell(r, k) for k in TABLE_METRICS]
         lines.append("| " + " | ".join([name, str(len(r["seeds"])), *cells]) + " |")
@@ -449,9 +514,9 @@ def cost_table(results: dict[str, Any]) -> str:
     for name, r in results.items():
         params = f"{(r['params_total'] or 0) / 1e6:.2f} M ({(r['params_trainable'] or 0) / 1e6:.2f} M)"
         lines.append("| " + " | ".join([
-            name, number(r, "steps"), number(r, "samples"), number(r, "flops_per_step", 1e9, 2),
-            number(r, "flops", 1e15, 3), number(r, "train_time_s", 60, 1), number(r, "wall_time_s", 60, 1), params,
-            number(r, "train_samples_per_s"), number(r, "peak_memory_mb")]) + " |")
+            name, _number(r, "steps"), _number(r, "samples"), _number(r, "flops_per_step", 1e9, 2),
+            _number(r, "flops", 1e15, 3), _number(r, "train_time_s", 60, 1), _number(r, "wall_time_s", 60, 1), params,
+            _number(r, "train_samples_per_s"), _number(r, "peak_memory_mb")]) + " |")
     return "\n".join(lines)
 
 
@@ -469,7 +534,7 @@ def write_results(recipe: Recipe, budget: Budget, results: dict[str, Any], out: 
     text = "\n".join([
         "# vlzoo compare", "",
         f"Recipe `{recipe.path.name}`: budget {budget.describe()}, global batch {s['global_batch']}, "
-        f"{s['precision']}, seeds {', '.join(str(x) for x in next(iter(results.values()))['seeds'])}. "
+        f"{s['precision']}, seeds per model as the table's column says. "
         f"Measured {context['date']} at commit {context.get('commit') or 'unknown'} (vlzoo {context['vlzoo']}, "
         f"torch {context['torch']}) on {context['device']}"
         + (f", load average {load:.2f} at the start" if load is not None else "") + ".", "",

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import csv
+import statistics
 from collections import defaultdict
 from pathlib import Path
+
+from vlzoo import families
 
 
 def read_csv_log(path: str | Path) -> dict[str, list[tuple[int, float]]]:
@@ -96,8 +99,6 @@ LINE_STYLES = ("-", "--", ":", "-.")
 
 def family_colour(family: str | None) -> str:
     """One colour per registered family, the same in every plot (grey: unknown)."""
-    from vlzoo import families
-
     names = families.names()
     palette = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf",
                "#bcbd22", "#7f7f7f")
@@ -106,8 +107,6 @@ def family_colour(family: str | None) -> str:
 
 def family_of_config(config: dict) -> str | None:
     """The family a run's config trains (its task's registered family), None if unknown."""
-    from vlzoo import families
-
     try:
         task = families.task_by_name(config.get("model", {}).get("class_path"), "run config")
     except ValueError:
@@ -151,8 +150,8 @@ def mean_curves(runs: list[dict[str, list[dict]]]) -> dict[str, dict[str, list[f
         for step in steps:
             values = [r[step]["value"] for r in per_run]
             for axis, _ in CURVE_AXES:
-                entry[axis].append(sum(r[step][axis] for r in per_run) / len(per_run))
-            entry["mean"].append(sum(values) / len(values))
+                entry[axis].append(statistics.fmean(r[step][axis] for r in per_run))
+            entry["mean"].append(statistics.fmean(values))
             entry["low"].append(min(values))
             entry["high"].append(max(values))
         out[metric] = entry
