@@ -20,14 +20,13 @@ import shutil
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-
-from vlzoo.cli import build_lightning_run
 
 KINDS = ("steps", "samples", "flops", "wall_time")
 UNITS = {"steps": "optimizer steps", "samples": "training samples", "flops": "FLOPs (forward + backward)",
@@ -160,15 +159,17 @@ class StepCostMeter(L.Callback):
         self.close()
 
 
-def measure_step_cost(fit_args: list[str], timed_steps: int = 0) -> StepCost:
+def measure_step_cost(fit_args: list[str], build_run: Callable[[list[str]], Any], timed_steps: int = 0) -> StepCost:
     """Run ``1 + timed_steps`` optimizer steps (``timed_steps`` > 0: one more, so that
     ``timed_steps`` intervals between updates are timed after the first) of the model
     ``fit_args`` describes (the options of ``vlzoo fit``, without the subcommand) in this
     process, in a scratch run directory that is removed afterwards, and return its
-    :class:`StepCost`. Hooks outside the step (``finetune.init_from``) do not run."""
+    :class:`StepCost`. ``build_run`` builds the run from options without running it
+    (:func:`vlzoo.cli.build_lightning_run`). Hooks outside the step
+    (``finetune.init_from``) do not run."""
     scratch = Path(tempfile.mkdtemp(prefix="vlzoo-step-cost-"))
     try:
-        run = build_lightning_run([
+        run = build_run([
             *fit_args, "--trainer.default_root_dir", str(scratch),
             "--trainer.max_steps", str(1 + timed_steps + (timed_steps > 0)),
             "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0", "--trainer.logger", "false",

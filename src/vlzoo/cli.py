@@ -394,7 +394,7 @@ def _compare(args: argparse.Namespace) -> None:
     from vlzoo.compare import compare
 
     models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
-    compare(args.recipe, args.out, models, seeds=args.seeds, budget=args.budget)
+    compare(args.recipe, args.out, build_lightning_run, models, seeds=args.seeds, budget=args.budget)
     print(f"wrote {Path(args.out) / 'results.json'}, results.md, curves.png and comparison.png")
 
 

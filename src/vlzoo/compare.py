@@ -25,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -157,22 +158,23 @@ class Plan:
     ``OUT/plan.json`` so that a continued compare trains every run for the same steps."""
 
     budget: Budget
+    build_run: Callable[[list[str]], Any]
     models: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @classmethod
-    def read(cls, out: Path, budget: Budget, global_batch: int) -> Plan:
+    def read(cls, out: Path, budget: Budget, global_batch: int, build_run: Callable[[list[str]], Any]) -> Plan:
         """The plan of ``out`` (a new one if there is none); an ``out`` planned under another
         budget or global batch is refused, since its runs would not be comparable."""
         path = out / PLAN
         if not path.is_file():
-            return cls(budget)
+            return cls(budget, build_run)
         saved = read_json_file(path)
         wanted = {"kind": budget.kind, "amount": budget.amount}
         if saved.get("budget") != wanted or saved.get("global_batch", global_batch) != global_batch:
             raise ValueError(f"{path}: {out} was run with budget {saved.get('budget')} and global batch "
                              f"{saved.get('global_batch')}, not {wanted} and {global_batch}: use another --out, "
                              "or the same budget and batch to continue")
-        return cls(budget, saved.get("models", {}))
+        return cls(budget, build_run, saved.get("models", {}))
 
     def write(self, out: Path, global_batch: int) -> None:
         atomic_write_json(out / PLAN, {"budget": {"kind": self.budget.kind, "amount": self.budget.amount},
@@ -183,7 +185,8 @@ class Plan:
         (FLOPs are measured under every budget: the results report them)."""
         if name not in self.models:
             print(f"vlzoo compare: measuring the cost of one {name} training step", flush=True)
-            cost = measure_step_cost(fit_args[1:], timed_steps=3 if self.budget.kind == "wall_time" else 0)
+            cost = measure_step_cost(fit_args[1:], self.build_run,
+                                     timed_steps=3 if self.budget.kind == "wall_time" else 0)
             try:
                 budget_steps = self.budget.steps(recipe.global_batch, cost)
             except ValueError as err:
@@ -303,11 +306,13 @@ def _result(run_dir: Path, planned: dict[str, Any]) -> dict[str, Any]:
             "effective_settings": config, "family_settings": family_settings(config), "run_dir": str(run_dir)}
 
 
-def compare(recipe_path: str | Path, out: str | Path, models: list[str] | None = None, seeds: int | None = None,
-            budget: str | None = None) -> dict[str, Any]:
+def compare(recipe_path: str | Path, out: str | Path, build_run: Callable[[list[str]], Any],
+            models: list[str] | None = None, seeds: int | None = None, budget: str | None = None) -> dict[str, Any]:
     """Run the recipe's models (all, or ``models`` in the recipe's order), ``seeds`` runs
     each (default: the recipe's), under the recipe's budget or ``budget`` (``KIND`` or
-    ``KIND=AMOUNT``), and write the results; returns the results dict."""
+    ``KIND=AMOUNT``), and write the results; returns the results dict. ``build_run``
+    builds a ``vlzoo fit`` run without running it (:func:`vlzoo.cli.build_lightning_run`),
+    to measure a step's cost."""
     recipe = load_recipe(recipe_path)
     if seeds is not None:
         if seeds < 1:
@@ -317,7 +322,7 @@ def compare(recipe_path: str | Path, out: str | Path, models: list[str] | None =
     names = _selected(recipe, models)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    plan = Plan.read(out, chosen, recipe.global_batch)
+    plan = Plan.read(out, chosen, recipe.global_batch, build_run)
     results = _earlier_results(out / "results.json")
     context = run_context(recipe)
     _print_shared(recipe, chosen)
