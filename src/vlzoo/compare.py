@@ -16,7 +16,6 @@ continues an interrupted one from its last checkpoint.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -183,14 +182,7 @@ class Plan:
 
     def steps(self, recipe: Recipe, name: str, out: Path, fit_args: list[str]) -> int:
         """The steps of model ``name``; measures its step cost first when the plan has none
-        (FLOPs are measured under every budget: the results report them). A model whose
-        config file or overrides changed since it was planned is refused: its planned
-        steps would not be those of the model now described."""
-        described = model_fingerprint(recipe, name)
-        planned = self.models.get(name, {}).get("fingerprint")
-        if planned is not None and planned != described:
-            raise ValueError(f"{out / PLAN}: {name} was planned from another config ({recipe.models[name]['config']} "
-                             "or its overrides changed since): use another --out, or restore them to continue")
+        (FLOPs are measured under every budget: the results report them)."""
         if name not in self.models:
             print(f"vlzoo compare: measuring the cost of one {name} training step", flush=True)
             cost = measure_step_cost(fit_args[1:], self.build_run,
@@ -201,19 +193,11 @@ class Plan:
                 raise ValueError(f"{recipe.path}: models.{name}: {err}") from err
             steps = planned_steps(budget_steps, int(recipe.shared["curve_points"]))
             self.models[name] = {"flops_per_step": cost.flops, "seconds_per_step": cost.seconds, "steps": steps,
-                                 "config": str(recipe.models[name]["config"]), "fingerprint": described}
+                                 "config": str(recipe.models[name]["config"])}
             self.write(out, recipe.global_batch)
             print(f"vlzoo compare: {name}: {steps} steps under {self.budget.describe()} "
                   f"({cost.flops / 1e9:.2f} GFLOP a step)", flush=True)
         return int(self.models[name]["steps"])
-
-
-def model_fingerprint(recipe: Recipe, name: str) -> str:
-    """sha256 of what describes model ``name`` beyond the shared settings: its config
-    file's bytes, its overrides and its ``vision_from``."""
-    spec = recipe.models[name]
-    extra = json.dumps({k: v for k, v in spec.items() if k != "config"}, sort_keys=True, default=str)
-    return hashlib.sha256(Path(spec["config"]).read_bytes() + extra.encode()).hexdigest()
 
 
 # ------------------------------------------------------------------------ running
