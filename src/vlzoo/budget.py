@@ -46,11 +46,6 @@ class Budget:
         if not (isinstance(self.amount, (int, float)) and math.isfinite(self.amount) and self.amount > 0):
             raise ValueError(f"budget {self.kind}: expected a positive number, got {self.amount!r}")
 
-    @property
-    def needs_cost(self) -> bool:
-        """Whether the steps depend on a measured step cost."""
-        return self.kind in ("flops", "wall_time")
-
     def steps(self, global_batch: int, cost: StepCost | None = None) -> int:
         """Optimizer steps a model gets (at least 1)."""
         if self.kind == "steps":

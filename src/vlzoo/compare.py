@@ -222,7 +222,7 @@ def run_model(recipe: Recipe, plan: Plan, name: str, seed: int, out: Path, posit
     atomic_write_text(shared, yaml.safe_dump(shared_config(recipe, steps, seed), sort_keys=False))
     args = fit_arguments(recipe, name, shared, run_dir, vision)
     partial = run_dir / PARTIAL_WALL
-    earlier = json.loads(partial.read_text()).get("wall_time_s", 0.0) if partial.is_file() else 0.0
+    earlier = read_json_file(partial).get("wall_time_s", 0.0) if partial.is_file() else 0.0
     if (run_dir / "checkpoints" / "last.ckpt").is_file():  # interrupted before: continue where it stopped
         args += ["--ckpt_path", "last"]
         print(f"[{position}] {name} seed {seed}: continuing the interrupted run from its last checkpoint", flush=True)
@@ -405,23 +405,27 @@ def summarise(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     deviations (``std``, absent with one run) and the runs themselves."""
     finished = list(runs.values())
     metric_keys = sorted({k for r in finished for k, v in r["metrics"].items() if _is_number(v)})
-    mean_metrics, std = {}, {}
-    for key in metric_keys:
-        values = [r["metrics"][key] for r in finished if _is_number(r["metrics"].get(key))]
-        mean_metrics[key] = statistics.fmean(values)
-        if len(values) > 1:
-            std[key] = statistics.stdev(values)
+    mean_metrics: dict[str, float] = {}
+    std: dict[str, float] = {}
     summary: dict[str, Any] = {"metrics": mean_metrics, "std": std, "seeds": sorted(int(s) for s in runs),
                                "runs": runs}
+    for key in metric_keys:
+        mean_metrics[key] = _mean_into(std, key, [r["metrics"].get(key) for r in finished])
     for key in RUN_FIGURES:
-        values = [r[key] for r in finished if _is_number(r.get(key))]
-        summary[key] = statistics.fmean(values) if values else None
-        if len(values) > 1:
-            std[key] = statistics.stdev(values)
+        summary[key] = _mean_into(std, key, [r.get(key) for r in finished])
     last = finished[-1]
     summary.update(flops_per_step=last.get("flops_per_step"), effective_settings=last["effective_settings"],
                    family_settings=last["family_settings"], run_dir=last["run_dir"])
     return summary
+
+
+def _mean_into(std: dict[str, float], key: str, values: list[Any]) -> float | None:
+    """The mean of the finite ``values`` (None if none); their sample standard deviation
+    goes into ``std[key]`` when there are two or more."""
+    numbers = [v for v in values if _is_number(v)]
+    if len(numbers) > 1:
+        std[key] = statistics.stdev(numbers)
+    return statistics.fmean(numbers) if numbers else None
 
 
 def _is_number(value: Any) -> bool:
@@ -480,8 +484,8 @@ def noise_notes(results: dict[str, Any], metric: str = HEADLINE) -> list[str]:
 
 
 # ------------------------------------------------------------------------ output
-def _cell(result: dict[str, Any], key: str, in_metrics: bool = True, digits: int = 3) -> str:
-    value = (result["metrics"] if in_metrics else result).get(key)
+def _cell(result: dict[str, Any], key: str, digits: int = 3) -> str:
+    value = result["metrics"].get(key)
     if not _is_number(value):
         return "–"
     spread = result["std"].get(key)
@@ -509,13 +513,8 @@ def results_table(results: dict[str, Any]) -> str:
 def cost_table(results: dict[str, Any]) -> str:
     """What each model spent and what it is: steps, samples, FLOPs, wall time, size,
     speed and memory (means over seeds)."""
-    head = ["model", "steps", "samples", "GFLOP/step", "PFLOP", "train min", "wall min", "params (trainable)",
-            "train samples/s", "peak MB"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    def number(r: dict[str, Any], key: str, scale: float = 1.0, digits: int = 0) -> str:
-        value = r.get(key)
-        return f"{value / scale:.{digits}f}" if _is_number(value) else "–"
-
+    lines = _table_head(["model", "steps", "samples", "GFLOP/step", "PFLOP", "train min", "wall min",
+                         "params (trainable)", "train samples/s", "peak MB"])
     for name, r in results.items():
         params = f"{(r['params_total'] or 0) / 1e6:.2f} M ({(r['params_trainable'] or 0) / 1e6:.2f} M)"
         lines.append("| " + " | ".join([
