@@ -3,6 +3,7 @@ learning curves, results written, re-runs skip, interrupted runs continue."""
 
 import json
 import math
+import shutil
 import statistics
 from pathlib import Path
 
@@ -113,6 +114,8 @@ def test_compare_runs_every_family_and_skips_finished_ones(tmp_path, capsys):
     assert mean_of(table["clip"]["r1_t2i"]) == pytest.approx(results["models"]["clip"]["metrics"]["test/r1_t2i"],
                                                             abs=5e-4)
     assert "not tested against noise" in (out / "results.md").read_text()  # one seed: no error bars claimed
+    for name in ("albef", "blip", "blip2"):  # what they start from, and its cost, is said
+        assert f"- {name}: the vision tower of clip (" in (out / "results.md").read_text()
     assert (out / "comparison.png").stat().st_size > 10_000 and (out / "curves.png").stat().st_size > 10_000
     capsys.readouterr()
     assert main(["compare", "--recipe", str(recipe), "--out", str(out), "--models", "clip,blip2"]) == 0
@@ -200,6 +203,22 @@ def test_an_interrupted_model_continues_from_its_checkpoint(tmp_path, capsys, mo
     assert "continuing the interrupted run from its last checkpoint" in capsys.readouterr().out
     assert torch.load(last, weights_only=False)["global_step"] == 4
     assert not (run / "compare_wall.json").exists()
+    changed = yaml.safe_load(tiny_recipe(tmp_path).read_text())
+    changed["models"]["clip"]["overrides"]["model.init_args.model.embed_dim"] = 32
+    (tmp_path / "changed.yaml").write_text(yaml.safe_dump(changed, sort_keys=False))
+    with pytest.raises(ValueError, match="plan.json: models.clip was planned with other settings"):
+        main(["compare", "--recipe", str(tmp_path / "changed.yaml"), "--out", str(out), "--models", "clip"])
+
+
+def test_a_moved_output_folder_still_feeds_blip2_its_tower(tmp_path, capsys):
+    recipe = tiny_recipe(tmp_path)
+    assert main(["compare", "--recipe", str(recipe), "--out", str(tmp_path / "first"), "--models", "clip"]) == 0
+    moved = tmp_path / "moved"
+    shutil.move(tmp_path / "first", moved)
+    assert main(["compare", "--recipe", str(recipe), "--out", str(moved), "--models", "clip,blip2"]) == 0
+    vision = json.loads((moved / "results.json").read_text())["models"]["blip2"]["effective_settings"]["model"][
+        "init_args"]["model"]["vision"]["name"]
+    assert vision.startswith(str(moved / "runs" / "clip" / "seed-0" / "checkpoints"))
 
 
 def test_the_readme_quotes_a_results_table_naming_every_family():

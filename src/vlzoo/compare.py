@@ -16,6 +16,7 @@ continues an interrupted one from its last checkpoint.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -146,6 +147,23 @@ def family_settings(config: dict) -> dict:
 
 
 # ------------------------------------------------------------------------ the plan
+FINGERPRINT_SHARED = ("optimizer", "data", "eval", "precision", "global_batch")
+
+
+def model_fingerprint(recipe: Recipe, name: str) -> str:
+    """sha256 of what decides model ``name``'s results: its zoo config's ``model`` and
+    ``data`` sections, its ``model.*``/``data.*`` overrides, ``vision_from`` and the
+    recipe's shared training settings. Run settings (``trainer.*`` overrides: callbacks,
+    logging) are left out, so an interrupted run may continue under them."""
+    spec = recipe.models[name]
+    config = yaml.safe_load(Path(spec["config"]).read_text()) or {}
+    overrides = {k: v for k, v in (spec.get("overrides") or {}).items() if not k.startswith("trainer.")}
+    decisive = {"model": config.get("model"), "data": config.get("data"), "overrides": overrides,
+                "vision_from": spec.get("vision_from"),
+                "shared": {k: recipe.shared.get(k) for k in FINGERPRINT_SHARED}}
+    return hashlib.sha256(json.dumps(decisive, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def planned_steps(budget_steps: int, curve_points: int) -> int:
     """The budget's steps rounded down to a multiple of ``curve_points``, so that the last
     validation falls on the last step and the test sees the whole budget spent."""
@@ -182,7 +200,14 @@ class Plan:
 
     def steps(self, recipe: Recipe, name: str, out: Path, fit_args: list[str]) -> int:
         """The steps of model ``name``; measures its step cost first when the plan has none
-        (FLOPs are measured under every budget: the results report them)."""
+        (FLOPs are measured under every budget: the results report them). A model whose
+        settings changed since it was planned is refused: its runs would not be comparable."""
+        fingerprint = model_fingerprint(recipe, name)
+        planned = self.models.get(name, {}).get("fingerprint")
+        if planned is not None and planned != fingerprint:
+            raise ValueError(f"{out / PLAN}: models.{name} was planned with other settings (its zoo config's "
+                             f"model/data sections, its overrides, vision_from or the recipe's shared training "
+                             f"settings changed since): use another --out, or restore them to continue")
         if name not in self.models:
             print(f"vlzoo compare: measuring the cost of one {name} training step", flush=True)
             cost = measure_step_cost(fit_args[1:], self.build_run,
@@ -193,7 +218,7 @@ class Plan:
                 raise ValueError(f"{recipe.path}: models.{name}: {err}") from err
             steps = planned_steps(budget_steps, int(recipe.shared["curve_points"]))
             self.models[name] = {"flops_per_step": cost.flops, "seconds_per_step": cost.seconds, "steps": steps,
-                                 "config": str(recipe.models[name]["config"])}
+                                 "config": str(recipe.models[name]["config"]), "fingerprint": fingerprint}
             self.write(out, recipe.global_batch)
             print(f"vlzoo compare: {name}: {steps} steps under {self.budget.describe()} "
                   f"({cost.flops / 1e9:.2f} GFLOP a step)", flush=True)
@@ -283,10 +308,12 @@ def _best_checkpoint(run_dir: Path) -> Path:
         raise FileNotFoundError(f"{run_dir} has not finished: train that model with this seed first "
                                 "(vlzoo compare --models SOURCE,...)")
     best = read_json_file(run_dir / "metrics.json").get("best_checkpoint")
-    path = Path(best) if best else run_dir / "checkpoints" / "last.ckpt"
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint in {run_dir} (train that model first)")
-    return path
+    # the recorded path, then the same file under run_dir (the output folder was moved)
+    candidates = [Path(best), run_dir / "checkpoints" / Path(best).name] if best else []
+    for path in [*candidates, run_dir / "checkpoints" / "last.ckpt"]:
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"no checkpoint in {run_dir} (train that model first)")
 
 
 def _result(run_dir: Path, planned: dict[str, Any]) -> dict[str, Any]:
@@ -524,6 +551,22 @@ def cost_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def starting_points(recipe: Recipe, results: dict[str, Any]) -> list[str]:
+    """The results.md lines saying which models start from another's vision tower: its
+    training is spent before theirs and is not in their budget."""
+    started = {name: recipe.models[name]["vision_from"] for name in results if recipe.models[name].get("vision_from")}
+    if not started:
+        return []
+    lines = ["Starting points: the budget counts each model's own training. These models start from the "
+             "vision tower of another model trained above (its test checkpoint, same seed), as the papers "
+             "start ALBEF and BLIP from a pretrained ViT and BLIP-2 from a frozen CLIP/EVA tower:", ""]
+    for name, source in started.items():
+        spent = results.get(source, {}).get("flops")
+        lines.append(f"- {name}: the vision tower of {source}" + (
+            f" ({spent / 1e15:.3f} PFLOP spent on {source})" if _is_number(spent) else ""))
+    return [*lines, ""]
+
+
 def write_results(recipe: Recipe, budget: Budget, results: dict[str, Any], out: Path,
                   context: dict[str, Any]) -> None:
     """``results.json``, ``results.md``, ``curves.png`` and ``comparison.png`` for the
@@ -547,6 +590,7 @@ def write_results(recipe: Recipe, budget: Budget, results: dict[str, Any], out: 
         "Budget spent and cost (means over seeds; FLOPs: forward + backward, torch's flop counter on the "
         "first step; train min: training steps only; wall min: the whole run with its evaluations):", "",
         cost_table(results), "",
+        *starting_points(recipe, results),
         "Differences in R@1 t2i:", "", *(noise_notes(results) or ["- one model only"]), "",
         "![learning curves](curves.png)", "",
         "Per-family settings (beyond the recipe) are in results.json (`family_settings`).", ""])
