@@ -8,7 +8,8 @@ the machine and its matmul peak; the CLIP training step against open_clip; BLIP 
 forward and captioning LM forward+backward against transformers; the BLIP-2 Q-Former
 forward+backward against transformers; two-stage retrieval evaluation time; the BLIP-2
 stage-1 frozen-feature cache (``blip2_feature_cache.py``); training speed beside busy processes
-(``bench_contention.py``, vlzoo's thread policy against torch's default). Per-benchmark JSON and logs
+(``bench_contention.py``, vlzoo's thread policy against torch's default); whole training steps of
+every family with text passes grouped by length against padded ones (``bench_length_buckets.py``). Per-benchmark JSON and logs
 go to ``DIR/parts/`` and ``DIR/logs/``.
 
 Every process runs with ``--threads`` intra-op threads (default 1): on a small machine
@@ -32,7 +33,7 @@ HERE = Path(__file__).resolve().parent
 FEATURE_CACHE = ["--vision", "vit_small_patch16_224", "--image-size", "224", "--train-size", "32",
                  "--batch-size", "16", "--steps", "2", "--repeats", "2"]
 FEATURE_CACHE_QUICK = ["--train-size", "32", "--batch-size", "16", "--steps", "2", "--repeats", "1"]
-BENCHMARKS = ("machine", "clip", "blip", "qformer", "retrieval", "feature_cache", "contention")
+BENCHMARKS = ("machine", "clip", "blip", "qformer", "retrieval", "feature_cache", "contention", "length_buckets")
 # ratios key -> (benchmark, how to label one of its runs, run filter)
 RATIOS = {
     "clip_train_vs_open_clip": ("clip", lambda r: f"{r['config']} {r['dtype']} b{r['batch']}", lambda r: True),
@@ -40,7 +41,7 @@ RATIOS = {
     "blip_lm_vs_transformers": ("blip", lambda r: f"{r['size']} b{r['batch']}", lambda r: r["task"] == "lm"),
     "qformer_vs_transformers": ("qformer", lambda r: f"{r['pass_']} {r['size']} b{r['batch']}", lambda r: True),
 }
-PEERS = {"clip": "open_clip", "blip": "transformers", "qformer": "transformers"}
+PEERS = {"clip": "open_clip", "blip": "transformers", "qformer": "transformers", "length_buckets": "padded"}
 
 
 def command(name: str, out: Path, args: argparse.Namespace) -> list[str]:
@@ -179,6 +180,19 @@ def retrieval_md(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def length_buckets_md(results: dict[str, Any]) -> list[str]:
+    """One row per family and size (never pooled): a whole training step with text passes
+    grouped by length against the same step padded."""
+    lines = ["| family | size | batch | real text positions | samples/s buckets / padded | ratio | "
+             "GFLOP/step buckets / padded | MFU buckets / padded |", "|---|---|---|---|---|---|---|---|"]
+    for r in results["length_buckets"].get("runs", []):
+        v, p = r["vlzoo"], r["padded"]
+        lines.append(f"| {r['family']} | {r['size']} | {r['batch']} | {r['real_text_fraction']:.2f} | "
+                     f"{_f(v['per_s'])} / {_f(p['per_s'])} | {_ratio(r['ratio'])} | {v['flops'] / 1e9:.2f} / "
+                     f"{p['flops'] / 1e9:.2f} | {_f(v.get('mfu'), 3)} / {_f(p.get('mfu'), 3)} |")
+    return lines
+
+
 def contention_md(results: dict[str, Any]) -> list[str]:
     lines = ["| busy processes | torch default samples/s (x idle) | vlzoo samples/s (x idle) | vlzoo / torch default "
              "| vlzoo threads |", "|---|---|---|---|---|"]
@@ -198,6 +212,8 @@ def markdown(results: dict[str, Any]) -> str:
              "## BLIP-2 Q-Former vs transformers", "",
              *peer_md(results, "qformer", lambda r: f"{r['pass_']} {r['size']}"), "",
              "## Retrieval evaluation and the frozen-feature cache", "", *retrieval_md(results), "",
+             "## Whole training steps: text passes in 4 length buckets vs padded", "",
+             *length_buckets_md(results), "",
              "## Training beside busy processes: vlzoo's thread policy vs torch's default", "",
              *contention_md(results), "",
              "## Method", "", *METHOD, ""]

@@ -66,6 +66,9 @@ class TextConfig:
     kwargs: dict[str, Any] = field(default_factory=dict)
     pretrained: str | None = None
     pooling: str | None = None  # None: the impl's own (bert: cls; open_clip: end-of-text token)
+    length_buckets: int = 1  # > 1: text passes run the rows grouped by length, each group cut to its longest
+                             # text: the same result at every real position, fewer FLOPs, one host read of the
+                             # lengths per pass; 1: one call padded to the batch's longest text
     grad_checkpointing: bool = False
     locked: bool = False
 
@@ -219,6 +222,8 @@ class OptimConfig:
     warmup_steps: int = 100
     min_lr_ratio: float = 0.0
     max_nonfinite_steps: int = 10  # consecutive steps with non-finite gradients skipped before the run stops
+    fused: bool | None = None  # AdamW's fused kernel; None: where torch has one for the parameters (plain
+                               # tensors on CPU or CUDA; FSDP2's sharded DTensors keep the foreach kernel)
 
 
 @dataclass

@@ -99,3 +99,61 @@ def test_lm_head_is_tied_to_the_word_embeddings():
     assert head.decoder.weight is emb.word_embeddings.weight
     assert head(torch.randn(2, 3, 8)).shape == (2, 3, 20)
     assert "decoder.weight" in head.state_dict() and "bias" in head.state_dict()
+
+
+def _right_padded(lengths: list[int], width: int) -> torch.Tensor:
+    return (torch.arange(width)[None] < torch.tensor(lengths)[:, None]).long()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_length_buckets_give_the_padded_result_at_every_real_position(causal):
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                     max_position_embeddings=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    encoder = BertTextEncoder(cfg, cross_attention_width=16, cross_attention_layers=(1,)).eval()
+    lengths = [3, 12, 1, 7, 12, 5, 9]
+    mask = _right_padded(lengths, 12)
+    ids = torch.randint(1, 50, (7, 12)) * mask
+    image = torch.randn(7, 5, 16)
+    padded = encoder(ids, mask, context=image, causal=causal).tokens
+    for buckets in (2, 3, 7, 20):
+        encoder.length_buckets = buckets
+        got = encoder(ids, mask, context=image, causal=causal).tokens
+        assert (got - padded)[mask.bool()].abs().max() <= 1e-5
+        assert got[~mask.bool()].abs().max() < (padded[~mask.bool()].abs().max())  # pads past a group's end: 0
+
+
+def test_length_buckets_cut_each_group_to_its_longest_text_and_fall_back_to_one_call():
+    from vlzoo.layers.transformer import run_by_length
+
+    calls: list[int] = []
+
+    def run(h, m, c, cm):
+        calls.append(h.shape[1])
+        return h * m[..., None]
+
+    hidden, mask = torch.randn(4, 6, 2), _right_padded([6, 2, 3, 1], 6)
+    assert torch.equal(run_by_length(run, hidden, mask, buckets=1), hidden * mask[..., None]) and calls == [6]
+    calls.clear()
+    out = run_by_length(run, hidden, mask, buckets=2)
+    assert sorted(calls) == [2, 6] and torch.equal(out, hidden * mask[..., None])
+    calls.clear()
+    left = mask.flip(1)  # left padding: cutting would drop text, so one padded call
+    assert torch.equal(run_by_length(run, hidden, left, buckets=2), hidden * left[..., None]) and calls == [6]
+    calls.clear()
+    run_by_length(run, hidden, torch.ones(4, 6, dtype=torch.long), buckets=4)  # no padding: one call
+    assert calls == [6]
+
+
+def test_minilm_with_length_buckets_still_matches_transformers_bert():
+    directory = minilm_dir()
+    ours = BertTextEncoder.from_pretrained(directory, length_buckets=3).eval()
+    ref = BertModel.from_pretrained(directory, add_pooling_layer=False, attn_implementation="eager").eval()
+    tok = AutoTokenizer.from_pretrained(directory)
+    texts = ["a large red circle to the left of a small blue square", "hello world", "one", "a green star above it"]
+    batch = tok(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = ref(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        got = ours(batch["input_ids"], batch["attention_mask"]).tokens
+    mask = batch["attention_mask"].bool()
+    assert (got[mask] - expected[mask]).abs().max().item() <= 1e-5

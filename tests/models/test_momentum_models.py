@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from vlzoo.config import ALBEFConfig, BLIPConfig, TextConfig, VisionConfig
 from vlzoo.models import FeatureQueue
@@ -39,6 +40,33 @@ def test_queue_is_a_ring_of_buffers_and_checks_divisibility():
     torch.testing.assert_close(queue.text[0], torch.tensor([-3.0, -3.0]))
     with pytest.raises(ValueError, match="not divisible by the global batch 4"):
         queue.enqueue(torch.zeros(4, 2), torch.zeros(4, 2), torch.zeros(4, dtype=torch.long))
+
+
+class HostReads(TorchDispatchMode):
+    """Counts reads of a tensor's value into Python (``int(t)``, ``t.item()``): on a GPU
+    each is a host synchronisation."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.reads += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+def test_enqueue_and_ema_read_nothing_back_to_the_host():
+    queue = FeatureQueue(4, 2)
+    model, _ = build_albef(tiny_cfg(ALBEFConfig, fusion_layers=1))
+    with HostReads() as mode:
+        for step in range(3):
+            queue.enqueue(torch.full((2, 2), float(step)), torch.zeros(2, 2), torch.tensor([step, step]))
+        model.momentum_update()
+    assert mode.reads == 0
+    assert queue.index.tolist() == [2, 2, 1, 1] and int(queue.ptr) == 2
+    with HostReads() as mode:
+        int(queue.ptr)
+    assert mode.reads == 1  # the counter sees a read
 
 
 @pytest.mark.parametrize("family", ["albef", "blip"])

@@ -89,3 +89,21 @@ def _attached_loader(task):
     data = tiny_data()
     data.attach(task.tokenizer, 32, (0.5,) * 3, (0.5,) * 3)
     return data.train_dataloader()
+
+
+def test_adamw_is_fused_where_torch_has_the_kernel_and_steps_as_the_foreach_one(tmp_path):
+    from vlzoo.tasks.base import use_fused_adamw
+
+    params = {}
+    for fused in (None, False):
+        L.seed_everything(0)
+        task = tiny_task()
+        task.optim.fused = fused
+        trainer = L.Trainer(max_steps=5, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            default_root_dir=tmp_path, num_sanity_val_steps=0, limit_val_batches=0)
+        trainer.fit(task, datamodule=tiny_data())
+        assert trainer.optimizers[0].defaults["fused"] is (fused is None)  # None: fused on this CPU
+        params[fused] = [p.detach().clone() for p in task.model.parameters()]
+    for a, b in zip(params[None], params[False], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert not use_fused_adamw([torch.zeros(2, dtype=torch.long)]) and not use_fused_adamw([])

@@ -56,10 +56,11 @@ def build_text_encoder(
             raise ValueError("text.impl 'open_clip' has no cross-attention; use impl 'bert'")
         kwargs = dict(cfg.kwargs)
         vocab = kwargs.pop("vocab_size", tokenizer.vocab_size)
-        encoder = OpenCLIPTextEncoder(embed_dim, vocab, cfg.context_length, cfg.name, **kwargs)
+        encoder = OpenCLIPTextEncoder(embed_dim, vocab, cfg.context_length, cfg.name,
+                                      length_buckets=cfg.length_buckets, **kwargs)
     elif cfg.impl == "bert":
         cross = dict(cross_attention_width=cross_attention_width, cross_attention_layers=tuple(cross_attention_layers),
-                     pooling=cfg.pooling or "cls")
+                     pooling=cfg.pooling or "cls", length_buckets=cfg.length_buckets)
         if cfg.pretrained:
             encoder = BertTextEncoder.from_pretrained(cfg.pretrained, **cross)
             if tokenizer.vocab_size > encoder.config.vocab_size:  # e.g. BLIP's [DEC]/[ENC]

@@ -19,6 +19,7 @@ from vlzoo.layers.transformer import (
     causal_padding_mask,
     init_bert_weights,
     padding_mask,
+    run_by_length,
 )
 from vlzoo.utils import read_json_file
 from vlzoo.weights import hf_weights, load_strict
@@ -53,9 +54,11 @@ class OpenCLIPTextEncoder(TextEncoder):
         context_length: int = 77,
         name: str | None = None,
         quick_gelu: bool = False,
+        length_buckets: int = 1,
         **overrides: Any,
     ):
         super().__init__()
+        self.length_buckets = check_length_buckets(length_buckets)
         cfg = _open_clip_tower_cfg(name, "text_cfg")
         cfg.update(overrides, vocab_size=vocab_size, context_length=context_length)
         _check_text_cfg(cfg)
@@ -77,8 +80,15 @@ class OpenCLIPTextEncoder(TextEncoder):
             input_ids = torch.nn.functional.pad(input_ids, (0, self.context_length - length), value=OPEN_CLIP_PAD_ID)
         n = input_ids.shape[1]  # open_clip's own forward needs the full context; this runs the batch's length
         x = t.token_embedding(input_ids) + t.positional_embedding[:n]
-        causal = t.attn_mask[:n, :n] if t.attn_mask is not None else None
-        x = t.ln_final(t.transformer(x, attn_mask=causal))
+
+        def run(h: Tensor, _mask: Tensor | None = None, _context: None = None, _context_mask: None = None) -> Tensor:
+            k = h.shape[1]  # causal: a text's positions never see the padding after it
+            return t.ln_final(t.transformer(h, attn_mask=t.attn_mask[:k, :k] if t.attn_mask is not None else None))
+
+        if attention_mask is None or self._needs_full_context:
+            x = run(x)
+        else:
+            x = run_by_length(run, x, attention_mask, buckets=self.length_buckets)
         pooled = self._pool(x, input_ids, attention_mask)
         if isinstance(t.text_projection, torch.nn.Linear):
             pooled = t.text_projection(pooled)
@@ -120,6 +130,12 @@ def _check_text_cfg(cfg: dict[str, Any]) -> None:
 BERT_POOLING = ("cls", "mean")
 
 
+def check_length_buckets(buckets: int) -> int:
+    if not isinstance(buckets, int) or buckets < 1:
+        raise ValueError(f"text.length_buckets must be a positive integer (1: one padded call), got {buckets!r}")
+    return buckets
+
+
 def pool_tokens(tokens: Tensor, attention_mask: Tensor, pooling: str) -> Tensor:
     """(B, L, D) -> (B, D): the first ([CLS]) token, or the mean over attended tokens."""
     if pooling == "cls":
@@ -145,11 +161,13 @@ class BertTextEncoder(TextEncoder):
         cross_attention_width: int | None = None,
         cross_attention_layers: tuple[int, ...] = (),
         pooling: str = "cls",
+        length_buckets: int = 1,
     ):
         super().__init__()
         if pooling not in BERT_POOLING:
             raise ValueError(f"text.pooling must be one of {BERT_POOLING} for a BERT-style encoder, got {pooling!r}")
         self.pooling = pooling
+        self.length_buckets = check_length_buckets(length_buckets)
         self.config = config
         self.embeddings = BertEmbeddings(config)
         self.encoder = TransformerStack(config, cross_attention_width, cross_attention_layers)
@@ -183,9 +201,13 @@ class BertTextEncoder(TextEncoder):
         layers: slice = slice(None),
         causal: bool = False,
     ) -> EncoderOutput:
-        """Run blocks ``layers`` on hidden states (B, L, D) (e.g. ALBEF's fusion layers)."""
-        mask = causal_padding_mask(attention_mask) if causal else padding_mask(attention_mask)
-        x = self.encoder(hidden, mask, context, context_mask, layers)
+        """Run blocks ``layers`` on hidden states (B, L, D) (e.g. ALBEF's fusion layers),
+        the rows grouped by length (``length_buckets``, :func:`run_by_length`)."""
+
+        def run(h: Tensor, m: Tensor, c: Tensor | None, cm: Tensor | None) -> Tensor:
+            return self.encoder(h, causal_padding_mask(m) if causal else padding_mask(m), c, cm, layers)
+
+        x = run_by_length(run, hidden, attention_mask, context, context_mask, self.length_buckets)
         return EncoderOutput(x, pool_tokens(x, attention_mask, self.pooling))
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:

@@ -16,6 +16,7 @@ from vlzoo.layers.transformer import (
     LMHead,
     TransformerStack,
     causal_padding_mask,
+    run_by_length,
     share_all_but_self_attention,
 )
 from vlzoo.losses import IGNORE, caption_lm_loss
@@ -70,8 +71,11 @@ class BLIP(MomentumModel):
 
     def decoder_logits(self, input_ids: Tensor, attention_mask: Tensor, image_tokens: Tensor) -> Tensor:
         """The image-grounded decoder: (B, L) ids starting with [DEC] -> (B, L, V) logits."""
-        x = self.text.embeddings(input_ids)
-        x = self.decoder(x, causal_padding_mask(attention_mask), image_tokens)
+        def run(h: Tensor, mask: Tensor, context: Tensor | None, _context_mask: None) -> Tensor:
+            return self.decoder(h, causal_padding_mask(mask), context)
+
+        x = run_by_length(run, self.text.embeddings(input_ids), attention_mask, image_tokens,
+                          buckets=self.text.length_buckets)
         return self.lm_head(x)
 
     @property

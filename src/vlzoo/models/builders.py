@@ -134,12 +134,13 @@ def build_qformer(cfg: BLIP2Config, tokenizer: Tokenizer, vision_width: int) -> 
     if q.impl != "bert":
         raise ValueError(f"qformer.impl must be 'bert' (the Q-Former is BERT-style), got {q.impl!r}")
     if q.pretrained:
-        qformer = QFormer.from_bert(q.pretrained, vision_width, cfg.num_queries, cfg.cross_attention_every)
+        qformer = QFormer.from_bert(q.pretrained, vision_width, cfg.num_queries, cfg.cross_attention_every,
+                                    q.length_buckets)
         if tokenizer.vocab_size > qformer.config.vocab_size:
             resize_token_embeddings(qformer, tokenizer.vocab_size)
     else:
         qformer = QFormer(bert_config_from_kwargs(q, tokenizer, "qformer"), vision_width, cfg.num_queries,
-                          cfg.cross_attention_every)
+                          cfg.cross_attention_every, q.length_buckets)
     check_context_length(q, qformer.config, "qformer")
     return qformer
 
@@ -199,14 +200,16 @@ def _bert_encoder(text: TextConfig, cross_width: int) -> BertTextEncoder:
     """A BERT-style encoder from ``text.kwargs`` with cross-attention (to width ``cross_width``) in every block."""
     config = BertConfig(**text.kwargs)
     check_context_length(text, config)
-    return BertTextEncoder(config, cross_width, tuple(range(config.num_hidden_layers)), pooling=text.pooling or "cls")
+    return BertTextEncoder(config, cross_width, tuple(range(config.num_hidden_layers)), pooling=text.pooling or "cls",
+                           length_buckets=text.length_buckets)
 
 
 def build_vision_and_qformer(cfg: BLIP2Config | BLIP2LLMConfig):
     """The frozen vision tower and the Q-Former of ``cfg`` (sized by ``qformer.kwargs``:
     a converted or exported config, no tokenizer needed)."""
     vision = build_vision_encoder(cfg.vision, 1)  # no projection of its own is used
-    qformer = QFormer(BertConfig(**cfg.qformer.kwargs), vision.width, cfg.num_queries, cfg.cross_attention_every)
+    qformer = QFormer(BertConfig(**cfg.qformer.kwargs), vision.width, cfg.num_queries, cfg.cross_attention_every,
+                      cfg.qformer.length_buckets)
     return vision, qformer
 
 

@@ -65,12 +65,12 @@ class FeatureQueue(nn.Module):
     def enqueue(self, image_feat: Tensor, text_feat: Tensor, index: Tensor) -> None:
         """Write (G, D), (G, D), (G,) — the features of the whole global batch."""
         n = image_feat.shape[0]
-        self.check_global_batch(n)
-        start = int(self.ptr)
-        self.image[start : start + n] = image_feat.to(self.image.dtype)
-        self.text[start : start + n] = text_feat.to(self.text.dtype)
-        self.index[start : start + n] = index
-        self.ptr.fill_((start + n) % self.size)
+        self.check_global_batch(n)  # so a write never wraps: rows ptr .. ptr + n - 1
+        rows = self.ptr + torch.arange(n, device=self.ptr.device)  # on the device: no host synchronisation
+        self.image.index_copy_(0, rows, image_feat.to(self.image.dtype))
+        self.text.index_copy_(0, rows, text_feat.to(self.text.dtype))
+        self.index.index_copy_(0, rows, index.to(self.index.dtype))
+        self.ptr.copy_((self.ptr + n) % self.size)
 
 
 def momentum_copy(module: nn.Module) -> nn.Module:
@@ -231,14 +231,20 @@ class MomentumModel(nn.Module):
     # ------------------------------------------------- once per optimizer step
     @torch.no_grad()
     def momentum_update(self) -> None:
-        """EMA of every momentum copy toward its online module (each tied tensor once).
+        """EMA of every momentum copy toward its online module (each tied tensor once), as
+        two multi-tensor (foreach) kernels over all copies rather than two per tensor.
         Under FSDP both are sharded alike, so each rank updates its own shard."""
         seen: set[int] = set()
+        twins: list[Tensor] = []
+        onlines: list[Tensor] = []
         for online, twin in self.momentum_pairs:
             for p_twin, p in zip(getattr(self, twin).parameters(), getattr(self, online).parameters(), strict=True):
                 if id(p_twin) not in seen:
                     seen.add(id(p_twin))
-                    local_tensor(p_twin).mul_(self.momentum).add_(local_tensor(p.detach()), alpha=1 - self.momentum)
+                    twins.append(local_tensor(p_twin))
+                    onlines.append(local_tensor(p.detach()))
+        torch._foreach_mul_(twins, self.momentum)
+        torch._foreach_add_(twins, onlines, alpha=1 - self.momentum)
 
     @torch.no_grad()
     def enqueue(self, image_feat_m: Tensor, text_feat_m: Tensor, index: Tensor) -> None:

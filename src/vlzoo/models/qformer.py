@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from vlzoo.backbones.text import bert_config_from_json, bert_state_dict
+from vlzoo.backbones.text import bert_config_from_json, bert_state_dict, check_length_buckets
 from vlzoo.layers.transformer import (
     BertConfig,
     BertEmbeddings,
@@ -27,6 +27,7 @@ from vlzoo.layers.transformer import (
     init_bert_weights,
     padding_mask,
     qformer_mask,
+    run_by_length,
 )
 from vlzoo.weights import load_strict
 
@@ -45,10 +46,13 @@ class QFormer(nn.Module):
     vision_width: width of the image tokens the queries cross-attend to.
     num_queries: Q learned queries (32 in BLIP-2).
     cross_attention_every: blocks 0, k, 2k, ... carry cross-attention (BLIP-2: k = 2).
+    length_buckets: text passes run rows grouped by text length (:func:`run_by_length`).
     """
 
-    def __init__(self, config: BertConfig, vision_width: int, num_queries: int = 32, cross_attention_every: int = 2):
+    def __init__(self, config: BertConfig, vision_width: int, num_queries: int = 32, cross_attention_every: int = 2,
+                 length_buckets: int = 1):
         super().__init__()
+        self.length_buckets = check_length_buckets(length_buckets)
         if num_queries < 1 or cross_attention_every < 1:
             raise ValueError(f"num_queries ({num_queries}) and cross_attention_every ({cross_attention_every}) "
                              "must be >= 1")
@@ -79,7 +83,8 @@ class QFormer(nn.Module):
         if image_tokens is None:
             if input_ids is None:
                 raise ValueError("QFormer needs image tokens, text, or both")
-            x = self.encoder(self.embeddings(input_ids), padding_mask(attention_mask))
+            x = run_by_length(lambda h, m, _c, _cm: self.encoder(h, padding_mask(m)), self.embeddings(input_ids),
+                              attention_mask, buckets=self.length_buckets)
             return QFormerOutput(None, x)
         queries = self.query_tokens.expand(image_tokens.shape[0], -1, -1)
         q = self.num_queries
@@ -87,7 +92,12 @@ class QFormer(nn.Module):
             x = self.encoder(self.embeddings(None, prefix=queries), None, image_tokens, query_length=q)
             return QFormerOutput(x, None)
         x = self.embeddings(input_ids, prefix=queries)
-        x = self.encoder(x, qformer_mask(q, attention_mask, mask_kind), image_tokens, query_length=q)
+
+        def run(h: Tensor, keys: Tensor, context: Tensor | None, _context_mask: None) -> Tensor:
+            return self.encoder(h, qformer_mask(q, keys[:, q:], mask_kind), context, query_length=q)
+
+        keys = torch.cat([attention_mask.new_ones(attention_mask.shape[0], q), attention_mask], dim=1)  # (B, Q + L)
+        x = run_by_length(run, x, keys, image_tokens, buckets=self.length_buckets)
         return QFormerOutput(x[:, :q], x[:, q:])
 
     def text_only_parameters(self) -> list[nn.Parameter]:
@@ -106,13 +116,13 @@ class QFormer(nn.Module):
 
     @classmethod
     def from_bert(cls, directory: str | Path, vision_width: int, num_queries: int = 32,
-                  cross_attention_every: int = 2) -> QFormer:
+                  cross_attention_every: int = 2, length_buckets: int = 1) -> QFormer:
         """A Q-Former initialised from a Hugging Face BERT directory, strictly: every BERT
         weight is used; the queries' feed-forward starts as a copy of the text's; the
         cross-attention and queries stay random (as in BLIP-2)."""
         directory = Path(directory)
         qformer = cls(bert_config_from_json(directory / "config.json"), vision_width, num_queries,
-                      cross_attention_every)
+                      cross_attention_every, length_buckets)
         state = bert_state_dict(directory)
         for key in list(state):
             for part in (".intermediate.", ".output."):

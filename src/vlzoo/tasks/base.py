@@ -84,6 +84,20 @@ def record_resolved_tower(task, given: Any, resolved: Any) -> None:
         task.hparams["model"] = dataclasses.asdict(resolved)
 
 
+FUSED_ADAMW_DEVICES = ("cpu", "cuda")
+
+
+def use_fused_adamw(params: list[Tensor]) -> bool:
+    """Whether torch's fused AdamW can update ``params``: floating-point plain tensors
+    (not FSDP2's DTensors) on a device it has the kernel for. One kernel launch for all
+    parameters instead of a dozen foreach kernels (CPU, 2M parameters: about 3x faster)."""
+    from torch.distributed.tensor import DTensor
+
+    return bool(params) and all(
+        p.device.type in FUSED_ADAMW_DEVICES and p.dtype.is_floating_point and not isinstance(p, DTensor)
+        for p in params)
+
+
 class NonFiniteTrainingError(RuntimeError):
     """Too many optimizer steps in a row had non-finite gradients."""
 
@@ -238,7 +252,8 @@ class VLTask(L.LightningModule):
     def configure_optimizers(self):
         o = self.optim
         groups = parameter_groups(self.model, o.weight_decay, o.lr, self.finetune.layer_decay)
-        optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps)
+        fused = use_fused_adamw([p for g in groups for p in g["params"]]) if o.fused is None else o.fused
+        optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, fused=fused)
         total = int(self.trainer.estimated_stepping_batches)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, o.warmup_steps, total, o.min_lr_ratio)
