@@ -34,7 +34,7 @@ SIZES = {  # vision kwargs (timm ViT), image size, BERT kwargs, open_clip text k
 }
 # (family, size, batch, timed repeats)
 RUNS = [("clip", "tiny", 64, 10), ("albef", "tiny", 64, 10), ("blip", "tiny", 64, 10), ("blip2", "tiny", 64, 10),
-        ("clip", "base", 16, 3), ("albef", "base", 16, 3), ("blip", "base", 16, 3), ("blip2", "base", 16, 3)]
+        ("clip", "base", 8, 2), ("albef", "base", 8, 2), ("blip", "base", 8, 2), ("blip2", "base", 8, 2)]
 QUICK_RUNS = [("albef", "tiny", 16, 3), ("blip2", "tiny", 16, 3)]
 
 
