@@ -171,6 +171,7 @@ def shard_model(model: nn.Module, mesh, options: FSDPOptions | None = None, keep
     options = options or FSDPOptions()
     if is_sharded(model):
         return
+    refuse_length_buckets(model, "FSDP2")
     trainable_policy = MixedPrecisionPolicy()
     if options.param_dtype and not keep_fp32:
         if options.param_dtype not in DTYPES:
@@ -295,12 +296,25 @@ class FSDP2Strategy(ModelParallelStrategy):
         self.barrier()
 
 
+def refuse_length_buckets(model: nn.Module, strategy: str) -> None:
+    """A clear error for ``length_buckets > 1`` under sharding: each block gathers its
+    weights once per call, and the number of length groups depends on each rank's own
+    texts, so ranks would pair their gathers wrongly."""
+    grouped = sorted({type(m).__name__ for m in model.modules() if getattr(m, "length_buckets", 1) > 1})
+    if grouped:
+        raise ValueError(f"text.length_buckets (or qformer.length_buckets) > 1 in {', '.join(grouped)} cannot run "
+                         f"under {strategy}: the number of text-pass calls would differ between ranks; set it to 1 "
+                         "(DDP and single-device runs support it)")
+
+
 def fsdp1_wrap_policy(model: nn.Module):
     """A ``lambda_auto_wrap_policy`` for the classic ``FSDPStrategy`` (GPU only in
     Lightning): wraps the blocks and frozen parts that :func:`sharding_units` finds as
     single modules. Units that share parameters between modules (BLIP's encoder and
     decoder blocks) cannot be one FSDP1 unit, so they stay in their parent's."""
     from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
+
+    refuse_length_buckets(model, "FSDP")
 
     block_units, other_units = sharding_units(model)
     single = {id(unit[0]) for unit in block_units + other_units if len(unit) == 1}

@@ -143,6 +143,20 @@ def test_length_buckets_cut_each_group_to_its_longest_text_and_fall_back_to_one_
     calls.clear()
     run_by_length(run, hidden, torch.ones(4, 6, dtype=torch.long), buckets=4)  # no padding: one call
     assert calls == [6]
+    calls.clear()
+    out = run_by_length(run, hidden, mask.float(), buckets=2)  # a float 1/0 mask works as well
+    assert sorted(calls) == [2, 6] and torch.equal(out, hidden * mask[..., None])
+
+
+def test_length_buckets_are_refused_under_sharding():
+    from vlzoo.parallel import refuse_length_buckets
+
+    cfg = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64)
+    encoder = BertTextEncoder(cfg)
+    refuse_length_buckets(encoder, "FSDP2")  # 1: fine
+    encoder.length_buckets = 4
+    with pytest.raises(ValueError, match="length_buckets.*BertTextEncoder.*FSDP2: the number of text-pass calls"):
+        refuse_length_buckets(torch.nn.Sequential(encoder), "FSDP2")
 
 
 def test_minilm_with_length_buckets_still_matches_transformers_bert():

@@ -107,3 +107,22 @@ def test_adamw_is_fused_where_torch_has_the_kernel_and_steps_as_the_foreach_one(
     for a, b in zip(params[None], params[False], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     assert not use_fused_adamw([torch.zeros(2, dtype=torch.long)]) and not use_fused_adamw([])
+    assert not use_fused_adamw(params[None], grad_scaler=True)  # fp16: Lightning clips only unfused
+
+
+def test_a_resumed_optimizer_takes_this_runs_kernel():
+    from vlzoo.tasks.base import set_fused
+
+    w = torch.nn.Parameter(torch.ones(3))
+    saved = torch.optim.AdamW([w], lr=0.1)  # a checkpoint written before the fused kernel was chosen
+    w.grad = torch.ones(3)
+    saved.step()
+    resumed = torch.optim.AdamW([w], lr=0.1, fused=True)
+    resumed.load_state_dict(saved.state_dict())
+    assert not resumed.param_groups[0]["fused"]  # the saved flag came back with the state
+    set_fused(resumed, True)
+    resumed.step()
+    assert resumed.param_groups[0]["fused"] and resumed.state[w]["step"].item() == 2
+    set_fused(resumed, False)
+    resumed.step()
+    assert resumed.state[w]["step"].device.type == "cpu" and resumed.state[w]["step"].item() == 3

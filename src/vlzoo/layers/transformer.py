@@ -271,9 +271,10 @@ def run_by_length(
     b, length = attention_mask.shape
     if buckets <= 1 or b < 2:
         return run(hidden, attention_mask, context, context_mask)
-    lengths = attention_mask.sum(1)
+    real = attention_mask.bool()  # 1/0 of any dtype (a float mask too)
+    lengths = real.sum(1)
     positions = torch.arange(length, device=attention_mask.device)
-    right_padded = (attention_mask.bool() == (positions[None] < lengths[:, None])).all()
+    right_padded = (real == (positions[None] < lengths[:, None])).all()
     order = lengths.argsort(stable=True)
     host = torch.cat([lengths[order], right_padded.long()[None]]).tolist()  # one read: sorted lengths, the check
     if not host[-1] or host[0] == host[b - 1]:
