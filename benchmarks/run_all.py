@@ -153,16 +153,17 @@ def clip_md(results: dict[str, Any]) -> list[str]:
     return lines
 
 
-def peer_md(results: dict[str, Any], bench: str, label) -> list[str]:
-    lines = ["| run | batch | vlzoo samples/s | transformers samples/s | ratio | peak MiB vlzoo / transformers | "
-             "GFLOP/call vlzoo / transformers | MFU vlzoo / transformers | output diff |",
+def peer_md(results: dict[str, Any], bench: str, label, peer: str = "transformers") -> list[str]:
+    """One row per run of ``bench`` (never pooled): vlzoo against ``peer``."""
+    lines = [f"| run | batch | vlzoo samples/s | {peer} samples/s | ratio | peak MiB vlzoo / {peer} | "
+             f"GFLOP/call vlzoo / {peer} | MFU vlzoo / {peer} | output diff |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in results[bench].get("runs", []):
-        v, t = r["vlzoo"], r["transformers"]
+        v, t = r["vlzoo"], r[peer]
         diff = r.get("output_max_abs_diff", r.get("first_loss_abs_diff"))
         lines.append(f"| {label(r)} | {r['batch']} | {_f(v['per_s'])} | {_f(t['per_s'])} | {_ratio(r['ratio'])} | "
                      f"{_mem(v)} / {_mem(t)} | {v['flops'] / 1e9:.2f} / {t['flops'] / 1e9:.2f} | {_f(v.get('mfu'), 3)} / "
-                     f"{_f(t.get('mfu'), 3)} | {diff:.1e} |")
+                     f"{_f(t.get('mfu'), 3)} | {'–' if diff is None else f'{diff:.1e}'} |")
     return lines
 
 
@@ -177,19 +178,6 @@ def retrieval_md(results: dict[str, Any]) -> list[str]:
         lines += ["", f"BLIP-2 stage-1 frozen-feature cache ({c['vision']} at {c['image_size']} px, batch "
                   f"{c['batch']}): {c['uncached_per_s']:.1f} -> {c['cached_per_s']:.1f} samples/s, "
                   f"**{c['speedup']:.2f}x** (median of {c['repeats']} windows of {c['steps']} steps)."]
-    return lines
-
-
-def length_buckets_md(results: dict[str, Any]) -> list[str]:
-    """One row per family and size (never pooled): a whole training step with text passes
-    grouped by length against the same step padded."""
-    lines = ["| family | size | batch | real text positions | samples/s buckets / padded | ratio | "
-             "GFLOP/step buckets / padded | MFU buckets / padded |", "|---|---|---|---|---|---|---|---|"]
-    for r in results["length_buckets"].get("runs", []):
-        v, p = r["vlzoo"], r["padded"]
-        lines.append(f"| {r['family']} | {r['size']} | {r['batch']} | {r['real_text_fraction']:.2f} | "
-                     f"{_f(v['per_s'])} / {_f(p['per_s'])} | {_ratio(r['ratio'])} | {v['flops'] / 1e9:.2f} / "
-                     f"{p['flops'] / 1e9:.2f} | {_f(v.get('mfu'), 3)} / {_f(p.get('mfu'), 3)} |")
     return lines
 
 
@@ -213,7 +201,8 @@ def markdown(results: dict[str, Any]) -> str:
              *peer_md(results, "qformer", lambda r: f"{r['pass_']} {r['size']}"), "",
              "## Retrieval evaluation and the frozen-feature cache", "", *retrieval_md(results), "",
              "## Whole training steps: text passes in 4 length buckets vs padded", "",
-             *length_buckets_md(results), "",
+             *peer_md(results, "length_buckets",
+                      lambda r: f"{r['family']} {r['size']} ({r['real_text_fraction']:.0%} real text)", "padded"), "",
              "## Training beside busy processes: vlzoo's thread policy vs torch's default", "",
              *contention_md(results), "",
              "## Method", "", *METHOD, ""]

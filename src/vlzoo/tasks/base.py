@@ -96,7 +96,7 @@ def use_fused_adamw(params: list[Tensor], grad_scaler: bool = False) -> bool:
     version = tuple(int(part) for part in torch.__version__.split(".")[:2])
     return not grad_scaler and bool(params) and all(
         p.device.type in FUSED_ADAMW_DEVICES and version >= FUSED_ADAMW_DEVICES[p.device.type]
-        and p.dtype.is_floating_point and not hasattr(p, "to_local") for p in params)
+        and p.dtype.is_floating_point and local_tensor(p) is p for p in params)
 
 
 def set_fused(optimizer: torch.optim.Optimizer, fused: bool) -> None:
