@@ -12,6 +12,10 @@ weights and read the same token ids.
   once, not once per head as two ``forward`` calls would.
 - ``lm``: captioning loss forward + backward (image tower, causal decoder with
   cross-attention, LM head, label-smoothed cross-entropy 0.1); gradients cleared after.
+- ``caption``: captioning inference, beam search (3 beams, 20 new tokens, at least 5):
+  image tower, then the decoder with its key/value cache on both sides (vlzoo's
+  ``generate``, transformers' ``generate``); ``tokens_equal`` says whether both produced
+  the same captions.
 
     python benchmarks/bench_blip.py --json /tmp/blip.json [--quick]
 """
@@ -34,6 +38,7 @@ from common import (
 
 from vlzoo.data.tokenizers import ShapesTokenizer
 from vlzoo.hub.convert.hf_blip import CAPTIONING, RETRIEVAL, hf_blip_parts
+from vlzoo.models.generation import GenerationConfig
 
 SIZES = {  # text, vision, embed dim
     "tiny": (dict(hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
@@ -46,8 +51,10 @@ SIZES = {  # text, vision, embed dim
                       image_size=224, patch_size=16), 256),
 }
 # (task, size, batch, timed repeats)
-RUNS = [("itm", "tiny", 32, 25), ("itm", "base-224", 4, 4), ("lm", "tiny", 32, 25), ("lm", "base-224", 2, 4)]
-QUICK_RUNS = [("itm", "tiny", 16, 5), ("lm", "tiny", 16, 5)]
+RUNS = [("itm", "tiny", 32, 25), ("itm", "base-224", 4, 4), ("lm", "tiny", 32, 25), ("lm", "base-224", 2, 4),
+        ("caption", "tiny", 16, 10), ("caption", "base-224", 2, 3)]
+QUICK_RUNS = [("itm", "tiny", 16, 5), ("lm", "tiny", 16, 5), ("caption", "tiny", 8, 3)]
+BEAM = GenerationConfig(method="beam", num_beams=3, max_length=20, min_length=5)
 BASE_VOCAB = 30524  # BLIP's: bert-base-uncased + [DEC] + [ENC]
 
 
@@ -125,21 +132,44 @@ def lm_sides(hf, ours, x: dict[str, torch.Tensor]) -> dict[str, Any]:
     return {"vlzoo": vlzoo, "transformers": peer}
 
 
+def caption_sides(hf, ours, x: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Beam-search captions (B, 20) of each side, after [DEC]."""
+    pixels = x["pixels"]
+    prefix = torch.full((len(pixels), 1), ours.dec_id, dtype=torch.long, device=pixels.device)
+
+    @torch.no_grad()
+    def vlzoo() -> torch.Tensor:
+        return ours.generate(pixels, prefix, BEAM)
+
+    @torch.no_grad()
+    def peer() -> torch.Tensor:
+        return hf.generate(pixel_values=pixels, max_new_tokens=BEAM.max_length, min_new_tokens=BEAM.min_length,
+                           num_beams=BEAM.num_beams, do_sample=False, early_stopping=BEAM.early_stopping)[:, 1:]
+
+    return {"vlzoo": vlzoo, "transformers": peer}
+
+
+SIDES = {"itm": itm_sides, "lm": lm_sides, "caption": caption_sides}
+
+
 def run(task: str, size: str, batch: int, repeats: int) -> dict[str, Any]:
     dev = device()
     tokenizer = ShapesTokenizer()
     hf, ours = build_pair(RETRIEVAL if task == "itm" else CAPTIONING, size, tokenizer)
     hf, ours = hf.to(dev), ours.to(dev)
     train_without_dropout(hf, ours)
-    if task == "itm":  # inference
+    if task != "lm":  # inference
         hf.eval()
         ours.eval()
     x = inputs(size, batch, tokenizer, dev)
-    sides = (itm_sides if task == "itm" else lm_sides)(hf, ours, x)
+    sides = SIDES[task](hf, ours, x)
     result = compare(sides, batch, repeats, dev)
     a, b = (torch.tensor(result[s]["output"]) for s in ("vlzoo", "transformers"))
     result.update(task=task, size=size, batch=batch, text_tokens=x["input_ids"].shape[1],
                   parameter_mib=parameter_mib(hf), output_max_abs_diff=(a - b).abs().max().item())
+    if task == "caption":
+        ours_tokens, peer_tokens = sides["vlzoo"](), sides["transformers"]()
+        result["tokens_equal"] = ours_tokens.shape == peer_tokens.shape and bool((ours_tokens == peer_tokens).all())
     return result
 
 

@@ -39,6 +39,8 @@ RATIOS = {
     "clip_train_vs_open_clip": ("clip", lambda r: f"{r['config']} {r['dtype']} b{r['batch']}", lambda r: True),
     "blip_itm_vs_transformers": ("blip", lambda r: f"{r['size']} b{r['batch']}", lambda r: r["task"] == "itm"),
     "blip_lm_vs_transformers": ("blip", lambda r: f"{r['size']} b{r['batch']}", lambda r: r["task"] == "lm"),
+    "blip_caption_vs_transformers": ("blip", lambda r: f"{r['size']} b{r['batch']}",
+                                     lambda r: r["task"] == "caption"),
     "qformer_vs_transformers": ("qformer", lambda r: f"{r['pass_']} {r['size']} b{r['batch']}", lambda r: True),
 }
 PEERS = {"clip": "open_clip", "blip": "transformers", "qformer": "transformers", "length_buckets": "padded"}

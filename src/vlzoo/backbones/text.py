@@ -15,8 +15,10 @@ from vlzoo.backbones.vision import _open_clip_tower_cfg, open_clip_tower
 from vlzoo.layers.transformer import (
     BertConfig,
     BertEmbeddings,
+    DecodeCache,
     TransformerStack,
     causal_padding_mask,
+    decode_mask,
     init_bert_weights,
     padding_mask,
     run_by_length,
@@ -209,6 +211,16 @@ class BertTextEncoder(TextEncoder):
 
         x = run_by_length(run, hidden, attention_mask, context, context_mask, self.length_buckets)
         return EncoderOutput(x, pool_tokens(x, attention_mask, self.pooling))
+
+    def decode_step(
+        self, input_ids: Tensor, cache: DecodeCache, seen: int, context: Tensor | None = None,
+        context_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Causal decoding with a key/value cache: ids (R, t) at positions ``seen`` ... after
+        the ``seen`` tokens ``cache`` holds (all real) -> hidden states (R, t, D)."""
+        hidden = self.embeddings(input_ids, position_offset=seen)
+        mask = decode_mask(input_ids.shape[1], seen, input_ids.device)
+        return self.encoder(hidden, mask, context, context_mask, cache=cache)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.encoder.grad_checkpointing = enable

@@ -61,11 +61,25 @@ class MultiHeadAttention(nn.Module):
         b, n, _ = x.shape
         return x.view(b, n, self.heads, -1).transpose(1, 2)
 
-    def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None,
+        cache: AttentionCache | None = None,
+    ) -> Tensor:
         """x: (B, Lq, D); context: (B, Lk, Dk) or None for self-attention;
-        mask: boolean (B, 1|H, Lq, Lk), True where attention is allowed. Returns (B, Lq, D)."""
-        context = x if context is None else context
-        q, k, v = self._split(self.query(x)), self._split(self.key(context)), self._split(self.value(context))
+        mask: boolean (B, 1|H, Lq, Lk), True where attention is allowed, or None (all keys).
+        ``cache`` (incremental decoding): self-attention appends this call's keys/values to
+        it and attends to all of them; cross-attention projects ``context`` on the first
+        call only. Returns (B, Lq, D)."""
+        if cache is not None and context is not None and cache.key is not None:
+            k, v = cache.key, cache.value
+        else:
+            source = x if context is None else context
+            k, v = self._split(self.key(source)), self._split(self.value(source))
+            if cache is not None:
+                if context is None and cache.key is not None:
+                    k, v = torch.cat([cache.key, k], dim=2), torch.cat([cache.value, v], dim=2)
+                cache.key, cache.value = k, v
+        q = self._split(self.query(x))
         p = self.dropout if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         b, h, n, d = out.shape
@@ -94,8 +108,11 @@ class AttentionSublayer(nn.Module):
         self.self = MultiHeadAttention(width, cfg.num_attention_heads, key_width, cfg.attention_probs_dropout_prob)
         self.output = ResidualOutput(width, width, cfg.layer_norm_eps, cfg.hidden_dropout_prob)
 
-    def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
-        return self.output(self.self(x, context, mask), x)
+    def forward(
+        self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None,
+        cache: AttentionCache | None = None,
+    ) -> Tensor:
+        return self.output(self.self(x, context, mask, cache), x)
 
 
 class FeedForwardIn(nn.Module):
@@ -137,16 +154,19 @@ class TransformerBlock(nn.Module):
         context: Tensor | None = None,
         context_mask: Tensor | None = None,
         query_length: int = 0,
+        cache: BlockCache | None = None,
     ) -> Tensor:
         """x: (B, L, D); mask: (B, 1, L, L) bool; context: (B, N, Dc) image tokens or
         None (text-only mode: cross-attention skipped); context_mask: (B, 1, 1, N) bool.
 
         query_length Q > 0 (Q-Former): the first Q positions of x are learned queries;
-        only they cross-attend, and they take the ``*_query`` feed-forward."""
-        x = self.attention(x, mask=mask)
+        only they cross-attend, and they take the ``*_query`` feed-forward.
+        cache: this block's (self, cross) attention caches when decoding incrementally."""
+        self_cache, cross_cache = cache if cache is not None else (None, None)
+        x = self.attention(x, mask=mask, cache=self_cache)
         if not query_length:
             if context is not None and self.crossattention is not None:
-                x = self.crossattention(x, context, context_mask)
+                x = self.crossattention(x, context, context_mask, cross_cache)
             return self.output(self.intermediate(x), x)
         queries, text = x[:, :query_length], x[:, query_length:]
         if context is not None and self.crossattention is not None:
@@ -186,15 +206,62 @@ class TransformerStack(nn.Module):
         context_mask: Tensor | None = None,
         layers: slice = slice(None),
         query_length: int = 0,
+        cache: DecodeCache | None = None,
     ) -> Tensor:
         """Run ``self.layer[layers]`` over x (B, L, D); returns (B, L, D).
-        ``query_length``: see :meth:`TransformerBlock.forward`."""
-        for block in self.layer[layers]:
-            if self.grad_checkpointing and self.training:
+        ``query_length``: see :meth:`TransformerBlock.forward`; ``cache``: the stack's
+        caches when decoding incrementally (x then holds the positions not yet cached)."""
+        blocks = self.layer[layers]
+        caches = cache.blocks[layers] if cache is not None else [None] * len(blocks)
+        for block, block_cache in zip(blocks, caches, strict=True):
+            if self.grad_checkpointing and self.training and cache is None:
                 x = checkpoint(block, x, mask, context, context_mask, query_length, use_reentrant=False)
             else:
-                x = block(x, mask, context, context_mask, query_length)
+                x = block(x, mask, context, context_mask, query_length, block_cache)
         return x
+
+
+class AttentionCache:
+    """The keys and values (R, H, T, D/H) one attention has seen while decoding one token
+    at a time: self-attention's grow by each call's tokens, cross-attention's are the
+    image (or question) tokens' projections, made on the first call."""
+
+    def __init__(self) -> None:
+        self.key: Tensor | None = None
+        self.value: Tensor | None = None
+
+    def select(self, index: Tensor) -> None:
+        """Keep the sequences ``index`` (R',) long, in that order (a beam search's reordering)."""
+        if self.key is not None:
+            self.key, self.value = self.key[index], self.value[index]
+
+
+BlockCache = tuple[AttentionCache, AttentionCache]
+"""One block's (self-attention, cross-attention) caches."""
+
+
+class DecodeCache:
+    """The attention caches of every block of a :class:`TransformerStack` for incremental
+    decoding: each call runs only the new positions, whose keys and values join those
+    already seen. The result equals re-running the whole sequence (causal attention: earlier
+    positions never read later ones)."""
+
+    def __init__(self, layers: int):
+        self.blocks: list[BlockCache] = [(AttentionCache(), AttentionCache()) for _ in range(layers)]
+
+    def select(self, index: Tensor) -> None:
+        """Keep the sequences ``index`` (R',) long, in that order."""
+        for self_cache, cross_cache in self.blocks:
+            self_cache.select(index)
+            cross_cache.select(index)
+
+
+def decode_mask(new: int, seen: int, device: torch.device | None = None) -> Tensor | None:
+    """Causal self-attention mask (1, 1, new, seen + new) of ``new`` tokens after ``seen``
+    cached ones; None for a single token, which sees every key (SDPA's unmasked path)."""
+    if new == 1:
+        return None
+    return torch.ones(new, seen + new, dtype=torch.bool, device=device).tril(seen)[None, None]
 
 
 class BertEmbeddings(nn.Module):
@@ -209,16 +276,18 @@ class BertEmbeddings(nn.Module):
         self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
 
     def forward(
-        self, input_ids: Tensor | None, token_type_ids: Tensor | None = None, prefix: Tensor | None = None
+        self, input_ids: Tensor | None, token_type_ids: Tensor | None = None, prefix: Tensor | None = None,
+        position_offset: int = 0,
     ) -> Tensor:
         """input_ids: (B, L) -> (B, L, D). ``prefix`` (B, Q, D) (the Q-Former's queries,
         no position embedding) goes before the text, under the same LayerNorm:
-        -> (B, Q + L, D); ``input_ids`` may then be None (queries alone)."""
+        -> (B, Q + L, D); ``input_ids`` may then be None (queries alone).
+        ``position_offset``: the position of the first id (incremental decoding)."""
         if input_ids is None:
             if prefix is None:
                 raise ValueError("BertEmbeddings needs input_ids or a prefix")
             return self.dropout(self.LayerNorm(prefix))
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        positions = torch.arange(position_offset, position_offset + input_ids.shape[1], device=input_ids.device)
         x = self.word_embeddings(input_ids) + self.position_embeddings(positions)[None]
         if self.token_type_embeddings is not None:
             types = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids

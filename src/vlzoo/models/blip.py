@@ -13,14 +13,16 @@ from torch import Tensor
 
 from vlzoo.backbones import BertTextEncoder, VisionEncoder
 from vlzoo.layers.transformer import (
+    DecodeCache,
     LMHead,
     TransformerStack,
     causal_padding_mask,
+    decode_mask,
     run_by_length,
     share_all_but_self_attention,
 )
 from vlzoo.losses import IGNORE, caption_lm_loss
-from vlzoo.models.generation import GenerationConfig, generate
+from vlzoo.models.generation import CachedNextLogits, GenerationConfig, NextTokenLogits, generate
 from vlzoo.models.momentum import MomentumModel, MomentumOutput
 
 
@@ -131,7 +133,17 @@ class BLIP(MomentumModel):
         if prefix_ids is None:
             prefix_ids = torch.tensor(self.prefix_ids, device=image_tokens.device).expand(len(image_tokens), -1)
 
-        def next_logits(ids: Tensor, rows: Tensor) -> Tensor:
-            return self.decoder_logits(ids, torch.ones_like(ids), image_tokens[rows])[:, -1]
+        return generate(self._next_logits(image_tokens, config.use_cache), prefix_ids, self.eos_id, self.pad_id,
+                        config)
 
-        return generate(next_logits, prefix_ids, self.eos_id, self.pad_id, config)
+    def _next_logits(self, image_tokens: Tensor, use_cache: bool) -> NextTokenLogits:
+        """The decoder's next-token logits for captions of image tokens (B, N, Dv)."""
+        if not use_cache:
+            return lambda ids, rows: self.decoder_logits(ids, torch.ones_like(ids), image_tokens[rows])[:, -1]
+
+        def step(new: Tensor, rows: Tensor, cache: DecodeCache, seen: int) -> Tensor:
+            h = self.text.embeddings(new, position_offset=seen)
+            mask = decode_mask(new.shape[1], seen, new.device)
+            return self.lm_head(self.decoder(h, mask, image_tokens[rows], cache=cache))
+
+        return CachedNextLogits(step, len(self.decoder.layer))

@@ -25,10 +25,16 @@ from vlzoo.backbones import VisionEncoder
 from vlzoo.backbones.text import pool_tokens
 from vlzoo.data.llm_text import left_padded_prompts, seq2seq_batch
 from vlzoo.distributed import gather_no_grad, gather_with_grad
-from vlzoo.layers.transformer import LMHead
+from vlzoo.layers.transformer import DecodeCache, LMHead
 from vlzoo.losses import IGNORE, caption_lm_loss, positive_targets
 from vlzoo.losses.momentum import soft_cross_entropy, token_cross_entropy
-from vlzoo.models.generation import GenerationConfig, generate, generation_in_lockstep
+from vlzoo.models.generation import (
+    CachedNextLogits,
+    GenerationConfig,
+    NextTokenLogits,
+    generate,
+    generation_in_lockstep,
+)
 from vlzoo.models.itm import itm_with_hard_negatives
 from vlzoo.models.qformer import QFormer
 
@@ -245,10 +251,17 @@ class BLIP2(QFormerOverFrozenVision):
         (B, T) new token ids after [DEC], right-padded."""
         prefix = torch.full((len(image_tokens), 1), self.dec_id, dtype=torch.long, device=image_tokens.device)
 
-        def next_logits(ids: Tensor, rows: Tensor) -> Tensor:
-            return self.decoder_logits(image_tokens[rows], ids, torch.ones_like(ids))[:, -1]
+        return generate(self._next_logits(image_tokens, config.use_cache), prefix, self.eos_id, self.pad_id, config)
 
-        return generate(next_logits, prefix, self.eos_id, self.pad_id, config)
+    def _next_logits(self, image_tokens: Tensor, use_cache: bool) -> NextTokenLogits:
+        """The Q-Former's ITG next-token logits for captions of image tokens (B, N, Dv)."""
+        if not use_cache:
+            return lambda ids, rows: self.decoder_logits(image_tokens[rows], ids, torch.ones_like(ids))[:, -1]
+
+        def step(new: Tensor, rows: Tensor, cache: DecodeCache, seen: int) -> Tensor:
+            return self.lm_head(self.qformer.decode_step(image_tokens[rows] if seen == 0 else None, new, cache, seen))
+
+        return CachedNextLogits(step, len(self.qformer.encoder.layer))
 
     @torch.no_grad()
     def generate(self, pixel_values: Tensor, config: GenerationConfig = GenerationConfig()) -> Tensor:  # noqa: B008

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlzoo.backbones import BertTextEncoder, VisionEncoder
-from vlzoo.layers.transformer import LMHead, padding_mask
-from vlzoo.models.generation import GenerationConfig, generate
+from vlzoo.layers.transformer import DecodeCache, LMHead, padding_mask
+from vlzoo.models.generation import CachedNextLogits, GenerationConfig, NextTokenLogits, generate
 
 
 class BLIPVQA(nn.Module):
@@ -102,10 +102,19 @@ class BLIPVQA(nn.Module):
         states = self.question_states(image_tokens, question_ids, question_mask)
         prefix = torch.full((len(states), 1), self.dec_id, dtype=torch.long, device=states.device)
 
-        def next_logits(ids: Tensor, rows: Tensor) -> Tensor:
-            return self.decode(ids, torch.ones_like(ids), states[rows], question_mask[rows])[:, -1]
+        return generate(self._next_logits(states, question_mask, config.use_cache), prefix, self.eos_id,
+                        self.pad_id, config)
 
-        return generate(next_logits, prefix, self.eos_id, self.pad_id, config)
+    def _next_logits(self, states: Tensor, question_mask: Tensor, use_cache: bool) -> NextTokenLogits:
+        """The answer decoder's next-token logits, reading question states (B, Lq, Dt)."""
+        if not use_cache:
+            return lambda ids, rows: self.decode(ids, torch.ones_like(ids), states[rows], question_mask[rows])[:, -1]
+
+        def step(new: Tensor, rows: Tensor, cache: DecodeCache, seen: int) -> Tensor:
+            hidden = self.answer_decoder.decode_step(new, cache, seen, states[rows], padding_mask(question_mask[rows]))
+            return self.lm_head(hidden)
+
+        return CachedNextLogits(step, len(self.answer_decoder.encoder.layer))
 
     @torch.no_grad()
     def rank_answers(

@@ -23,7 +23,9 @@ from vlzoo.backbones.text import bert_config_from_json, bert_state_dict, check_l
 from vlzoo.layers.transformer import (
     BertConfig,
     BertEmbeddings,
+    DecodeCache,
     TransformerStack,
+    decode_mask,
     init_bert_weights,
     padding_mask,
     qformer_mask,
@@ -99,6 +101,22 @@ class QFormer(nn.Module):
         keys = torch.cat([attention_mask.new_ones(attention_mask.shape[0], q), attention_mask], dim=1)  # (B, Q + L)
         x = run_by_length(run, x, keys, image_tokens, buckets=self.length_buckets)
         return QFormerOutput(x[:, :q], x[:, q:])
+
+    def decode_step(self, image_tokens: Tensor, input_ids: Tensor, cache: DecodeCache, seen: int) -> Tensor:
+        """ITG decoding with a key/value cache: text ids (R, t) after the ``seen`` text tokens
+        ``cache`` holds -> text states (R, t, D). The first call (``seen`` 0) runs the queries
+        over image tokens (R, N, Dv) too, under the causal mask; later calls run the new
+        tokens alone, reading the queries' and earlier tokens' cached keys (queries never
+        read text, so theirs do not change)."""
+        q, t = self.num_queries, input_ids.shape[1]
+        if seen == 0:
+            queries = self.query_tokens.expand(input_ids.shape[0], -1, -1)
+            mask = qformer_mask(q, torch.ones_like(input_ids), "causal")
+            x = self.encoder(self.embeddings(input_ids, prefix=queries), mask, image_tokens, query_length=q,
+                             cache=cache)
+            return x[:, q:]
+        mask = decode_mask(t, q + seen, input_ids.device)
+        return self.encoder(self.embeddings(input_ids, position_offset=seen), mask, cache=cache)
 
     def text_only_parameters(self) -> list[nn.Parameter]:
         """What only text reads: token embeddings and the text feed-forward of every
