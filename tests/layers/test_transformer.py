@@ -130,8 +130,8 @@ def test_length_buckets_cut_each_group_to_its_longest_text_and_fall_back_to_one_
     calls: list[int] = []
 
     def run(h, m, c, cm):
-        calls.append(h.shape[1])
-        return h * m[..., None]
+        calls.append(h.shape[1] if m is not None else "unpadded")
+        return h * m[..., None] if m is not None else h
 
     hidden, mask = torch.randn(4, 6, 2), _right_padded([6, 2, 3, 1], 6)
     assert torch.equal(run_by_length(run, hidden, mask, buckets=1), hidden * mask[..., None]) and calls == [6]
@@ -142,11 +142,40 @@ def test_length_buckets_cut_each_group_to_its_longest_text_and_fall_back_to_one_
     left = mask.flip(1)  # left padding: cutting would drop text, so one padded call
     assert torch.equal(run_by_length(run, hidden, left, buckets=2), hidden * left[..., None]) and calls == [6]
     calls.clear()
-    run_by_length(run, hidden, torch.ones(4, 6, dtype=torch.long), buckets=4)  # no padding: one call
-    assert calls == [6]
+    run_by_length(run, hidden, torch.ones(4, 6, dtype=torch.long), buckets=4)  # no padding: one unmasked call
+    assert calls == ["unpadded"]
+    calls.clear()
+    out = run_by_length(run, hidden, _right_padded([5, 2, 5, 2], 6), buckets=2)  # groups of one length each
+    assert calls == ["unpadded", "unpadded"] and torch.equal(out, hidden * _right_padded([5, 2, 5, 2], 6)[..., None])
     calls.clear()
     out = run_by_length(run, hidden, mask.float(), buckets=2)  # a float 1/0 mask works as well
     assert sorted(calls) == [2, 6] and torch.equal(out, hidden * mask[..., None])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_groups_without_padding_take_sdpa_unmasked_or_is_causal(causal, monkeypatch):
+    import torch.nn.functional as F
+
+    from vlzoo.layers import transformer
+
+    seen, sdpa = [], F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False):
+        seen.append((attn_mask is None, is_causal))
+        return sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal)
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                     max_position_embeddings=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    encoder = BertTextEncoder(cfg).eval()
+    mask = _right_padded([4, 2, 4, 2], 4)
+    ids = torch.randint(1, 50, (4, 4)) * mask
+    padded = encoder(ids, mask, causal=causal).tokens
+    encoder.length_buckets = 2
+    monkeypatch.setattr(transformer.F, "scaled_dot_product_attention", spy)
+    got = encoder(ids, mask, causal=causal).tokens
+    assert seen == [(True, causal)] * 4  # 2 groups x 2 layers, none with a materialised mask
+    assert (got - padded)[mask.bool()].abs().max() <= 1e-5
 
 
 def test_length_buckets_are_refused_under_sharding():

@@ -10,7 +10,13 @@ from tiny_configs import tiny_blip2_config, tiny_momentum_config
 from torch.utils.flop_counter import FlopCounterMode
 
 from vlzoo.config import BLIPConfig
-from vlzoo.layers.transformer import BertConfig, DecodeCache, TransformerStack, causal_mask, decode_mask
+from vlzoo.layers.transformer import (
+    BertConfig,
+    DecodeCache,
+    TransformerStack,
+    causal_mask,
+    decode_mask,
+)
 from vlzoo.models.builders import build_blip, build_blip2, build_blip_vqa_model
 from vlzoo.models.generation import CachedNextLogits, GenerationConfig
 

@@ -43,6 +43,12 @@ def _activation(name: str) -> nn.Module:
     return {"gelu": nn.GELU(), "gelu_new": nn.GELU(approximate="tanh"), "relu": nn.ReLU()}[name]
 
 
+CAUSAL = "causal"
+"""A self-attention mask meaning "causal, no padding": SDPA's ``is_causal``."""
+Mask = Tensor | str | None
+"""An attention mask: a boolean tensor, :data:`CAUSAL`, or None (every key)."""
+
+
 class MultiHeadAttention(nn.Module):
     """Query/key/value projections and SDPA; ``key_width`` differs for cross-attention."""
 
@@ -62,11 +68,13 @@ class MultiHeadAttention(nn.Module):
         return x.view(b, n, self.heads, -1).transpose(1, 2)
 
     def forward(
-        self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None,
+        self, x: Tensor, context: Tensor | None = None, mask: Mask = None,
         cache: AttentionCache | None = None,
     ) -> Tensor:
         """x: (B, Lq, D); context: (B, Lk, Dk) or None for self-attention;
-        mask: boolean (B, 1|H, Lq, Lk), True where attention is allowed, or None (all keys).
+        mask: boolean (B, 1|H, Lq, Lk), True where attention is allowed; None: every key;
+        :data:`CAUSAL`: causal self-attention without padding (both let SDPA pick its
+        fused kernels, which a materialised mask rules out on GPU).
         ``cache`` (incremental decoding): self-attention appends this call's keys/values to
         it and attends to all of them; cross-attention projects ``context`` on the first
         call only. Returns (B, Lq, D)."""
@@ -81,7 +89,9 @@ class MultiHeadAttention(nn.Module):
                 cache.key, cache.value = k, v
         q = self._split(self.query(x))
         p = self.dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        causal = isinstance(mask, str)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask, dropout_p=p,
+                                             is_causal=causal)
         b, h, n, d = out.shape
         return out.transpose(1, 2).reshape(b, n, h * d)
 
@@ -109,7 +119,7 @@ class AttentionSublayer(nn.Module):
         self.output = ResidualOutput(width, width, cfg.layer_norm_eps, cfg.hidden_dropout_prob)
 
     def forward(
-        self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None,
+        self, x: Tensor, context: Tensor | None = None, mask: Mask = None,
         cache: AttentionCache | None = None,
     ) -> Tensor:
         return self.output(self.self(x, context, mask, cache), x)
@@ -150,7 +160,7 @@ class TransformerBlock(nn.Module):
     def forward(
         self,
         x: Tensor,
-        mask: Tensor | None = None,
+        mask: Mask = None,
         context: Tensor | None = None,
         context_mask: Tensor | None = None,
         query_length: int = 0,
@@ -201,7 +211,7 @@ class TransformerStack(nn.Module):
     def forward(
         self,
         x: Tensor,
-        mask: Tensor | None = None,
+        mask: Mask = None,
         context: Tensor | None = None,
         context_mask: Tensor | None = None,
         layers: slice = slice(None),
@@ -256,11 +266,14 @@ class DecodeCache:
             cross_cache.select(index)
 
 
-def decode_mask(new: int, seen: int, device: torch.device | None = None) -> Tensor | None:
+def decode_mask(new: int, seen: int, device: torch.device | None = None) -> Mask:
     """Causal self-attention mask (1, 1, new, seen + new) of ``new`` tokens after ``seen``
-    cached ones; None for a single token, which sees every key (SDPA's unmasked path)."""
+    cached ones; None for a single token, which sees every key; :data:`CAUSAL` with nothing
+    cached."""
     if new == 1:
         return None
+    if seen == 0:
+        return CAUSAL
     return torch.ones(new, seen + new, dtype=torch.bool, device=device).tril(seen)[None, None]
 
 
@@ -313,9 +326,9 @@ def init_bert_weights(module: nn.Module, std: float = 0.02) -> None:
 
 
 # ------------------------------------------------------------------------ length buckets
-RowsRun = Callable[[Tensor, Tensor, "Tensor | None", "Tensor | None"], Tensor]
-"""run(hidden (b, l, D), attention_mask (b, l), context (b, N, Dc) or None,
-context_mask (b, 1, 1, N) or None) -> (b, l, D'): a per-sequence pass."""
+RowsRun = Callable[[Tensor, "Tensor | None", "Tensor | None", "Tensor | None"], Tensor]
+"""run(hidden (b, l, D), attention_mask (b, l) or None (no padding), context (b, N, Dc)
+or None, context_mask (b, 1, 1, N) or None) -> (b, l, D'): a per-sequence pass."""
 
 
 def run_by_length(
@@ -333,7 +346,9 @@ def run_by_length(
 
     hidden: (B, L, D); attention_mask: (B, L), 1 for the text, 0 for the padding after it;
     context, context_mask: per row, or None. Returns (B, L, D'); positions after a
-    group's longest text are zeros (the padded call leaves unused values there).
+    group's longest text are zeros (the padded call leaves unused values there). A group
+    whose texts are all of one length is run with ``attention_mask`` None (no padding: the
+    callee can leave attention unmasked).
     Reads the B lengths on the host (one synchronisation on a GPU); ``buckets`` 1, a
     mask that is not right padding, or equal lengths: one call.
     """
@@ -347,11 +362,12 @@ def run_by_length(
     order = lengths.argsort(stable=True)
     host = torch.cat([lengths[order], right_padded.long()[None]]).tolist()  # one read: sorted lengths, the check
     if not host[-1] or host[0] == host[b - 1]:
-        return run(hidden, attention_mask, context, context_mask)
+        return run(hidden, None if host[-1] and host[0] == length else attention_mask, context, context_mask)
     parts, start = [], 0
     for size in _bucket_sizes(b, buckets):
         rows, top = order[start:start + size], max(host[start + size - 1], 1)
-        part = run(hidden[rows, :top], attention_mask[rows, :top],
+        unpadded = host[start] == top
+        part = run(hidden[rows, :top], None if unpadded else attention_mask[rows, :top],
                    None if context is None else context[rows], None if context_mask is None else context_mask[rows])
         parts.append(F.pad(part, (0, 0, 0, length - top)))
         start += size
@@ -367,9 +383,10 @@ def _bucket_sizes(rows: int, buckets: int) -> list[int]:
 # ------------------------------------------------------------------------ mask builders
 
 
-def padding_mask(attention_mask: Tensor) -> Tensor:
-    """(B, L) 1/0 -> (B, 1, 1, L) bool: every query may attend to every real key."""
-    return attention_mask.bool()[:, None, None, :]
+def padding_mask(attention_mask: Tensor | None) -> Tensor | None:
+    """(B, L) 1/0 -> (B, 1, 1, L) bool: every query may attend to every real key
+    (None, no padding: None)."""
+    return None if attention_mask is None else attention_mask.bool()[:, None, None, :]
 
 
 def causal_mask(length: int, device: torch.device | None = None) -> Tensor:
@@ -377,8 +394,10 @@ def causal_mask(length: int, device: torch.device | None = None) -> Tensor:
     return torch.ones(length, length, dtype=torch.bool, device=device).tril()[None, None]
 
 
-def causal_padding_mask(attention_mask: Tensor) -> Tensor:
-    """(B, L) -> (B, 1, L, L): causal and padding combined."""
+def causal_padding_mask(attention_mask: Tensor | None) -> Mask:
+    """(B, L) -> (B, 1, L, L): causal and padding combined (None, no padding: :data:`CAUSAL`)."""
+    if attention_mask is None:
+        return CAUSAL
     return causal_mask(attention_mask.shape[1], attention_mask.device) & padding_mask(attention_mask)
 
 

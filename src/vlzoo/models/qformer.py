@@ -95,8 +95,11 @@ class QFormer(nn.Module):
             return QFormerOutput(x, None)
         x = self.embeddings(input_ids, prefix=queries)
 
-        def run(h: Tensor, keys: Tensor, context: Tensor | None, _context_mask: None) -> Tensor:
-            return self.encoder(h, qformer_mask(q, keys[:, q:], mask_kind), context, query_length=q)
+        def run(h: Tensor, keys: Tensor | None, context: Tensor | None, _context_mask: None) -> Tensor:
+            if keys is None and mask_kind == "bidirectional":  # no padding: every position sees every other
+                return self.encoder(h, None, context, query_length=q)
+            text = keys[:, q:] if keys is not None else h.new_ones(h.shape[0], h.shape[1] - q, dtype=torch.long)
+            return self.encoder(h, qformer_mask(q, text, mask_kind), context, query_length=q)
 
         keys = torch.cat([attention_mask.new_ones(attention_mask.shape[0], q), attention_mask], dim=1)  # (B, Q + L)
         x = run_by_length(run, x, keys, image_tokens, buckets=self.length_buckets)
