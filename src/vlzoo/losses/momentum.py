@@ -52,9 +52,8 @@ def sample_hard_negatives(similarity: Tensor, positive: Tensor, generator: torch
     whose every candidate is positive falls back to a uniform draw.
     """
     weights = F.softmax(similarity.float(), dim=1).masked_fill(positive, 0.0)
-    empty = weights.sum(1) <= 0
-    if empty.any():
-        weights[empty] = 1.0
+    empty = weights.sum(1, keepdim=True) <= 0  # (B, 1); no branch on it: no host read, no graph break
+    weights = torch.where(empty, torch.ones_like(weights), weights)
     return torch.multinomial(weights, 1, generator=generator).squeeze(1)
 
 
@@ -79,13 +78,14 @@ def mask_tokens(
     with labels = the original id at chosen positions and -100 elsewhere; (B, L) each."""
     device = input_ids.device
     candidates = attention_mask.bool() & ~torch.isin(input_ids, torch.tensor(special_ids, device=device))
-    draw = torch.rand(input_ids.shape, generator=generator, device=device)
-    chosen = candidates & (draw < probability)
+    # the generator keyword only when given: torch.compile cannot pass one with a dynamic text length
+    drawn = {"device": device} if generator is None else {"device": device, "generator": generator}
+    chosen = candidates & (torch.rand(input_ids.shape, **drawn) < probability)
     labels = input_ids.masked_fill(~chosen, IGNORE)
-    kind = torch.rand(input_ids.shape, generator=generator, device=device)
+    kind = torch.rand(input_ids.shape, **drawn)
     to_mask = chosen & (kind < 0.8)
     to_random = chosen & (kind >= 0.8) & (kind < 0.9)
-    random_ids = torch.randint(vocab_size, input_ids.shape, generator=generator, device=device)
+    random_ids = torch.randint(vocab_size, input_ids.shape, **drawn)
     masked = input_ids.masked_fill(to_mask, mask_id)
     masked = torch.where(to_random, random_ids, masked)
     return masked, labels
@@ -94,12 +94,14 @@ def mask_tokens(
 def distilled_mlm_loss(logits: Tensor, labels: Tensor, logits_m: Tensor | None, alpha: float) -> Tensor:
     """(1 - alpha) * CE(logits, labels) + alpha * CE(logits, softmax(logits_m)), the mean
     over the masked positions (labels != -100) of every rank (:func:`token_mean`).
-    logits, logits_m: (B, L, V); labels: (B, L)."""
-    chosen = labels != IGNORE
-    picked = logits[chosen].float()  # (M, V); M may be 0 on a rank (the sums are then 0, still in the graph)
-    loss = F.cross_entropy(picked, labels[chosen], reduction="sum")
+    logits, logits_m: (B, L, V); labels: (B, L). Every position is scored and the
+    unmasked ones weighted 0: no data-dependent shape (no host read, no graph break)."""
+    chosen = labels.reshape(-1) != IGNORE  # (B L,)
+    flat = logits.reshape(len(chosen), -1).float()  # (B L, V)
+    loss = F.cross_entropy(flat, labels.reshape(-1), ignore_index=IGNORE, reduction="sum")
     if logits_m is not None and alpha != 0:
-        distill = soft_cross_entropy(picked, F.softmax(logits_m[chosen].float(), dim=-1), reduction="sum")
+        targets = F.softmax(logits_m.reshape(len(chosen), -1).float(), dim=-1)
+        distill = (-(F.log_softmax(flat, dim=-1) * targets).sum(-1) * chosen).sum()
         loss = (1 - alpha) * loss + alpha * distill
     return token_mean(loss, chosen.sum())
 

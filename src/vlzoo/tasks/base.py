@@ -129,6 +129,13 @@ def gradients_finite(model: nn.Module) -> bool:
     return bool(flag.item() > 0)
 
 
+def compile_forward(model: nn.Module, compile: bool | str) -> None:
+    """``torch.compile`` ``model``'s forward in place (``nn.Module.compile``: parameter
+    names and checkpoints unchanged); ``compile`` True: the default backend, a string:
+    that backend."""
+    model.compile(**({} if compile is True else {"backend": compile}))
+
+
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
     """Learning-rate multiplier: linear warm-up to 1, cosine decay to ``min_ratio``."""
     if step < warmup:
@@ -285,9 +292,11 @@ class VLTask(L.LightningModule):
 
     def on_train_start(self) -> None:
         """A resumed run's optimizer state came with the saved ``fused`` flag: apply this
-        run's choice again."""
+        run's choice again. ``optim.compile``: compile the model's forward."""
         for optimizer in self.trainer.optimizers:
             set_fused(optimizer, self._fused_adamw(optimizer.param_groups))
+        if self.optim.compile:
+            compile_forward(self.model, self.optim.compile)
 
     def configure_callbacks(self):
         """RNG states, preemption, run statistics, skipped-sample counts, and a
