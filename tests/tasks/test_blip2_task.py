@@ -84,6 +84,17 @@ def test_frozen_feature_cache_gives_the_same_training(tmp_path):
     assert cache.misses == 128 and cache.hits == 128  # second epoch read entirely from the cache
 
 
+def test_the_cache_looks_up_host_ids_taken_before_the_batch_moves(tmp_path, monkeypatch):
+    from vlzoo.tasks.blip2 import FrozenFeatureCache
+
+    looked_up = []
+    get = FrozenFeatureCache.get
+    monkeypatch.setattr(FrozenFeatureCache, "get", lambda self, ids, *a: looked_up.append(ids) or get(self, ids, *a))
+    L.seed_everything(0)
+    trainer(tmp_path, 3, limit_val_batches=0).fit(stage1_task(cache_image_features=True), datamodule=data())
+    assert len(looked_up) == 3 and all(isinstance(ids, list) and len(ids) == 16 for ids in looked_up)
+
+
 def test_cache_refuses_random_augmentation(tmp_path):
     module = data()
     module.random_augmentation = True

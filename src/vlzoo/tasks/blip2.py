@@ -4,6 +4,7 @@ with an optional cache of the frozen encoder's outputs."""
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -55,9 +56,11 @@ class FrozenFeatureCache:
         self.features: dict[int, Tensor] = {}
         self.hits = self.misses = 0
 
-    def get(self, index: Tensor, pixel_values: Tensor, encode) -> Tensor:
-        """(B,) ids, (B, 3, H, W) images -> (B, N, Dv), encoding only the ids not cached."""
-        ids = index.tolist()
+    def get(self, index: Tensor | list[int], pixel_values: Tensor, encode) -> Tensor:
+        """(B,) ids, (B, 3, H, W) images -> (B, N, Dv), encoding only the ids not cached.
+        Give the ids as a host list (:attr:`HOST_IDS` of the batch) to read nothing back
+        from the device; only a batch with a miss then waits for its encoding."""
+        ids = index if isinstance(index, list) else index.tolist()
         missing = [i for i, sample in enumerate(ids) if sample not in self.features]
         if missing:
             encoded = encode(pixel_values[missing]).cpu()
@@ -65,7 +68,10 @@ class FrozenFeatureCache:
                 self.features[ids[i]] = encoded[row]
         self.misses += len(missing)
         self.hits += len(ids) - len(missing)
-        return torch.stack([self.features[i] for i in ids]).to(pixel_values.device)
+        return torch.stack([self.features[i] for i in ids]).to(pixel_values.device, non_blocking=True)
+
+    HOST_IDS = "index_ids"
+    """The batch key of the sample ids as a host list, taken before the batch moves to the device."""
 
 
 class FrozenFeaturesMixin:
@@ -80,11 +86,20 @@ class FrozenFeaturesMixin:
             raise ValueError("model.cache_image_features needs deterministic preprocessing; "
                              "the data module applies random augmentation")
 
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """With the cache: the sample ids as a host list too, so a step looks them up
+        without reading the device."""
+        batch = super().on_before_batch_transfer(batch, dataloader_idx)
+        if self.feature_cache is not None and isinstance(batch, dict) and "index" in batch:
+            batch[FrozenFeatureCache.HOST_IDS] = batch["index"].tolist()
+        return batch
+
     def frozen_tokens(self, batch: dict[str, Tensor]) -> Tensor:
         """(B, N, Dv) frozen encoder outputs of the batch, from the cache when enabled."""
         if self.feature_cache is None:
             return self.model.vision(batch["pixel_values"])
-        return self.feature_cache.get(batch["index"], batch["pixel_values"], self.model.vision)
+        ids = batch.get(FrozenFeatureCache.HOST_IDS, batch["index"])
+        return self.feature_cache.get(ids, batch["pixel_values"], self.model.vision)
 
 
 class BLIP2Task(FrozenFeaturesMixin, CaptionEvalMixin, TwoStageRetrievalTask):
