@@ -15,13 +15,15 @@ weights and read the same token ids.
 - ``caption``: captioning inference, beam search (3 beams, 20 new tokens, at least 5):
   image tower, then the decoder with its key/value cache on both sides (vlzoo's
   ``generate``, transformers' ``generate``); ``tokens_equal`` says whether both produced
-  the same captions.
+  the same captions. A third side, vlzoo re-running the whole sequence each step
+  (``use_cache=False``), gives ``cache_speedup`` (same tokens, ``cache_tokens_equal``).
 
     python benchmarks/bench_blip.py --json /tmp/blip.json [--quick]
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -146,7 +148,11 @@ def caption_sides(hf, ours, x: dict[str, torch.Tensor]) -> dict[str, Any]:
         return hf.generate(pixel_values=pixels, max_new_tokens=BEAM.max_length, min_new_tokens=BEAM.min_length,
                            num_beams=BEAM.num_beams, do_sample=False, early_stopping=BEAM.early_stopping)[:, 1:]
 
-    return {"vlzoo": vlzoo, "transformers": peer}
+    @torch.no_grad()
+    def vlzoo_no_cache() -> torch.Tensor:
+        return ours.generate(pixels, prefix, dataclasses.replace(BEAM, use_cache=False))
+
+    return {"vlzoo": vlzoo, "transformers": peer, "vlzoo_no_cache": vlzoo_no_cache}
 
 
 SIDES = {"itm": itm_sides, "lm": lm_sides, "caption": caption_sides}
@@ -168,8 +174,10 @@ def run(task: str, size: str, batch: int, repeats: int) -> dict[str, Any]:
     result.update(task=task, size=size, batch=batch, text_tokens=x["input_ids"].shape[1],
                   parameter_mib=parameter_mib(hf), output_max_abs_diff=(a - b).abs().max().item())
     if task == "caption":
-        ours_tokens, peer_tokens = sides["vlzoo"](), sides["transformers"]()
+        ours_tokens, peer_tokens, rerun_tokens = (sides[s]() for s in ("vlzoo", "transformers", "vlzoo_no_cache"))
         result["tokens_equal"] = ours_tokens.shape == peer_tokens.shape and bool((ours_tokens == peer_tokens).all())
+        result["cache_tokens_equal"] = torch.equal(ours_tokens, rerun_tokens)
+        result["cache_speedup"] = result["vlzoo_no_cache"]["median_s"] / result["vlzoo"]["median_s"]
     return result
 
 
