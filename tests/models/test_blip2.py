@@ -74,6 +74,23 @@ def test_frozen_encoder_in_bf16_and_qformer_in_fp32():
         build_resolved_blip2(tiny_config(frozen_precision="int4"))
 
 
+def test_under_bf16_autocast_the_qformer_runs_in_fp32():
+    torch.manual_seed(0)
+    model, tok, _ = build_resolved_blip2(tiny_config())
+    model.eval()
+    images, ids, mask, _ = batch(tok, 2)
+    tokens = model.image_tokens(images)
+    fp32 = model.qformer(tokens, ids, mask, "bidirectional")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = model.qformer(tokens.bfloat16(), ids, mask, "bidirectional")
+        assert model.itm_head(mixed.queries).dtype == torch.bfloat16  # what follows it still autocasts
+    assert mixed.queries.dtype == mixed.text.dtype == torch.float32
+    torch.testing.assert_close(mixed.queries, fp32.queries, rtol=1e-2, atol=1e-2)  # inputs rounded to bf16 only
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        exact = model.qformer(tokens, ids, mask, "bidirectional")
+    torch.testing.assert_close(exact.queries, fp32.queries, rtol=0, atol=0)
+
+
 def test_qformer_only_captioning_after_stage1():
     torch.manual_seed(0)
     model, tok, _ = build_resolved_blip2(tiny_config())

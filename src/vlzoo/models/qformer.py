@@ -12,9 +12,12 @@ Parameter names follow BERT/LAVIS (``embeddings.*``, ``encoder.layer.{i}.*``,
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -40,6 +43,24 @@ class QFormerOutput:
 
     queries: Tensor | None
     text: Tensor | None
+
+
+def in_float32(method: Callable) -> Callable:
+    """Run a module method in float32 even under autocast (bf16/fp16 mixed precision):
+    autocast off inside, floating tensor arguments cast to float32. BLIP-2 keeps its
+    Q-Former in fp32 (an fp16 Q-Former overflows) while the rest may run in bf16."""
+
+    @functools.wraps(method)
+    def wrapper(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        device = next(self.parameters()).device.type
+        if not torch.is_autocast_enabled(device):
+            return method(self, *args, **kwargs)
+        cast = [a.float() if isinstance(a, Tensor) and a.is_floating_point() else a for a in args]
+        named = {k: v.float() if isinstance(v, Tensor) and v.is_floating_point() else v for k, v in kwargs.items()}
+        with torch.autocast(device, enabled=False):
+            return method(self, *cast, **named)
+
+    return wrapper
 
 
 class QFormer(nn.Module):
@@ -71,6 +92,7 @@ class QFormer(nn.Module):
     def width(self) -> int:
         return self.config.hidden_size
 
+    @in_float32
     def forward(
         self,
         image_tokens: Tensor | None = None,
@@ -105,6 +127,7 @@ class QFormer(nn.Module):
         x = run_by_length(run, x, keys, image_tokens, buckets=self.length_buckets)
         return QFormerOutput(x[:, :q], x[:, q:])
 
+    @in_float32
     def decode_step(self, image_tokens: Tensor, input_ids: Tensor, cache: DecodeCache, seen: int) -> Tensor:
         """ITG decoding with a key/value cache: text ids (R, t) after the ``seen`` text tokens
         ``cache`` holds -> text states (R, t, D). The first call (``seen`` 0) runs the queries
