@@ -54,12 +54,17 @@ def test_itc_is_cross_entropy_over_max_query_similarity():
     torch.testing.assert_close(sim_t2i, logits.T)
 
 
-def test_itm_score_is_the_mean_over_queries():
+def _eval_model_and_pairs():
+    """A tiny BLIP-2 in eval mode, two captions (ids, mask) and their images' tokens."""
     torch.manual_seed(0)
     model, tok, _ = build_resolved_blip2(tiny_config())
     model.eval()
     images, ids, mask, _ = batch(tok, 2)
-    tokens = model.image_tokens(images)
+    return model, ids, mask, model.image_tokens(images)
+
+
+def test_itm_score_is_the_mean_over_queries():
+    model, ids, mask, tokens = _eval_model_and_pairs()
     queries = model.qformer(tokens, ids, mask, "bidirectional").queries
     torch.testing.assert_close(model.itm_logits(ids, mask, tokens), model.itm_head(queries).mean(1))
 
@@ -75,11 +80,7 @@ def test_frozen_encoder_in_bf16_and_qformer_in_fp32():
 
 
 def test_under_bf16_autocast_the_qformer_runs_in_fp32():
-    torch.manual_seed(0)
-    model, tok, _ = build_resolved_blip2(tiny_config())
-    model.eval()
-    images, ids, mask, _ = batch(tok, 2)
-    tokens = model.image_tokens(images)
+    model, ids, mask, tokens = _eval_model_and_pairs()
     fp32 = model.qformer(tokens, ids, mask, "bidirectional")
     with torch.autocast("cpu", dtype=torch.bfloat16):
         mixed = model.qformer(tokens.bfloat16(), ids, mask, "bidirectional")
