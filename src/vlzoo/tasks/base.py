@@ -119,14 +119,28 @@ class NonFiniteTrainingError(RuntimeError):
     """Too many optimizer steps in a row had non-finite gradients."""
 
 
-def gradients_finite(model: nn.Module) -> bool:
-    """Whether every gradient is finite, on every rank (all ranks agree, so all skip together)."""
+def all_gradients_finite(model: nn.Module) -> Tensor:
+    """0-d bool tensor on the gradients' device: every gradient finite, on every rank (all
+    ranks agree, so all skip together). Reads nothing back to the host."""
     grads = [local_tensor(p.grad) for p in model.parameters() if p.grad is not None]  # FSDP: this rank's shard
     finite = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else torch.tensor(True)
     flag = finite.float().reshape(1)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-    return bool(flag.item() > 0)
+    return flag[0] > 0
+
+
+def gradients_finite(model: nn.Module) -> bool:
+    """:func:`all_gradients_finite` read on the host."""
+    return bool(all_gradients_finite(model))
+
+
+def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` can skip a step on the device: torch's fused Adam/AdamW kernel
+    takes a ``found_inf`` flag (as the fp16 grad scaler uses it) and leaves the parameters,
+    moments and step counts alone where it is 1."""
+    return isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW) and all(
+        g.get("fused") for g in optimizer.param_groups)
 
 
 def compile_forward(model: nn.Module, compile: bool | str) -> None:
@@ -164,8 +178,9 @@ class VLTask(L.LightningModule):
 
     def __init__(self, optim: OptimConfig, eval: EvalConfig, finetune: FinetuneConfig | None = None):
         super().__init__()
-        self.optim = optim
-        self.eval_config = eval
+        # copies: the signatures' default configs are shared objects, and a task may change its own
+        self.optim = dataclasses.replace(optim) if dataclasses.is_dataclass(optim) else optim
+        self.eval_config = dataclasses.replace(eval) if dataclasses.is_dataclass(eval) else eval
         self.finetune = as_config(finetune or FinetuneConfig(), FinetuneConfig, "finetune")
         self._finetune_ready = False
         self._weights_loaded = False
@@ -174,8 +189,12 @@ class VLTask(L.LightningModule):
         self._evaluator: Evaluator | None = None
         self._skipped_steps = 0
         self._nonfinite_in_a_row = 0
+        self._skips_on_device: Tensor | None = None  # skips not yet read (fused AdamW skips on the device)
+        self._in_a_row_on_device: Tensor | None = None
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self._skips_on_device is not None:
+            self._read_skips()
         cls = type(self)
         checkpoint["vlzoo_task"] = f"{cls.__module__}.{cls.__qualname__}"
         checkpoint["vlzoo_skipped_steps"] = [self._skipped_steps, self._nonfinite_in_a_row]
@@ -319,6 +338,10 @@ class VLTask(L.LightningModule):
             self.after_optimizer_step()
             return
         loss = optimizer_closure() if optimizer_closure is not None else None
+        raw = getattr(optimizer, "optimizer", optimizer)  # under Lightning's wrapper
+        if skips_on_device(raw):
+            self._step_or_skip_on_device(optimizer, raw, loss)
+            return
         if gradients_finite(self.model):
             self._nonfinite_in_a_row = 0
             optimizer.step(closure=lambda: loss)
@@ -328,14 +351,57 @@ class VLTask(L.LightningModule):
             self.skip_optimizer_step()
         self.log("train/skipped_steps", float(self._skipped_steps))
 
+    def _step_or_skip_on_device(self, optimizer, raw: torch.optim.Optimizer, loss: Tensor | None) -> None:
+        """The fused kernel's step, skipped on the device where a gradient is not finite,
+        and what follows it (:meth:`after_optimizer_step` with ``applied``) masked alike: no
+        host read in the step. The skips are counted on the device and read every
+        :meth:`nonfinite_check_interval` steps (each step on a CPU, where reading costs nothing)."""
+        finite = all_gradients_finite(self.model)
+        raw.found_inf = (~finite).float()
+        try:
+            optimizer.step(closure=lambda: loss)
+        finally:
+            raw.found_inf = None
+        self.after_optimizer_step(applied=finite)
+        skipped = (~finite).long()
+        self._skips_on_device = skipped if self._skips_on_device is None else self._skips_on_device + skipped
+        in_a_row = torch.as_tensor(self._nonfinite_in_a_row, device=skipped.device) if self._in_a_row_on_device \
+            is None else self._in_a_row_on_device
+        self._in_a_row_on_device = (in_a_row + 1) * skipped
+        if (self.global_step + 1) % self.nonfinite_check_interval() == 0:
+            self._read_skips()
+        pending = self._skips_on_device
+        self.log("train/skipped_steps", float(self._skipped_steps) if pending is None else pending + self._skipped_steps)
+
+    def nonfinite_check_interval(self) -> int:
+        """Steps between host reads of the on-device skip counters: 1 on a CPU, Lightning's
+        ``log_every_n_steps`` on an accelerator."""
+        on_cpu = self.device.type == "cpu"
+        return 1 if on_cpu or self._trainer is None else max(1, self.trainer.log_every_n_steps)
+
+    def _read_skips(self) -> None:
+        """Fold the on-device skip counters into the host ones; report and stop as
+        :meth:`skip_optimizer_step` does."""
+        skipped, in_a_row = (int(t) for t in (self._skips_on_device, self._in_a_row_on_device))
+        self._skips_on_device = self._in_a_row_on_device = None
+        self._skipped_steps += skipped
+        self._nonfinite_in_a_row = in_a_row
+        if skipped:
+            print(f"vlzoo: step {self.global_step}: non-finite gradients, {skipped} optimizer step(s) skipped "
+                  f"({in_a_row} in a row, {self._skipped_steps} in all)", flush=True)
+        self._stop_if_persistent()
+
     def skip_optimizer_step(self) -> None:
         """Bookkeeping of a skipped step; subclasses also drop what the step would have
         applied (e.g. features waiting to be enqueued)."""
         self._skipped_steps += 1
         self._nonfinite_in_a_row += 1
-        limit = self.optim.max_nonfinite_steps
         print(f"vlzoo: step {self.global_step}: non-finite gradients, optimizer step skipped "
               f"({self._nonfinite_in_a_row} in a row, {self._skipped_steps} in all)", flush=True)
+        self._stop_if_persistent()
+
+    def _stop_if_persistent(self) -> None:
+        limit = self.optim.max_nonfinite_steps
         if self._nonfinite_in_a_row >= limit:
             path = Path(self.trainer.default_root_dir) / "checkpoints" / f"nonfinite-step{self.global_step}.ckpt"
             self.trainer.save_checkpoint(path)
@@ -344,8 +410,10 @@ class VLTask(L.LightningModule):
                 f"optim.max_nonfinite_steps={limit}). Saved {path}. Lower the learning rate, use bf16 rather "
                 "than fp16, or check the data.")
 
-    def after_optimizer_step(self) -> None:
-        """Clamps, EMA updates, enqueues: what must follow each optimizer step."""
+    def after_optimizer_step(self, applied: Tensor | None = None) -> None:
+        """Clamps, EMA updates, enqueues: what must follow each optimizer step.
+        ``applied``: 0-d bool, whether the step was taken (a step skipped on the device,
+        whose followers must change nothing where it is False); None: it was."""
 
     # -------------------------------------------------------------------- evaluation
     def embed_images(self, pixel_values: Tensor) -> Tensor:

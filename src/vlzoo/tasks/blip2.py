@@ -137,7 +137,7 @@ class BLIP2Task(FrozenFeaturesMixin, CaptionEvalMixin, TwoStageRetrievalTask):
         self.log("train/temperature", self.model.temp.detach())
         return loss
 
-    def after_optimizer_step(self) -> None:
+    def after_optimizer_step(self, applied: Tensor | None = None) -> None:  # a skipped step: clamping changes nothing
         self.model.clamp_temperature()
 
     @torch.no_grad()

@@ -41,7 +41,7 @@ class CLIPTask(VLTask):
         self.log("train/logit_scale", out.logit_scale.detach())
         return loss
 
-    def after_optimizer_step(self) -> None:
+    def after_optimizer_step(self, applied: Tensor | None = None) -> None:  # a skipped step: clamping changes nothing
         self.model.clamp_logit_scale()
 
     def embed_images(self, pixel_values: Tensor) -> Tensor:

@@ -116,11 +116,11 @@ class MomentumTask(TwoStageRetrievalTask):
         self._pending.clear()  # features of a step that was not taken (maybe NaN) never reach the queue
         super().skip_optimizer_step()
 
-    def after_optimizer_step(self) -> None:
+    def after_optimizer_step(self, applied: Tensor | None = None) -> None:
         self.model.clamp_temperature()
-        self.model.momentum_update()
+        self.model.momentum_update(applied)
         for image_feat, text_feat, index in self._pending:  # every micro-batch of this step
-            self.model.enqueue(image_feat, text_feat, index)
+            self.model.enqueue(image_feat, text_feat, index, applied)
         self._pending.clear()
 
 
