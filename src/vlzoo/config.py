@@ -224,7 +224,7 @@ class OptimConfig:
     max_nonfinite_steps: int = 10  # consecutive steps with non-finite gradients skipped before the run stops
     fused: bool | None = None  # AdamW's fused kernel; None: where torch has one for the parameters (plain
                                # tensors on CPU or CUDA; FSDP2's sharded DTensors keep the foreach kernel)
-    compile: bool | str = False  # torch.compile the model's forward (every training loss) in place, keys unchanged;
+    compile: bool | str = False  # torch.compile what training_step calls on the model, in place, keys unchanged;
                                  # true: the default backend (inductor), a string: that backend. The first steps
                                  # (and each new text length) compile; no family's step breaks the graph
 

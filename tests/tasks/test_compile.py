@@ -59,9 +59,10 @@ def test_every_family_step_compiles_to_one_graph_with_the_eager_result(family):
             torch.testing.assert_close(grad, eager_grads[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_the_compile_option_compiles_the_forward_and_keeps_checkpoint_keys(tmp_path):
+@pytest.mark.parametrize("family", ["albef", "blip2"])  # BLIP-2 trains through forward_frozen, not forward
+def test_the_compile_option_compiles_what_training_calls_and_keeps_checkpoint_keys(tmp_path, family):
     L.seed_everything(0)
-    task = tiny_task("albef")
+    task = tiny_task(family)
     keys = set(task.state_dict())
     task.optim.compile = "aot_eager"
     trainer = L.Trainer(max_steps=3, accelerator="cpu", devices=1, logger=False, limit_val_batches=0,
@@ -69,6 +70,8 @@ def test_the_compile_option_compiles_the_forward_and_keeps_checkpoint_keys(tmp_p
                         default_root_dir=str(tmp_path))
     data = VLDataModule(shapes=ShapesConfig(image_size=16, train_size=32, val_size=8, test_size=8), batch_size=8)
     trainer.fit(task, data)
-    assert task.model._compiled_call_impl is not None
+    for name in task.training_methods:
+        compiled = task.model._compiled_call_impl if name == "forward" else vars(task.model).get(name)
+        assert compiled is not None and hasattr(compiled, "_torchdynamo_orig_callable"), name
     assert set(task.state_dict()) == keys
     assert torch.isfinite(trainer.callback_metrics["train/loss"])

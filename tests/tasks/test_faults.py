@@ -97,8 +97,19 @@ def test_a_step_skipped_on_the_device_reads_nothing_and_the_count_comes_later(tm
 
     monkeypatch.setattr(type(task), "_step_or_skip_on_device", watched)
     _trainer(tmp_path, max_steps=6).fit(task, _data())
-    assert reads[:3] == [0, 0, 0] and reads[3] > 0  # the 4th step reads the counters
+    assert reads[:3] == [0, 0, 0]  # no host read until the 4th step reads the counters
     assert counted == [0, 0, 0, 2, 2, 2]
+
+
+def test_a_run_of_skips_between_two_reads_still_stops_the_run(tmp_path, monkeypatch):
+    L.seed_everything(0)
+    task = _poisoned(tiny_task("clip"), bad_batches={1, 2, 3})  # then finite again before the read
+    task.optim.max_nonfinite_steps = 3
+    monkeypatch.setattr(type(task), "nonfinite_check_interval", lambda self: 6)
+    with pytest.raises(NonFiniteTrainingError, match="3 optimizer steps in a row"):
+        _trainer(tmp_path, max_steps=20).fit(task, _data())
+    saved = list((tmp_path / "checkpoints").glob("nonfinite-step*.ckpt"))
+    assert [p.name for p in saved] == ["nonfinite-step5.ckpt"]  # found at the read after step 5
 
 
 def test_persistent_nan_stops_with_a_checkpoint(tmp_path):

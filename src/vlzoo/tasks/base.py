@@ -143,11 +143,39 @@ def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
         g.get("fused") for g in optimizer.param_groups)
 
 
-def compile_forward(model: nn.Module, compile: bool | str) -> None:
-    """``torch.compile`` ``model``'s forward in place (``nn.Module.compile``: parameter
-    names and checkpoints unchanged); ``compile`` True: the default backend, a string:
-    that backend."""
-    model.compile(**({} if compile is True else {"backend": compile}))
+def compile_methods(model: nn.Module, names: tuple[str, ...], compile: bool | str) -> None:
+    """``torch.compile`` the methods ``names`` of ``model`` in place (``forward`` through
+    ``nn.Module.compile``, others as compiled bound methods): parameter names and
+    checkpoints unchanged. ``compile`` True: the default backend, a string: that backend."""
+    options = {} if compile is True else {"backend": compile}
+    for name in names:
+        if name == "forward":
+            model.compile(**options)
+        else:
+            setattr(model, name, torch.compile(getattr(model, name), **options))
+
+
+class DeviceSkipCounter:
+    """Optimizer steps skipped on the device since the last host read, kept as device
+    tensors: all skipped, the current run in a row (continuing ``in_a_row`` from the host)
+    and the longest run. :meth:`add` reads nothing; :meth:`read` is the one host read."""
+
+    def __init__(self, in_a_row: int, device: torch.device):
+        self.skipped = torch.zeros((), dtype=torch.long, device=device)
+        self.in_a_row = torch.full((), in_a_row, dtype=torch.long, device=device)
+        self.longest = self.in_a_row.clone()
+
+    def add(self, finite: Tensor) -> None:
+        """Count one step; ``finite`` (0-d bool) False: it was skipped."""
+        skipped = (~finite).long()
+        self.skipped = self.skipped + skipped
+        self.in_a_row = (self.in_a_row + 1) * skipped
+        self.longest = torch.maximum(self.longest, self.in_a_row)
+
+    def read(self) -> tuple[int, int, int]:
+        """(skipped, current run in a row, longest run) on the host."""
+        skipped, in_a_row, longest = torch.stack([self.skipped, self.in_a_row, self.longest]).tolist()
+        return skipped, in_a_row, longest
 
 
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -189,12 +217,11 @@ class VLTask(L.LightningModule):
         self._evaluator: Evaluator | None = None
         self._skipped_steps = 0
         self._nonfinite_in_a_row = 0
-        self._skips_on_device: Tensor | None = None  # skips not yet read (fused AdamW skips on the device)
-        self._in_a_row_on_device: Tensor | None = None
+        self._skips_on_device: DeviceSkipCounter | None = None  # not yet read (fused AdamW skips on the device)
+        self._unreported_skips = (0, 0)  # read but not yet reported: skips, longest run in a row
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self._skips_on_device is not None:
-            self._read_skips()
+        self._fold_skips()  # the counts travel in the checkpoint; reporting waits for the next check
         cls = type(self)
         checkpoint["vlzoo_task"] = f"{cls.__module__}.{cls.__qualname__}"
         checkpoint["vlzoo_skipped_steps"] = [self._skipped_steps, self._nonfinite_in_a_row]
@@ -264,6 +291,7 @@ class VLTask(L.LightningModule):
 
     # ------------------------------------------------------------------ sharding
     fsdp_keep_fp32: bool = False  # True: FSDP never casts the trainable units (BLIP-2's Q-Former)
+    training_methods: tuple[str, ...] = ("forward",)  # what training_step calls on self.model (optim.compile)
 
     def configure_model(self) -> None:
         """Fine-tuning structure and initial weights (``self.finetune``), then, under
@@ -315,7 +343,7 @@ class VLTask(L.LightningModule):
         for optimizer in self.trainer.optimizers:
             set_fused(optimizer, self._fused_adamw(optimizer.param_groups))
         if self.optim.compile:
-            compile_forward(self.model, self.optim.compile)
+            compile_methods(self.model, self.training_methods, self.optim.compile)
 
     def configure_callbacks(self):
         """RNG states, preemption, run statistics, skipped-sample counts, and a
@@ -363,15 +391,14 @@ class VLTask(L.LightningModule):
         finally:
             raw.found_inf = None
         self.after_optimizer_step(applied=finite)
-        skipped = (~finite).long()
-        self._skips_on_device = skipped if self._skips_on_device is None else self._skips_on_device + skipped
-        in_a_row = torch.as_tensor(self._nonfinite_in_a_row, device=skipped.device) if self._in_a_row_on_device \
-            is None else self._in_a_row_on_device
-        self._in_a_row_on_device = (in_a_row + 1) * skipped
+        if self._skips_on_device is None:
+            self._skips_on_device = DeviceSkipCounter(self._nonfinite_in_a_row, finite.device)
+        self._skips_on_device.add(finite)
         if (self.global_step + 1) % self.nonfinite_check_interval() == 0:
             self._read_skips()
         pending = self._skips_on_device
-        self.log("train/skipped_steps", float(self._skipped_steps) if pending is None else pending + self._skipped_steps)
+        self.log("train/skipped_steps", float(self._skipped_steps) if pending is None
+                 else (pending.skipped + self._skipped_steps).float())
 
     def nonfinite_check_interval(self) -> int:
         """Steps between host reads of the on-device skip counters: 1 on a CPU, Lightning's
@@ -379,17 +406,25 @@ class VLTask(L.LightningModule):
         on_cpu = self.device.type == "cpu"
         return 1 if on_cpu or self._trainer is None else max(1, self.trainer.log_every_n_steps)
 
-    def _read_skips(self) -> None:
-        """Fold the on-device skip counters into the host ones; report and stop as
-        :meth:`skip_optimizer_step` does."""
-        skipped, in_a_row = (int(t) for t in (self._skips_on_device, self._in_a_row_on_device))
-        self._skips_on_device = self._in_a_row_on_device = None
+    def _fold_skips(self) -> None:
+        """Move the on-device skip counts into the host counters (nothing reported yet)."""
+        if self._skips_on_device is None:
+            return
+        skipped, self._nonfinite_in_a_row, longest = self._skips_on_device.read()
+        self._skips_on_device = None
         self._skipped_steps += skipped
-        self._nonfinite_in_a_row = in_a_row
+        self._unreported_skips = (self._unreported_skips[0] + skipped, max(self._unreported_skips[1], longest))
+
+    def _read_skips(self) -> None:
+        """Fold the on-device skip counters; report, and stop as :meth:`skip_optimizer_step`
+        does when any run of skips since the last read reached the limit."""
+        self._fold_skips()
+        (skipped, longest), self._unreported_skips = self._unreported_skips, (0, 0)
         if skipped:
             print(f"vlzoo: step {self.global_step}: non-finite gradients, {skipped} optimizer step(s) skipped "
-                  f"({in_a_row} in a row, {self._skipped_steps} in all)", flush=True)
-        self._stop_if_persistent()
+                  f"(longest run {longest}, {self._nonfinite_in_a_row} in a row now, {self._skipped_steps} in all)",
+                  flush=True)
+        self._stop_if_persistent(longest)
 
     def skip_optimizer_step(self) -> None:
         """Bookkeeping of a skipped step; subclasses also drop what the step would have
@@ -400,9 +435,11 @@ class VLTask(L.LightningModule):
               f"({self._nonfinite_in_a_row} in a row, {self._skipped_steps} in all)", flush=True)
         self._stop_if_persistent()
 
-    def _stop_if_persistent(self) -> None:
+    def _stop_if_persistent(self, longest_run: int | None = None) -> None:
+        """Save and stop once ``optim.max_nonfinite_steps`` steps in a row were skipped
+        (``longest_run``: the longest such run since the last check, else the current one)."""
         limit = self.optim.max_nonfinite_steps
-        if self._nonfinite_in_a_row >= limit:
+        if max(self._nonfinite_in_a_row, longest_run or 0) >= limit:
             path = Path(self.trainer.default_root_dir) / "checkpoints" / f"nonfinite-step{self.global_step}.ckpt"
             self.trainer.save_checkpoint(path)
             raise NonFiniteTrainingError(

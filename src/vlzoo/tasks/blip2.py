@@ -108,6 +108,7 @@ class BLIP2Task(FrozenFeaturesMixin, CaptionEvalMixin, TwoStageRetrievalTask):
     (``bleu4``, ``cider``)."""
 
     family = "blip2"
+    training_methods = ("forward_frozen",)
 
     def __init__(
         self,

@@ -50,6 +50,7 @@ class BLIPVQATask(VLTask):
     (``generation``) and reports ``{stage}/vqa_acc`` and ``{stage}/vqa_majority_acc``."""
 
     family = "blip_vqa"
+    training_methods = ("answer_logits",)
 
     monitor = "val/vqa_acc"
     uses_qa = needs_qa = True
