@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from host_reads import HostReads
 
 from vlzoo.config import ALBEFConfig, BLIPConfig, TextConfig, VisionConfig
 from vlzoo.models import FeatureQueue
@@ -41,18 +41,6 @@ def test_queue_is_a_ring_of_buffers_and_checks_divisibility():
     with pytest.raises(ValueError, match="not divisible by the global batch 4"):
         queue.enqueue(torch.zeros(4, 2), torch.zeros(4, 2), torch.zeros(4, dtype=torch.long))
 
-
-class HostReads(TorchDispatchMode):
-    """Counts reads of a tensor's value into Python (``int(t)``, ``t.item()``): on a GPU
-    each is a host synchronisation."""
-
-    def __init__(self):
-        super().__init__()
-        self.reads = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.reads += func is torch.ops.aten._local_scalar_dense.default
-        return func(*args, **(kwargs or {}))
 
 
 def test_enqueue_and_ema_read_nothing_back_to_the_host():

@@ -12,6 +12,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from host_reads import HostReads
 from tiny_configs import tiny_task
 
 from vlzoo.data.datamodule import ShapesConfig, VLDataModule
@@ -68,18 +69,6 @@ def test_nan_steps_are_skipped_counted_and_leave_the_weights_alone(tmp_path, fam
         torch.testing.assert_close(value, snapshots.before[1][name], atol=0, rtol=0, msg=name)
     assert any(not torch.equal(v, snapshots.before[3][k]) for k, v in snapshots.after[3].items())
     assert all(torch.isfinite(v).all() for v in task.state_dict().values() if v.is_floating_point())
-
-
-class HostReads(torch.utils._python_dispatch.TorchDispatchMode):
-    """Counts reads of a tensor's value back to the host (``.item()``, ``bool()``, ``int()``)."""
-
-    def __init__(self):
-        super().__init__()
-        self.reads = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.reads += func is torch.ops.aten._local_scalar_dense.default
-        return func(*args, **(kwargs or {}))
 
 
 def test_a_step_skipped_on_the_device_reads_nothing_and_the_count_comes_later(tmp_path, monkeypatch):
