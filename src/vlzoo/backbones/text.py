@@ -18,7 +18,7 @@ from vlzoo.layers.transformer import (
     DecodeCache,
     TransformerStack,
     causal_padding_mask,
-    decode_mask,
+    decode_cached,
     init_bert_weights,
     padding_mask,
     run_by_length,
@@ -218,9 +218,7 @@ class BertTextEncoder(TextEncoder):
     ) -> Tensor:
         """Causal decoding with a key/value cache: ids (R, t) at positions ``seen`` ... after
         the ``seen`` tokens ``cache`` holds (all real) -> hidden states (R, t, D)."""
-        hidden = self.embeddings(input_ids, position_offset=seen)
-        mask = decode_mask(input_ids.shape[1], seen, input_ids.device)
-        return self.encoder(hidden, mask, context, context_mask, cache=cache)
+        return decode_cached(self.embeddings, self.encoder, input_ids, cache, seen, context, context_mask)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.encoder.grad_checkpointing = enable

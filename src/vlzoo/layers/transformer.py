@@ -266,6 +266,24 @@ class DecodeCache:
             cross_cache.select(index)
 
 
+def decode_cached(
+    embeddings: BertEmbeddings,
+    stack: TransformerStack,
+    input_ids: Tensor,
+    cache: DecodeCache,
+    seen: int,
+    context: Tensor | None = None,
+    context_mask: Tensor | None = None,
+    keys_before: int = 0,
+) -> Tensor:
+    """One incremental decoding call of ``stack``: text ids (R, t) at positions ``seen`` ...
+    after the ``seen`` text tokens (all real) and ``keys_before`` other keys (the Q-Former's
+    queries) whose keys and values ``cache`` holds -> hidden states (R, t, D)."""
+    hidden = embeddings(input_ids, position_offset=seen)
+    mask = decode_mask(input_ids.shape[1], keys_before + seen, input_ids.device)
+    return stack(hidden, mask, context, context_mask, cache=cache)
+
+
 def decode_mask(new: int, seen: int, device: torch.device | None = None) -> Mask:
     """Causal self-attention mask (1, 1, new, seen + new) of ``new`` tokens after ``seen``
     cached ones; None for a single token, which sees every key; :data:`CAUSAL` with nothing

@@ -24,8 +24,10 @@ def positive_targets(index: Tensor, candidate_index: Tensor) -> Tensor:
 
 def soft_cross_entropy(logits: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
     """``-sum(targets * log_softmax(logits))`` of each row, averaged (``mean``) or summed
-    (``sum``) over rows; (B, C) each."""
+    (``sum``) over rows, or per row (``none``: (B,)); (B, C) each."""
     rows = -(F.log_softmax(logits.float(), dim=-1) * targets).sum(-1)
+    if reduction == "none":
+        return rows
     return rows.sum() if reduction == "sum" else rows.mean()
 
 
@@ -101,7 +103,7 @@ def distilled_mlm_loss(logits: Tensor, labels: Tensor, logits_m: Tensor | None, 
     loss = F.cross_entropy(flat, labels.reshape(-1), ignore_index=IGNORE, reduction="sum")
     if logits_m is not None and alpha != 0:
         targets = F.softmax(logits_m.reshape(len(chosen), -1).float(), dim=-1)
-        distill = (-(F.log_softmax(flat, dim=-1) * targets).sum(-1) * chosen).sum()
+        distill = (soft_cross_entropy(flat, targets, reduction="none") * chosen).sum()
         loss = (1 - alpha) * loss + alpha * distill
     return token_mean(loss, chosen.sum())
 

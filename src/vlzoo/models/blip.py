@@ -17,7 +17,7 @@ from vlzoo.layers.transformer import (
     LMHead,
     TransformerStack,
     causal_padding_mask,
-    decode_mask,
+    decode_cached,
     run_by_length,
     share_all_but_self_attention,
 )
@@ -142,8 +142,6 @@ class BLIP(MomentumModel):
             return lambda ids, rows: self.decoder_logits(ids, torch.ones_like(ids), image_tokens[rows])[:, -1]
 
         def step(new: Tensor, rows: Tensor, cache: DecodeCache, seen: int) -> Tensor:
-            h = self.text.embeddings(new, position_offset=seen)
-            mask = decode_mask(new.shape[1], seen, new.device)
-            return self.lm_head(self.decoder(h, mask, image_tokens[rows], cache=cache))
+            return self.lm_head(decode_cached(self.text.embeddings, self.decoder, new, cache, seen, image_tokens[rows]))
 
         return CachedNextLogits(step, len(self.decoder.layer))

@@ -28,7 +28,7 @@ from vlzoo.layers.transformer import (
     BertEmbeddings,
     DecodeCache,
     TransformerStack,
-    decode_mask,
+    decode_cached,
     init_bert_weights,
     padding_mask,
     qformer_mask,
@@ -134,15 +134,14 @@ class QFormer(nn.Module):
         over image tokens (R, N, Dv) too, under the causal mask; later calls run the new
         tokens alone, reading the queries' and earlier tokens' cached keys (queries never
         read text, so theirs do not change)."""
-        q, t = self.num_queries, input_ids.shape[1]
+        q = self.num_queries
         if seen == 0:
             queries = self.query_tokens.expand(input_ids.shape[0], -1, -1)
             mask = qformer_mask(q, torch.ones_like(input_ids), "causal")
             x = self.encoder(self.embeddings(input_ids, prefix=queries), mask, image_tokens, query_length=q,
                              cache=cache)
             return x[:, q:]
-        mask = decode_mask(t, q + seen, input_ids.device)
-        return self.encoder(self.embeddings(input_ids, position_offset=seen), mask, cache=cache)
+        return decode_cached(self.embeddings, self.encoder, input_ids, cache, seen, keys_before=q)
 
     def text_only_parameters(self) -> list[nn.Parameter]:
         """What only text reads: token embeddings and the text feed-forward of every
