@@ -63,9 +63,8 @@ def config(family: str, size: str) -> tuple[Any, TextConfig]:
     return cfg, cfg.text
 
 
-def training_step(family: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                  x: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Forward with every loss, backward, AdamW, then what follows an optimizer step."""
+def training_loss(family: str, model: torch.nn.Module, x: dict[str, torch.Tensor], with_output: bool = False):
+    """The family's training loss of batch ``x`` (and the model's output, ``with_output``)."""
     if family == "clip":
         out = model(x["pixels"], x["input_ids"], x["attention_mask"])
         loss = clip_loss(out.image_embeds, out.text_embeds, out.logit_scale)
@@ -73,6 +72,13 @@ def training_step(family: str, model: torch.nn.Module, optimizer: torch.optim.Op
         extra = {"alpha": 0.4} if family in ("albef", "blip") else {}
         out = model(x["pixels"], x["input_ids"], x["attention_mask"], x["index"], **extra)
         loss = out.loss
+    return (loss, out) if with_output else loss
+
+
+def training_step(family: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                  x: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Forward with every loss, backward, AdamW, then what follows an optimizer step."""
+    loss, out = training_loss(family, model, x, with_output=True)
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

@@ -42,10 +42,11 @@ def loss_of(model, images, tokens, loss):
     return clip_loss(out.image_embeds, out.text_embeds, out.logit_scale)
 
 
-def _worker(rank: int, world: int, init_file: str, out_dir: str, loss: str):
+def _worker(rank: int, world: int, init_file: str, out_dir: str, loss: str, micro_batches: int = 1):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.set_num_threads(1)
     model, tok = tiny_clip(loss)
+    model.micro_batches = micro_batches  # feature-cached: one DDP backward, whatever the parts
     ddp = DistributedDataParallel(model)
     images, tokens = union_batch(tok)
     part = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
@@ -59,9 +60,9 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, loss: str):
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("loss", ["infonce", "siglip"])
-def test_two_process_ddp_equals_union_batch(tmp_path, loss):
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path), loss), nprocs=2, join=True)
+@pytest.mark.parametrize(("loss", "micro_batches"), [("infonce", 1), ("siglip", 1), ("infonce", 2), ("siglip", 3)])
+def test_two_process_ddp_equals_union_batch(tmp_path, loss, micro_batches):
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path), loss, micro_batches), nprocs=2, join=True)
     model, tok = tiny_clip(loss)
     images, tokens = union_batch(tok)
     reference = loss_of(model, images, tokens, loss)

@@ -37,10 +37,11 @@ def union_batch(tokenizer, step: int):
     return torch.randn(UNION, 3, 16, 16, generator=g), tokenizer(texts), torch.arange(UNION) + 100 * step
 
 
-def _worker(rank: int, family: str, init_file: str, out_dir: str):
+def _worker(rank: int, family: str, init_file: str, out_dir: str, micro_batches: int = 1):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     torch.set_num_threads(1)
     model, tok = tiny(family)
+    model.micro_batches = micro_batches
     drawn = []
     sampler = itm_module.sample_hard_negatives
 
@@ -64,8 +65,8 @@ def _worker(rank: int, family: str, init_file: str, out_dir: str):
     dist.destroy_process_group()
 
 
-def _check(family: str, tmp_path):
-    mp.spawn(_worker, args=(family, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+def _check(family: str, tmp_path, micro_batches: int = 1):
+    mp.spawn(_worker, args=(family, str(tmp_path / "init"), str(tmp_path), micro_batches), nprocs=2, join=True)
     model, tok = tiny(family)
     for step in range(STEPS):
         images, tokens, index = union_batch(tok, step)
@@ -89,3 +90,7 @@ def test_albef_two_ranks_share_queue_and_negatives(tmp_path):
 
 def test_blip_two_ranks_share_queue_and_negatives(tmp_path):
     _check("blip", tmp_path)
+
+
+def test_albef_two_ranks_in_micro_batches_share_queue_and_negatives(tmp_path):
+    _check("albef", tmp_path, micro_batches=2)

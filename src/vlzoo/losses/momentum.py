@@ -96,8 +96,16 @@ def mask_tokens(
 def distilled_mlm_loss(logits: Tensor, labels: Tensor, logits_m: Tensor | None, alpha: float) -> Tensor:
     """(1 - alpha) * CE(logits, labels) + alpha * CE(logits, softmax(logits_m)), the mean
     over the masked positions (labels != -100) of every rank (:func:`token_mean`).
-    logits, logits_m: (B, L, V); labels: (B, L). Every position is scored and the
-    unmasked ones weighted 0: no data-dependent shape (no host read, no graph break)."""
+    logits, logits_m: (B, L, V); labels: (B, L)."""
+    return token_mean(*distilled_mlm_total(logits, labels, logits_m, alpha))
+
+
+def distilled_mlm_total(logits: Tensor, labels: Tensor, logits_m: Tensor | None, alpha: float
+                        ) -> tuple[Tensor, Tensor]:
+    """:func:`distilled_mlm_loss` as (sum over this rank's masked positions, their
+    number), both 0-d: sums of micro-batches add up to the batch's. Every position is
+    scored and the unmasked ones weighted 0: no data-dependent shape (no host read, no
+    graph break)."""
     chosen = labels.reshape(-1) != IGNORE  # (B L,)
     flat = logits.reshape(len(chosen), -1).float()  # (B L, V)
     loss = F.cross_entropy(flat, labels.reshape(-1), ignore_index=IGNORE, reduction="sum")
@@ -105,7 +113,7 @@ def distilled_mlm_loss(logits: Tensor, labels: Tensor, logits_m: Tensor | None, 
         targets = F.softmax(logits_m.reshape(len(chosen), -1).float(), dim=-1)
         distill = (soft_cross_entropy(flat, targets, reduction="none") * chosen).sum()
         loss = (1 - alpha) * loss + alpha * distill
-    return token_mean(loss, chosen.sum())
+    return loss, chosen.sum()
 
 
 def caption_lm_loss(logits: Tensor, labels: Tensor, label_smoothing: float = 0.1) -> Tensor:
@@ -115,13 +123,24 @@ def caption_lm_loss(logits: Tensor, labels: Tensor, label_smoothing: float = 0.1
 
     logits: (B, L, V); labels: (B, L) (the input ids with pad and prompt set to -100).
     """
-    return token_cross_entropy(logits[:, :-1], labels[:, 1:], label_smoothing)
+    return token_mean(*caption_lm_total(logits, labels, label_smoothing))
+
+
+def caption_lm_total(logits: Tensor, labels: Tensor, label_smoothing: float = 0.1) -> tuple[Tensor, Tensor]:
+    """:func:`caption_lm_loss` as (sum over this rank's target tokens, their number), 0-d each."""
+    return token_cross_entropy_total(logits[:, :-1], labels[:, 1:], label_smoothing)
 
 
 def token_cross_entropy(logits: Tensor, labels: Tensor, label_smoothing: float = 0.0) -> Tensor:
     """Cross-entropy of aligned (B, T, V) logits and (B, T) labels (-100 ignored): the
     mean over the target tokens of every rank (:func:`token_mean`)."""
+    return token_mean(*token_cross_entropy_total(logits, labels, label_smoothing))
+
+
+def token_cross_entropy_total(logits: Tensor, labels: Tensor, label_smoothing: float = 0.0
+                              ) -> tuple[Tensor, Tensor]:
+    """:func:`token_cross_entropy` as (sum over this rank's target tokens, their number), 0-d each."""
     labels = labels.reshape(-1)
     total = F.cross_entropy(logits.reshape(len(labels), -1).float(), labels, ignore_index=IGNORE,
                             label_smoothing=label_smoothing, reduction="sum")
-    return token_mean(total, (labels != IGNORE).sum())
+    return total, (labels != IGNORE).sum()

@@ -11,8 +11,10 @@ import torch
 from torch import Tensor
 
 from vlzoo.backbones import BertTextEncoder, VisionEncoder
+from vlzoo.distributed import token_mean
+from vlzoo.layers.micro_batches import in_micro_batches
 from vlzoo.layers.transformer import LMHead
-from vlzoo.losses import distilled_mlm_loss, mask_tokens
+from vlzoo.losses import distilled_mlm_total, mask_tokens
 from vlzoo.models.momentum import MomentumModel, MomentumOutput
 
 
@@ -67,8 +69,14 @@ class ALBEF(MomentumModel):
         out, image_tokens, image_tokens_m = self.itc_itm(pixel_values, input_ids, attention_mask, index, alpha)
         masked, labels = mask_tokens(input_ids, attention_mask, self.mask_id, self.text.config.vocab_size,
                                      self.special_ids, self.mlm_probability)
-        logits = self.mlm_head(self.fuse(masked, attention_mask, image_tokens))
-        with torch.no_grad():
-            logits_m = self.mlm_head_m(self._fuse(self.text_m, masked, attention_mask, image_tokens_m))
-        out.losses["mlm"] = distilled_mlm_loss(logits, labels, logits_m, alpha)
+
+        def mlm_total(masked: Tensor, mask: Tensor, labels: Tensor, tokens: Tensor, tokens_m: Tensor
+                      ) -> tuple[Tensor, Tensor]:
+            logits = self.mlm_head(self.fuse(masked, mask, tokens))
+            with torch.no_grad():
+                logits_m = self.mlm_head_m(self._fuse(self.text_m, masked, mask, tokens_m))
+            return distilled_mlm_total(logits, labels, logits_m, alpha)
+
+        out.losses["mlm"] = token_mean(*in_micro_batches(
+            mlm_total, self.micro_batches, masked, attention_mask, labels, image_tokens, image_tokens_m))
         return out

@@ -12,6 +12,8 @@ import torch
 from torch import Tensor
 
 from vlzoo.backbones import BertTextEncoder, VisionEncoder
+from vlzoo.distributed import token_mean
+from vlzoo.layers.micro_batches import in_micro_batches
 from vlzoo.layers.transformer import (
     DecodeCache,
     LMHead,
@@ -21,7 +23,7 @@ from vlzoo.layers.transformer import (
     run_by_length,
     share_all_but_self_attention,
 )
-from vlzoo.losses import IGNORE, caption_lm_loss
+from vlzoo.losses import IGNORE, caption_lm_total
 from vlzoo.models.generation import CachedNextLogits, GenerationConfig, NextTokenLogits, generate
 from vlzoo.models.momentum import MomentumModel, MomentumOutput
 
@@ -113,7 +115,11 @@ class BLIP(MomentumModel):
     def lm_loss(self, image_tokens: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Captioning loss of (B, L) captions (trained after the prompt) given image tokens (B, N, Dv)."""
         ids, mask, labels = self.caption_labels(input_ids, attention_mask)
-        return caption_lm_loss(self.decoder_logits(ids, mask, image_tokens), labels, self.label_smoothing)
+
+        def lm_total(ids: Tensor, mask: Tensor, labels: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
+            return caption_lm_total(self.decoder_logits(ids, mask, tokens), labels, self.label_smoothing)
+
+        return token_mean(*in_micro_batches(lm_total, self.micro_batches, ids, mask, labels, image_tokens))
 
     @torch.no_grad()
     def generate(

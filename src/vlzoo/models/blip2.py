@@ -24,9 +24,10 @@ from torch import Tensor, nn
 from vlzoo.backbones import VisionEncoder
 from vlzoo.backbones.text import pool_tokens
 from vlzoo.data.llm_text import left_padded_prompts, seq2seq_batch
-from vlzoo.distributed import gather_no_grad, gather_with_grad
+from vlzoo.distributed import gather_no_grad, gather_with_grad, token_mean
+from vlzoo.layers.micro_batches import in_micro_batches
 from vlzoo.layers.transformer import DecodeCache, LMHead
-from vlzoo.losses import IGNORE, caption_lm_loss, positive_targets
+from vlzoo.losses import IGNORE, caption_lm_loss, caption_lm_total, positive_targets
 from vlzoo.losses.momentum import soft_cross_entropy, token_cross_entropy
 from vlzoo.models.generation import (
     CachedNextLogits,
@@ -35,7 +36,7 @@ from vlzoo.models.generation import (
     generate,
     generation_in_lockstep,
 )
-from vlzoo.models.itm import itm_with_hard_negatives
+from vlzoo.models.itm import itm_with_hard_negatives, micro_batched_itm_logits
 from vlzoo.models.qformer import QFormer
 
 FROZEN_DTYPES = {None: None, "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -94,7 +95,10 @@ class FrozenImageEncoder(nn.Module):
 class QFormerOverFrozenVision(nn.Module):
     """What both BLIP-2 stages share: the frozen image encoder, the trainable
     ``ln_vision`` on its tokens (its epsilon the tower's ``norm_eps`` when set, else
-    1e-5), and the Q-Former that reads them."""
+    1e-5), and the Q-Former that reads them. ``micro_batches``: training passes run in
+    that many feature-cached micro-batches (:mod:`vlzoo.layers.micro_batches`)."""
+
+    micro_batches: int = 1
 
     def __init__(self, vision: VisionEncoder, qformer: QFormer, frozen_precision: str | None = None):
         super().__init__()
@@ -106,6 +110,11 @@ class QFormerOverFrozenVision(nn.Module):
         """Cast the frozen parts to ``precision`` (``bf16``, ``fp16``; None: float32); the
         Q-Former, its queries, ``ln_vision`` and the projections stay float32."""
         self.vision.set_precision(precision)
+
+    def frozen_encoder_tokens(self, pixel_values: Tensor) -> Tensor:
+        """(B, 3, H, W) -> (B, N, Dv) float32 tokens of the frozen encoder (no gradient),
+        in ``micro_batches`` parts."""
+        return in_micro_batches(self.vision, self.micro_batches, pixel_values)
 
     def image_tokens(self, pixel_values: Tensor) -> Tensor:
         """(B, 3, H, W) -> (B, N, Dv): frozen encoder tokens after ``ln_vision``."""
@@ -200,16 +209,18 @@ class BLIP2(QFormerOverFrozenVision):
     def forward(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor, index: Tensor) -> BLIP2Output:
         """Losses ``itc``, ``itm``, ``itg`` of (B, 3, H, W) images and (B, L) captions
         ([CLS] first); index: (B,) sample ids (equal ids are positives)."""
-        return self.forward_frozen(self.vision(pixel_values), input_ids, attention_mask, index)
+        return self.forward_frozen(self.frozen_encoder_tokens(pixel_values), input_ids, attention_mask, index)
 
     def forward_frozen(self, frozen_tokens: Tensor, input_ids: Tensor, attention_mask: Tensor, index: Tensor
                        ) -> BLIP2Output:
         """As :meth:`forward`, from the frozen encoder's tokens (B, N, Dv) (e.g. cached)."""
+        k = self.micro_batches
         image_tokens = self.ln_vision(frozen_tokens)  # (B, N, Dv)
-        query_feats = self.query_features(image_tokens)  # (B, Q, E)
-        text_feats = self.text_features(input_ids, attention_mask)  # (B, E)
+        query_feats = in_micro_batches(self.query_features, k, image_tokens)  # (B, Q, E)
+        text_feats = in_micro_batches(self.text_features, k, input_ids, attention_mask)  # (B, E)
         loss_itc, sim_t2i, sim_i2t = self.itc(query_feats, text_feats, index)
-        loss_itm = itm_with_hard_negatives(self.itm_logits, input_ids, attention_mask, index, image_tokens,
+        itm_logits = micro_batched_itm_logits(self.itm_logits, k, len(input_ids))
+        loss_itm = itm_with_hard_negatives(itm_logits, input_ids, attention_mask, index, image_tokens,
                                            sim_t2i, sim_i2t)
         loss_itg = self.itg_loss(image_tokens, input_ids, attention_mask)
         return BLIP2Output({"itc": loss_itc, "itm": loss_itm, "itg": loss_itg})
@@ -235,8 +246,13 @@ class BLIP2(QFormerOverFrozenVision):
         return self.lm_head(self.qformer(image_tokens, input_ids, attention_mask, "causal").text)
 
     def itg_loss(self, image_tokens: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Captioning loss of (B, L) captions read from the queries of image tokens (B, N, Dv)."""
         ids, labels = self.decoder_inputs(input_ids, attention_mask)
-        return caption_lm_loss(self.decoder_logits(image_tokens, ids, attention_mask), labels, self.label_smoothing)
+
+        def itg_total(tokens: Tensor, ids: Tensor, mask: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+            return caption_lm_total(self.decoder_logits(tokens, ids, mask), labels, self.label_smoothing)
+
+        return token_mean(*in_micro_batches(itg_total, self.micro_batches, image_tokens, ids, attention_mask, labels))
 
     @torch.no_grad()
     def clamp_temperature(self) -> None:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlzoo.backbones import TextEncoder, VisionEncoder
+from vlzoo.layers.micro_batches import in_micro_batches
 
 
 @dataclass
@@ -35,7 +36,11 @@ class CLIP(nn.Module):
 
     ``logit_scale`` holds t (the log of the inverse temperature); the logits use
     exp(t), which the training task clamps at ``max_logit_scale`` after each step.
+    ``micro_batches``: :meth:`forward` encodes the batch in that many feature-cached
+    micro-batches (:mod:`vlzoo.layers.micro_batches`).
     """
+
+    micro_batches: int = 1
 
     def __init__(
         self,
@@ -68,8 +73,8 @@ class CLIP(nn.Module):
 
     def forward(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None) -> CLIPOutput:
         return CLIPOutput(
-            self.encode_image(pixel_values),
-            self.encode_text(input_ids, attention_mask),
+            in_micro_batches(self.encode_image, self.micro_batches, pixel_values),
+            in_micro_batches(self.encode_text, self.micro_batches, input_ids, attention_mask),
             self.logit_scale.exp(),
             self.logit_bias,
         )

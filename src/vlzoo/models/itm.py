@@ -13,11 +13,27 @@ import torch
 from torch import Tensor
 
 from vlzoo.distributed import gather_no_grad, gather_padded, gather_with_grad
+from vlzoo.layers.micro_batches import in_micro_batches
 from vlzoo.losses import itm_loss, sample_hard_negatives
 
 ITMLogits = Callable[[Tensor, Tensor, Tensor, "Tensor | None"], Tensor]
 """itm_logits(input_ids (P, L), attention_mask (P, L), image_tokens (P, N, Dv),
 text_hidden (P, L, D) or None) -> (P, 2) no-match / match logits."""
+
+
+def micro_batched_itm_logits(itm_logits: ITMLogits, micro_batches: int, batch: int) -> ITMLogits:
+    """``itm_logits`` over P pairs in micro-batches of about ``batch / micro_batches``
+    pairs (:func:`~vlzoo.layers.micro_batches.in_micro_batches`); ``micro_batches`` <= 1:
+    ``itm_logits`` itself."""
+    if micro_batches <= 1:
+        return itm_logits
+
+    def logits(input_ids: Tensor, attention_mask: Tensor, image_tokens: Tensor, text_hidden: Tensor | None = None
+               ) -> Tensor:
+        parts = -(-len(input_ids) * micro_batches // batch)  # ceil: no part above one micro-batch's rows
+        return in_micro_batches(itm_logits, parts, input_ids, attention_mask, image_tokens, text_hidden)
+
+    return logits
 
 
 def itm_with_hard_negatives(

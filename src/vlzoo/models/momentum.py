@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -19,8 +20,9 @@ from torch import Tensor, nn
 
 from vlzoo.backbones import BertTextEncoder, VisionEncoder
 from vlzoo.distributed import gather_no_grad, local_tensor
+from vlzoo.layers.micro_batches import in_micro_batches
 from vlzoo.losses import distilled_itc_loss, positive_targets
-from vlzoo.models.itm import itm_with_hard_negatives
+from vlzoo.models.itm import ITMLogits, itm_with_hard_negatives, micro_batched_itm_logits
 
 
 @dataclass
@@ -96,7 +98,14 @@ class MomentumModel(nn.Module):
         momentum: EMA coefficient m.
         temperature: initial ITC temperature, clamped to [min_temperature, max_temperature].
         text_layers: the blocks of the unimodal text pass (ALBEF: the first N; BLIP: all).
+
+    ``micro_batches``: :meth:`forward` runs each per-sample pass (the encoders, their
+    momentum copies, ITM's fusion, the generative loss) in that many feature-cached
+    micro-batches (:mod:`vlzoo.layers.micro_batches`); ITC, the queue and the hard
+    negatives still see the whole batch.
     """
+
+    micro_batches: int = 1
 
     momentum_pairs: tuple[tuple[str, str], ...] = (
         ("vision", "vision_m"), ("vision_proj", "vision_proj_m"), ("text", "text_m"), ("text_proj", "text_proj_m"),
@@ -194,12 +203,15 @@ class MomentumModel(nn.Module):
         Returns the output so far, the image tokens (B, N, Dv) and the momentum image
         tokens (B, N, Dv), which the subclass's own loss reuses.
         """
-        image_tokens, image_feat = self.image_tokens_and_feat(pixel_values)
-        text_hidden, text_feat = self.text_hidden_and_feat(input_ids, attention_mask)
+        k = self.micro_batches
+        image_tokens, image_feat = in_micro_batches(self.image_tokens_and_feat, k, pixel_values)
+        text_hidden, text_feat = in_micro_batches(self.text_hidden_and_feat, k, input_ids, attention_mask)
         temp = self.temp
         with torch.no_grad():
-            image_tokens_m, image_feat_m = self.image_tokens_and_feat(pixel_values, momentum=True)
-            _, text_feat_m = self.text_hidden_and_feat(input_ids, attention_mask, momentum=True)
+            image_tokens_m, image_feat_m = in_micro_batches(
+                partial(self.image_tokens_and_feat, momentum=True), k, pixel_values)
+            _, text_feat_m = in_micro_batches(
+                partial(self.text_hidden_and_feat, momentum=True), k, input_ids, attention_mask)
             # every rank's momentum features of this step, then the queue: (W + Q, D)
             image_all = torch.cat([gather_no_grad(image_feat_m), self.queue.image])
             text_all = torch.cat([gather_no_grad(text_feat_m), self.queue.text])
@@ -229,8 +241,13 @@ class MomentumModel(nn.Module):
             temp = self.temp.detach()
             sim_t2i = text_feat @ gather_no_grad(image_feat).T / temp  # (B, world B)
             sim_i2t = image_feat @ gather_no_grad(text_feat).T / temp
-        return itm_with_hard_negatives(self.itm_logits, input_ids, attention_mask, index, image_tokens,
-                                       sim_t2i, sim_i2t, text_hidden)
+        return itm_with_hard_negatives(self.micro_batched_itm_logits(len(input_ids)), input_ids, attention_mask,
+                                       index, image_tokens, sim_t2i, sim_i2t, text_hidden)
+
+    def micro_batched_itm_logits(self, batch: int) -> ITMLogits:
+        """:meth:`itm_logits` over pairs in micro-batches of the size ``micro_batches``
+        gives a batch of ``batch`` rows (ITM scores 2 or 3 pairs per sample)."""
+        return micro_batched_itm_logits(self.itm_logits, self.micro_batches, batch)
 
     # ------------------------------------------------- once per optimizer step
     @torch.no_grad()

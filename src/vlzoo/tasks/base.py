@@ -342,8 +342,23 @@ class VLTask(L.LightningModule):
         run's choice again. ``optim.compile``: compile the model's forward."""
         for optimizer in self.trainer.optimizers:
             set_fused(optimizer, self._fused_adamw(optimizer.param_groups))
+        self.use_micro_batches()
         if self.optim.compile:
             compile_methods(self.model, self.training_methods, self.optim.compile)
+
+    def use_micro_batches(self) -> None:
+        """Give ``optim.micro_batches`` to the model: a clear error when it is not a
+        positive integer or the model cannot split its training step."""
+        k = self.optim.micro_batches
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"optim.micro_batches: expected a positive integer, got {k!r}")
+        if not hasattr(self.model, "micro_batches"):
+            if k > 1:
+                raise ValueError(f"optim.micro_batches {k}: {type(self).__name__} does not split its step into "
+                                 "micro-batches (the contrastive families clip, albef, blip, blip2 do); "
+                                 "use trainer.accumulate_grad_batches")
+            return
+        self.model.micro_batches = k
 
     def configure_callbacks(self):
         """RNG states, preemption, run statistics, skipped-sample counts, and a

@@ -97,9 +97,9 @@ class FrozenFeaturesMixin:
     def frozen_tokens(self, batch: dict[str, Tensor]) -> Tensor:
         """(B, N, Dv) frozen encoder outputs of the batch, from the cache when enabled."""
         if self.feature_cache is None:
-            return self.model.vision(batch["pixel_values"])
+            return self.model.frozen_encoder_tokens(batch["pixel_values"])
         ids = batch.get(FrozenFeatureCache.HOST_IDS, batch["index"])
-        return self.feature_cache.get(ids, batch["pixel_values"], self.model.vision)
+        return self.feature_cache.get(ids, batch["pixel_values"], self.model.frozen_encoder_tokens)
 
 
 class BLIP2Task(FrozenFeaturesMixin, CaptionEvalMixin, TwoStageRetrievalTask):
