@@ -171,6 +171,26 @@ def measure_peak(run: Callable[[], Any], dev: torch.device) -> dict[str, Any]:
     return {"peak_mib": _status_mib("VmHWM") - before, "kind": "cpu_rss_high_water"}
 
 
+def measure_tensor_peak(run: Callable[[], Any], dev: torch.device) -> dict[str, Any]:
+    """Peak bytes of live tensors during ``run()`` (parameters, optimizer state, inputs,
+    activations, gradients, temporaries), from torch's profiler memory timeline on CPU
+    (a private API of ``torch.profiler``; allocator-level, so it has none of the heap's
+    fragmentation that the resident set shows) and ``max_memory_allocated`` on CUDA."""
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        run()
+        synchronize()
+        return {"peak_mib": torch.cuda.max_memory_allocated() / MIB, "kind": "cuda_max_allocated"}
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import MemoryProfileTimeline
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                 with_stack=True) as prof:
+        run()
+    _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline(dev)
+    return {"peak_mib": max(sum(row) for row in sizes) / MIB, "kind": "cpu_live_tensors"}
+
+
 # ------------------------------------------------------------------------ FLOPs
 def matmul_peak(dtype: torch.dtype, dev: torch.device, n: int = 1024, seconds: float = 1.0) -> dict[str, float]:
     """Measured matmul FLOP/s of this machine: the best of repeated ``torch.mm`` of two

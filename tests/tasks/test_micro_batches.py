@@ -44,7 +44,7 @@ def fit(task, tmp_path):
     return recorder.steps, {k: v.clone() for k, v in task.model.named_buffers()}
 
 
-@pytest.mark.parametrize("family", ["clip", "albef"])
+@pytest.mark.parametrize("family", ["albef"])  # CLIP's model-level test suffices; ALBEF adds queue, EMA, alpha
 def test_micro_batched_fit_takes_the_whole_batch_steps(tmp_path, family):
     """Each step's loss and gradients (weights themselves drift apart where a gradient is
     0 up to rounding, e.g. attention's key bias, which Adam rescales), and the ALBEF queue."""
