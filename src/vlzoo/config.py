@@ -227,11 +227,12 @@ class OptimConfig:
     compile: bool | str = False  # torch.compile what training_step calls on the model, in place, keys unchanged;
                                  # true: the default backend (inductor), a string: that backend. The first steps
                                  # (and each new text length) compile; no family's step breaks the graph
-    micro_batches: int = 1  # k > 1: each batch runs as k feature-cached micro-batches (clip, albef, blip, blip2):
-                            # the loss and gradients of the whole batch (every negative, the same queue and
-                            # hard negatives) at about one micro-batch's activation memory, for one extra
-                            # forward pass. Unlike trainer.accumulate_grad_batches, contrastive losses see
-                            # the whole batch (vlzoo.layers.micro_batches)
+    micro_batches: int = 1  # k > 1: each batch runs as k feature-cached micro-batches (clip, albef, blip, blip2
+                            # stage 1): the loss and gradients of the whole batch (every negative, the same
+                            # queue and hard negatives; exactly so without dropout) at about one micro-batch's
+                            # activation memory, for one extra forward pass. Unlike
+                            # trainer.accumulate_grad_batches, contrastive losses see the whole batch. Refused
+                            # with batch norm, under FSDP and with compile (vlzoo.layers.micro_batches)
 
 
 @dataclass

@@ -27,8 +27,12 @@ def build(family: str):
         config = dataclasses.replace(tiny_clip_config(), loss=family.split("-")[1],
                                      init_logit_bias=-10.0 if family.endswith("siglip") else None)
         return build_clip(config)
-    if family == "albef":
-        return build_albef(without_dropout(tiny_momentum_config(ALBEFConfig, fusion_layers=1)))
+    if family.startswith("albef"):
+        model, tokenizer = build_albef(without_dropout(tiny_momentum_config(ALBEFConfig, fusion_layers=1)))
+        for module in model.modules():  # albef-buckets: text passes grouped by length inside each part
+            if hasattr(module, "length_buckets"):
+                module.length_buckets = 2 if family.endswith("buckets") else 1
+        return model, tokenizer
     if family == "blip":
         return build_blip(without_dropout(tiny_momentum_config(BLIPConfig)))
     return build_blip2(tiny_blip2_config())
@@ -51,7 +55,7 @@ def losses(family: str, model, batch) -> dict[str, torch.Tensor]:
         return {"infonce": clip_loss(out.image_embeds, out.text_embeds, out.logit_scale)}
     if family == "blip2":
         return model(images, ids, mask, index).losses
-    out = model(images, ids, mask, index, alpha=0.4)
+    out = model(images, ids, mask, index, alpha=0.4)  # albef, albef-buckets, blip
     return {**out.losses, "image_feat_m": out.image_feat_m.sum(), "text_feat_m": out.text_feat_m.sum()}
 
 
@@ -65,7 +69,7 @@ def step(family: str, model, batch, micro_batches: int):
     return {k: v.detach() for k, v in values.items()}, grads
 
 
-@pytest.mark.parametrize("family", ["clip-infonce", "clip-siglip", "albef", "blip", "blip2"])
+@pytest.mark.parametrize("family", ["clip-infonce", "clip-siglip", "albef", "albef-buckets", "blip", "blip2"])
 def test_micro_batches_give_the_whole_batchs_losses_and_gradients(family):
     model, tokenizer = build(family)
     batch = batch_of(tokenizer)

@@ -2,6 +2,7 @@
 batches, and a clear error where a task cannot split its step."""
 
 import dataclasses
+import types
 
 import lightning as L
 import pytest
@@ -61,12 +62,34 @@ def test_micro_batched_fit_takes_the_whole_batch_steps(tmp_path, family):
         torch.testing.assert_close(buffers[name], value, atol=1e-4, rtol=1e-4, msg=name)
 
 
+def test_batch_norm_sharding_and_compile_are_refused(tmp_path):
+    task = CLIPTask(tiny_clip_config(), OptimConfig(micro_batches=2))
+    task.model.vision.extra_norm = torch.nn.BatchNorm1d(4)  # as a ResNet tower has
+    with pytest.raises(ValueError, match="batch-normalisation layers in training mode .BatchNorm1d"):
+        task.use_micro_batches()
+    task.model.vision.extra_norm.eval()  # frozen statistics normalise every part alike
+    task.use_micro_batches()
+    assert task.model.micro_batches == 2
+    task.optim.compile = "eager"
+    with pytest.raises(ValueError, match="optim.compile"):
+        task.use_micro_batches()
+    task.optim.compile = False
+
+    class FSDP2Strategy:  # what vlzoo fit --trainer.strategy fsdp2 runs under
+        pass
+
+    task._trainer = types.SimpleNamespace(strategy=FSDP2Strategy())
+    with pytest.raises(ValueError, match=r"sharding \(FSDP2Strategy\)"):
+        task.use_micro_batches()
+
+
 def test_a_task_that_cannot_split_its_step_says_so():
     task = BLIPVQATask(tiny_momentum_config(BLIPConfig), OptimConfig(micro_batches=2))
     with pytest.raises(ValueError, match="optim.micro_batches 2: BLIPVQATask"):
         task.use_micro_batches()
     task.optim.micro_batches = 1
     task.use_micro_batches()  # the default is fine everywhere
-    clip = CLIPTask(tiny_clip_config(), OptimConfig(micro_batches=0))
-    with pytest.raises(ValueError, match="positive integer, got 0"):
-        clip.use_micro_batches()
+    for bad in (0, True, 2.0):
+        clip = CLIPTask(tiny_clip_config(), OptimConfig(micro_batches=bad))
+        with pytest.raises(ValueError, match=f"positive integer, got {bad!r}"):
+            clip.use_micro_batches()

@@ -8,9 +8,13 @@ activation checkpointing: the forward keeps only each micro-batch's inputs and o
 (the features), the loss is computed over the whole batch's features, and the backward
 recomputes one micro-batch at a time (autograd finishes the micro-batch created last
 before it starts the next, since its nodes are newer). Loss and gradients are those of
-the whole batch; the peak activation memory is one micro-batch's, plus the features.
-This is GradCache (Gao et al., 2021) and open_clip's ``--accum-freq``, as one
-autograd graph, so DDP reduces the gradients once, as for any step.
+the whole batch (exactly without dropout; with dropout each part draws its own masks,
+the same in its recomputation; never with batch normalisation, which the tasks refuse);
+the peak activation memory is one micro-batch's, plus the features. The cost is one more
+forward of each part (of its no-gradient passes too where they sit inside the part,
+e.g. ALBEF's momentum MLM targets). This is GradCache (Gao et al., 2021) and open_clip's
+``--accum-freq``, as one autograd graph, so DDP reduces the gradients once, as for any
+step.
 """
 
 from __future__ import annotations

@@ -95,10 +95,7 @@ class FrozenImageEncoder(nn.Module):
 class QFormerOverFrozenVision(nn.Module):
     """What both BLIP-2 stages share: the frozen image encoder, the trainable
     ``ln_vision`` on its tokens (its epsilon the tower's ``norm_eps`` when set, else
-    1e-5), and the Q-Former that reads them. ``micro_batches``: training passes run in
-    that many feature-cached micro-batches (:mod:`vlzoo.layers.micro_batches`)."""
-
-    micro_batches: int = 1
+    1e-5), and the Q-Former that reads them."""
 
     def __init__(self, vision: VisionEncoder, qformer: QFormer, frozen_precision: str | None = None):
         super().__init__()
@@ -113,8 +110,8 @@ class QFormerOverFrozenVision(nn.Module):
 
     def frozen_encoder_tokens(self, pixel_values: Tensor) -> Tensor:
         """(B, 3, H, W) -> (B, N, Dv) float32 tokens of the frozen encoder (no gradient),
-        in ``micro_batches`` parts."""
-        return in_micro_batches(self.vision, self.micro_batches, pixel_values)
+        in ``micro_batches`` parts where the model has them (stage 1)."""
+        return in_micro_batches(self.vision, getattr(self, "micro_batches", 1), pixel_values)
 
     def image_tokens(self, pixel_values: Tensor) -> Tensor:
         """(B, 3, H, W) -> (B, N, Dv): frozen encoder tokens after ``ln_vision``."""
@@ -137,6 +134,7 @@ class BLIP2(QFormerOverFrozenVision):
     """
 
     fsdp_forward_methods = ("forward_frozen",)  # the training entry besides forward (vlzoo.parallel)
+    micro_batches: int = 1  # training passes in that many feature-cached parts (vlzoo.layers.micro_batches)
 
     def __init__(
         self,

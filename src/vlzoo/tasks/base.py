@@ -348,17 +348,34 @@ class VLTask(L.LightningModule):
 
     def use_micro_batches(self) -> None:
         """Give ``optim.micro_batches`` to the model: a clear error when it is not a
-        positive integer or the model cannot split its training step."""
+        positive integer, or where parts would not give the whole batch's step."""
         k = self.optim.micro_batches
-        if not isinstance(k, int) or k < 1:
+        if type(k) is not int or k < 1:
             raise ValueError(f"optim.micro_batches: expected a positive integer, got {k!r}")
+        if k > 1:
+            problem = self._micro_batch_problem()
+            if problem:
+                raise ValueError(f"optim.micro_batches {k}: {problem}")
+        if hasattr(self.model, "micro_batches"):
+            self.model.micro_batches = k
+
+    def _micro_batch_problem(self) -> str | None:
+        """Why this task cannot run its step in micro-batches, or None."""
         if not hasattr(self.model, "micro_batches"):
-            if k > 1:
-                raise ValueError(f"optim.micro_batches {k}: {type(self).__name__} does not split its step into "
-                                 "micro-batches (the contrastive families clip, albef, blip, blip2 do); "
-                                 "use trainer.accumulate_grad_batches")
-            return
-        self.model.micro_batches = k
+            return (f"{type(self).__name__} does not split its step into micro-batches (the contrastive "
+                    "families clip, albef, blip, blip2 stage 1 do); use trainer.accumulate_grad_batches")
+        norms = sorted({type(m).__name__ for m in self.model.modules()
+                        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training})
+        if norms:
+            return (f"the model has batch-normalisation layers in training mode ({', '.join(norms)}, e.g. a ResNet "
+                    "tower), which would normalise each part on its own rows; use a ViT tower or set it to 1")
+        strategy = type(self.trainer.strategy).__name__ if self._trainer is not None else ""
+        if self.device_mesh is not None or "FSDP" in strategy:
+            return (f"not supported under sharding ({strategy}): recomputing a part gathers its blocks again and "
+                    "keeps them gathered through its backward; use DDP, or set it to 1")
+        if self.optim.compile:
+            return "not tested together with optim.compile; set one of them off"
+        return None
 
     def configure_callbacks(self):
         """RNG states, preemption, run statistics, skipped-sample counts, and a
