@@ -135,3 +135,19 @@ def test_generating_a_large_split_reports_progress(capsys):
     shapes.build_split("val", 2500, image_size=8, processes=1)
     err = capsys.readouterr().err
     assert "vlzoo: generating shapes val split (8 px): 2500/2500 (100%)" in err
+
+
+def test_a_datamodule_generates_only_the_splits_its_stage_reads(tmp_path, monkeypatch):
+    """vlzoo validate / test never wait for the training split (prepare_data by stage)."""
+    import types
+
+    from vlzoo.data.datamodule import ShapesConfig, VLDataModule
+
+    monkeypatch.setenv("VLZOO_HOME", str(tmp_path / "home"))
+    sizes = ShapesConfig(image_size=8, train_size=6, val_size=4, test_size=5)
+    for stage, generated in (("validate", {"val"}), ("test", {"val", "test"}), ("fit", {"val", "test", "train"})):
+        data = VLDataModule(shapes=sizes)
+        data.trainer = types.SimpleNamespace(state=types.SimpleNamespace(fn=types.SimpleNamespace(value=stage)))
+        data.prepare_data()
+        cached = {p.name.split("-")[0] for p in (tmp_path / "home" / "datasets" / "shapes").iterdir()}
+        assert cached == generated, stage

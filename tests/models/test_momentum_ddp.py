@@ -84,13 +84,12 @@ def _check(family: str, tmp_path, micro_batches: int = 1):
         assert any(p in other for p in picks), f"rank {rank} never drew a negative from the other rank"
 
 
-def test_albef_two_ranks_share_queue_and_negatives(tmp_path):
-    _check("albef", tmp_path)
+def test_albef_two_ranks_in_micro_batches_share_queue_and_negatives(tmp_path):
+    """Each rank in 2 feature-cached parts (optim.micro_batches) against one process on the
+    union batch at once."""
+    _check("albef", tmp_path, micro_batches=2)
 
 
 def test_blip_two_ranks_share_queue_and_negatives(tmp_path):
     _check("blip", tmp_path)
 
-
-def test_albef_two_ranks_in_micro_batches_share_queue_and_negatives(tmp_path):
-    _check("albef", tmp_path, micro_batches=2)

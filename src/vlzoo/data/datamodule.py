@@ -319,8 +319,11 @@ class VLDataModule(L.LightningDataModule):
         return list(self._opened[split].skipped) if split in self._opened else []
 
     def prepare_data(self) -> None:
-        for name, spec in self.sources.items():  # generate and cache shapes once, on one process
-            if spec == "shapes":
+        """Generate and cache the shapes splits this run reads, once, on one process
+        (``vlzoo validate`` or ``test`` never waits for the training split)."""
+        needed = self.stage_splits(self.trainer.state.fn.value if self.trainer is not None else None)
+        for name, spec in self.sources.items():
+            if spec == "shapes" and name in needed:
                 shapes_data.load_split(name, getattr(self.shapes, f"{name}_size"), self.shapes.image_size,
                                        self.shapes.seed, self.shapes.cache)
 
@@ -336,9 +339,14 @@ class VLDataModule(L.LightningDataModule):
             self.attach(inputs.tokenizer, inputs.image_size, inputs.mean, inputs.std, inputs.resize_mode)
             self.with_qa, self.with_labels, self.qa_only = inputs.with_qa, inputs.with_labels, inputs.qa_only
             self._say_if_resized()
-        splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
-        for split in splits.get(stage, ("train", "val", "test")):
+        for split in self.stage_splits(stage):
             self.source(split)  # open early: a bad path fails before the first step
+
+    @staticmethod
+    def stage_splits(stage: str | None) -> tuple[str, ...]:
+        """The splits a Lightning stage reads (``fit``: train and val; None: all)."""
+        splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+        return splits.get(stage, ("train", "val", "test"))
 
     def _seed(self) -> int:
         """The data seed: the resumed run's (:meth:`load_state_dict`), else the run's seed."""

@@ -75,7 +75,7 @@ def test_micro_batches_give_the_whole_batchs_losses_and_gradients(family):
     batch = batch_of(tokenizer)
     whole, whole_grads = step(family, model, batch, 1)
     assert whole_grads, "nothing trained"
-    for k in (4, 3):  # equal and unequal parts
+    for k in (3,):  # unequal parts: 3, 3, 2 rows
         values, grads = step(family, model, batch, k)
         assert values.keys() == whole.keys()
         for name in whole:
