@@ -5,13 +5,13 @@ import pytest
 import torch
 from torch import nn
 
-from vlzoo.layers.micro_batches import in_micro_batches, micro_batch_sizes
+from vlzoo.layers.micro_batches import equal_parts, in_micro_batches
 
 
 def test_sizes_cover_the_batch_evenly():
-    assert micro_batch_sizes(10, 4) == [3, 3, 2, 2]
-    assert micro_batch_sizes(3, 8) == [1, 1, 1]  # never an empty part
-    assert micro_batch_sizes(5, 1) == [5]
+    assert equal_parts(10, 4) == [3, 3, 2, 2]
+    assert equal_parts(3, 8) == [1, 1, 1]  # never an empty part
+    assert equal_parts(5, 1) == [5]
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 7])

@@ -27,10 +27,11 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 
-def micro_batch_sizes(batch: int, micro_batches: int) -> list[int]:
-    """``batch`` rows split into ``min(micro_batches, batch)`` parts differing by at most one row."""
-    parts = max(1, min(micro_batches, batch))
-    return [batch // parts + (i < batch % parts) for i in range(parts)]
+def equal_parts(rows: int, parts: int) -> list[int]:
+    """``rows`` split into ``min(parts, rows)`` sizes differing by at most one (micro-batches
+    here, length groups in :func:`vlzoo.layers.transformer.run_by_length`)."""
+    k = max(1, min(parts, rows))
+    return [rows // k + (i < rows % k) for i in range(k)]
 
 
 def in_micro_batches(fn: Callable[..., Any], micro_batches: int, *args: Any) -> Any:
@@ -51,7 +52,7 @@ def in_micro_batches(fn: Callable[..., Any], micro_batches: int, *args: Any) -> 
         raise ValueError(f"in_micro_batches: the tensor arguments differ in their leading dimension "
                          f"({[tuple(t.shape) for t in tensors]}); all must have the batch's {batch} rows")
     outputs, start = [], 0
-    for size in micro_batch_sizes(batch, micro_batches):
+    for size in equal_parts(batch, micro_batches):
         part = [a[start:start + size] if isinstance(a, Tensor) else a for a in args]
         outputs.append(checkpoint(fn, *part, use_reentrant=False) if torch.is_grad_enabled() else fn(*part))
         start += size

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from vlzoo.layers.micro_batches import equal_parts
+
 
 @dataclass
 class BertConfig:
@@ -382,7 +384,7 @@ def run_by_length(
     if not host[-1] or host[0] == host[b - 1]:
         return run(hidden, None if host[-1] and host[0] == length else attention_mask, context, context_mask)
     parts, start = [], 0
-    for size in _bucket_sizes(b, buckets):
+    for size in equal_parts(b, buckets):
         rows, top = order[start:start + size], max(host[start + size - 1], 1)
         unpadded = host[start] == top
         part = run(hidden[rows, :top], None if unpadded else attention_mask[rows, :top],
@@ -390,12 +392,6 @@ def run_by_length(
         parts.append(F.pad(part, (0, 0, 0, length - top)))
         start += size
     return torch.cat(parts)[order.argsort()]
-
-
-def _bucket_sizes(rows: int, buckets: int) -> list[int]:
-    """``rows`` split into ``min(buckets, rows)`` sizes differing by at most one."""
-    k = min(buckets, rows)
-    return [rows // k + (i < rows % k) for i in range(k)]
 
 
 # ------------------------------------------------------------------------ mask builders

@@ -22,7 +22,7 @@ from vlzoo.backbones import BertTextEncoder, VisionEncoder
 from vlzoo.distributed import gather_no_grad, local_tensor
 from vlzoo.layers.micro_batches import in_micro_batches
 from vlzoo.losses import distilled_itc_loss, positive_targets
-from vlzoo.models.itm import ITMLogits, itm_with_hard_negatives, micro_batched_itm_logits
+from vlzoo.models.itm import itm_with_hard_negatives, micro_batched_itm_logits
 
 
 @dataclass
@@ -241,13 +241,9 @@ class MomentumModel(nn.Module):
             temp = self.temp.detach()
             sim_t2i = text_feat @ gather_no_grad(image_feat).T / temp  # (B, world B)
             sim_i2t = image_feat @ gather_no_grad(text_feat).T / temp
-        return itm_with_hard_negatives(self.micro_batched_itm_logits(len(input_ids)), input_ids, attention_mask,
-                                       index, image_tokens, sim_t2i, sim_i2t, text_hidden)
-
-    def micro_batched_itm_logits(self, batch: int) -> ITMLogits:
-        """:meth:`itm_logits` over pairs in micro-batches of the size ``micro_batches``
-        gives a batch of ``batch`` rows (ITM scores 2 or 3 pairs per sample)."""
-        return micro_batched_itm_logits(self.itm_logits, self.micro_batches, batch)
+        itm_logits = micro_batched_itm_logits(self.itm_logits, self.micro_batches, len(input_ids))
+        return itm_with_hard_negatives(itm_logits, input_ids, attention_mask, index, image_tokens, sim_t2i, sim_i2t,
+                                       text_hidden)
 
     # ------------------------------------------------- once per optimizer step
     @torch.no_grad()
