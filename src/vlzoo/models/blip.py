@@ -40,6 +40,8 @@ class BLIP(MomentumModel):
         Other arguments as :class:`~vlzoo.models.momentum.MomentumModel`.
     """
 
+    reuses_text_pass = False  # ITM's [ENC] pass embeds the ids again: its 3B pairs run as one call
+
     def __init__(
         self,
         vision: VisionEncoder,

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from vlzoo.distributed import gather_no_grad, gather_padded, gather_with_grad
@@ -53,7 +54,9 @@ def itm_with_hard_negatives(
     image_tokens: (B, N, Dv) this rank's images (gathered with gradient);
     sim_t2i: (B, W) this rank's texts vs every rank's images, sim_i2t: (B, W) this
     rank's images vs every rank's texts (W = world batch, no gradient needed);
-    text_hidden: (B, L, D) a unimodal text pass the model may reuse for the positives.
+    text_hidden: (B, L, D) a unimodal text pass the model reuses for the positives and
+    negative images (ALBEF); None (BLIP, BLIP-2): the 3B pairs run as one call, this
+    rank's texts right-padded to the world's longest.
     """
     b = input_ids.shape[0]
     with torch.no_grad():
@@ -63,10 +66,19 @@ def itm_with_hard_negatives(
         ids_world = gather_padded(input_ids, value=0)
         mask_world = gather_padded(attention_mask, value=0)
     image_tokens_world = gather_with_grad(image_tokens)  # (W, N, Dv)
-    same_text = itm_logits(
-        input_ids.repeat(2, 1), attention_mask.repeat(2, 1),
-        torch.cat([image_tokens, image_tokens_world[negative_image]]),
-        None if text_hidden is None else text_hidden.repeat(2, 1, 1),
-    )  # (2B, 2): positives, then negative images
+    images = torch.cat([image_tokens, image_tokens_world[negative_image]])  # positives, then negative images
+    if text_hidden is None:  # nothing reused: all 3B pairs in one call (the same FLOPs, one pass)
+        ids, mask = (pad_length(t, ids_world.shape[1]) for t in (input_ids, attention_mask))
+        logits = itm_logits(torch.cat([ids.repeat(2, 1), ids_world[negative_text]]),
+                            torch.cat([mask.repeat(2, 1), mask_world[negative_text]]),
+                            torch.cat([images, image_tokens]), None)  # (3B, 2)
+        return itm_loss(logits, num_positive=b)
+    same_text = itm_logits(input_ids.repeat(2, 1), attention_mask.repeat(2, 1), images,
+                           text_hidden.repeat(2, 1, 1))  # (2B, 2): positives, then negative images
     other_text = itm_logits(ids_world[negative_text], mask_world[negative_text], image_tokens, None)  # (B, 2)
     return itm_loss(torch.cat([same_text, other_text]), num_positive=b)
+
+
+def pad_length(x: Tensor, length: int) -> Tensor:
+    """(B, L) ids or mask -> (B, ``length``), right-padded with 0 (padding: masked out)."""
+    return F.pad(x, (0, length - x.shape[1]), value=0)

@@ -106,6 +106,7 @@ class MomentumModel(nn.Module):
     """
 
     micro_batches: int = 1
+    reuses_text_pass: bool = True  # fuse() reads the unimodal text pass (ALBEF); BLIP re-embeds the ids
 
     momentum_pairs: tuple[tuple[str, str], ...] = (
         ("vision", "vision_m"), ("vision_proj", "vision_proj_m"), ("text", "text_m"), ("text_proj", "text_proj_m"),
@@ -243,7 +244,7 @@ class MomentumModel(nn.Module):
             sim_i2t = image_feat @ gather_no_grad(text_feat).T / temp
         itm_logits = micro_batched_itm_logits(self.itm_logits, self.micro_batches, len(input_ids))
         return itm_with_hard_negatives(itm_logits, input_ids, attention_mask, index, image_tokens, sim_t2i, sim_i2t,
-                                       text_hidden)
+                                       text_hidden if self.reuses_text_pass else None)
 
     # ------------------------------------------------- once per optimizer step
     @torch.no_grad()
