@@ -1,6 +1,7 @@
 """Two optimizer steps of one family under a given strategy; records what the parallel
 tests compare (run as a script: Lightning's DDP and ModelParallel launchers re-run it
-once per extra process).
+once per extra process, or every rank started with LOCAL_RANK, WORLD_SIZE and MASTER_PORT
+set, as tests/tasks/test_parallel.py does).
 
     python tests/parallel_fit.py FAMILY STRATEGY DEVICES BATCH OUT [--accumulate K] [--checkpointing] [--validate]
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tiny_configs
@@ -54,7 +56,7 @@ def tiny_opt(root: str) -> str:
     from vlzoo.data.llm_text import shapes_lm_tokenizer
 
     path = os.path.join(root, "tiny-opt")
-    if not os.path.isdir(path):  # written before the launcher starts the other processes
+    if not os.path.isdir(path):  # every rank may write it: the same files, the first replace wins
         with torch.random.fork_rng():  # the model's own init draws the same whether or not this ran
             torch.manual_seed(0)
             tok = shapes_lm_tokenizer()
@@ -62,9 +64,13 @@ def tiny_opt(root: str) -> str:
                 vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=2,
                 max_position_embeddings=64, word_embed_proj_dim=32, bos_token_id=tok.bos_token_id, dropout=0.0,
                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id))
-        llm.save_pretrained(path + ".tmp")
-        tok.save_pretrained(path + ".tmp")
-        os.replace(path + ".tmp", path)
+        tmp = f"{path}.tmp{os.getpid()}"
+        llm.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        try:
+            os.replace(tmp, path)
+        except OSError:  # another rank's copy is there first
+            shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 
