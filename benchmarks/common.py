@@ -28,7 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
+
+from vlzoo.process import keep_freed_memory
 
 MIB = 2**20
 
@@ -45,9 +48,11 @@ def parser(description: str) -> argparse.ArgumentParser:
 
 
 def arguments(description: str) -> argparse.Namespace:
-    """Parse the common arguments and apply ``--threads``."""
+    """Parse the common arguments, apply ``--threads`` and keep freed memory for reuse
+    as vlzoo's commands do (:func:`vlzoo.process.keep_freed_memory`; both sides alike)."""
     args = parser(description).parse_args()
     set_threads(args.threads)
+    keep_freed_memory()
     return args
 
 
@@ -275,6 +280,25 @@ def first_value(output: Any) -> Any:
     return output
 
 
+def _cpu_attention_flops(query, key, value, *_, out_shape=None, **__) -> int:
+    return flop_counter.sdpa_flop_count(query, key, value)
+
+
+def _cpu_attention_backward_flops(grad_out, query, key, value, *_, out_shape=None, **__) -> int:
+    return flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+def flop_counter_with_attention() -> FlopCounterMode:
+    """torch's FLOP counter, also counting the CPU kernels of ``scaled_dot_product_attention``
+    (its formulas for the CUDA kernels, applied to the CPU ones it lacks), so that a side
+    calling SDPA and one multiplying attention matrices by hand count the same matmuls."""
+    aten = torch.ops.aten
+    return FlopCounterMode(display=False, custom_mapping={
+        aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward_flops,
+    })
+
+
 def compare(sides: dict[str, Callable[[], Any]], items: int, repeats: int, dev: torch.device,
             warmup: int = 1, memory: bool | set[str] = True) -> dict[str, Any]:
     """Benchmark callables that compute the same thing (the first is vlzoo, the second
@@ -287,7 +311,7 @@ def compare(sides: dict[str, Callable[[], Any]], items: int, repeats: int, dev: 
         seen: dict[str, Any] = {}
 
         def prime(fn: Callable[[], Any] = fn, seen: dict[str, Any] = seen) -> None:
-            with FlopCounterMode(display=False) as counter:
+            with flop_counter_with_attention() as counter:
                 seen["output"] = first_value(fn())
             seen["flops"] = int(counter.get_total_flops())
             for _ in range(warmup - 1):

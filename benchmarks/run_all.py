@@ -4,7 +4,9 @@
     python benchmarks/run_all.py --out DIR [--quick] [--threads N]
 
 Benchmarks (``benchmarks/bench_*.py``, each also runnable alone with ``--json OUT``):
-the machine and its matmul peak; the CLIP training step against open_clip; BLIP ITC+ITM
+the machine and its matmul peak; the CLIP training step against open_clip; whole training steps of
+ALBEF, BLIP and BLIP-2 stage 1 against transformers' modules under the same step and losses
+(``bench_steps.py``); BLIP ITC+ITM
 forward and captioning LM forward+backward against transformers; the BLIP-2 Q-Former
 forward+backward against transformers; two-stage retrieval evaluation time; the BLIP-2
 stage-1 frozen-feature cache (``blip2_feature_cache.py``); training speed beside busy processes
@@ -32,17 +34,19 @@ HERE = Path(__file__).resolve().parent
 FEATURE_CACHE = ["--vision", "vit_small_patch16_224", "--image-size", "224", "--train-size", "32",
                  "--batch-size", "16", "--steps", "2", "--repeats", "2"]
 FEATURE_CACHE_QUICK = ["--train-size", "32", "--batch-size", "16", "--steps", "2", "--repeats", "1"]
-BENCHMARKS = ("machine", "clip", "blip", "qformer", "retrieval", "feature_cache", "contention", "length_buckets")
+BENCHMARKS = ("machine", "clip", "steps", "blip", "qformer", "retrieval", "feature_cache", "contention",
+              "length_buckets")
 # ratios key -> (benchmark, how to label one of its runs, run filter)
 RATIOS = {
     "clip_train_vs_open_clip": ("clip", lambda r: f"{r['config']} {r['dtype']} b{r['batch']}", lambda r: True),
+    "train_step_vs_transformers": ("steps", lambda r: f"{r['family']} {r['size']} b{r['batch']}", lambda r: True),
     "blip_itm_vs_transformers": ("blip", lambda r: f"{r['size']} b{r['batch']}", lambda r: r["task"] == "itm"),
     "blip_lm_vs_transformers": ("blip", lambda r: f"{r['size']} b{r['batch']}", lambda r: r["task"] == "lm"),
     "blip_caption_vs_transformers": ("blip", lambda r: f"{r['size']} b{r['batch']}",
                                      lambda r: r["task"] == "caption"),
     "qformer_vs_transformers": ("qformer", lambda r: f"{r['pass_']} {r['size']} b{r['batch']}", lambda r: True),
 }
-PEERS = {"clip": "open_clip", "blip": "transformers", "qformer": "transformers", "length_buckets": "padded"}
+PEERS = {"clip": "open_clip", "steps": "transformers", "blip": "transformers", "qformer": "transformers", "length_buckets": "padded"}
 
 
 def command(name: str, out: Path, args: argparse.Namespace) -> list[str]:
@@ -194,6 +198,8 @@ def markdown(results: dict[str, Any]) -> str:
     """``results.md``: the machine, the ratios, and one table per benchmark."""
     parts = ["# vlzoo benchmarks", "", *machine_md(results), "", "## Ratios", "", *ratios_md(results), "",
              "## CLIP training step vs open_clip", "", *clip_md(results), "",
+             "## Whole training steps of ALBEF, BLIP and BLIP-2 vs transformers' modules under the same step", "",
+             *peer_md(results, "steps", lambda r: f"{r['family']} {r['size']}"), "",
              "## BLIP vs transformers", "", *peer_md(results, "blip", lambda r: f"{r['task']} {r['size']}"), "",
              "## BLIP-2 Q-Former vs transformers", "",
              *peer_md(results, "qformer", lambda r: f"{r['pass_']} {r['size']}"), "",
@@ -223,7 +229,9 @@ METHOD = [
     "minus the resident set before it; the model's own weights were resident before and are not included. One "
     "side at a time, in the same process, vlzoo first (so vlzoo also carries the process's one-time "
     "allocations, a few MiB, visible in the smallest runs). On CUDA: `torch.cuda.max_memory_allocated`.",
-    "- MFU: FLOPs of one call / median seconds / the measured matmul peak of the same dtype and thread count.",
+    "- MFU: FLOPs of one call / median seconds / the measured matmul peak of the same dtype and thread count. "
+    "FLOPs: torch's flop counter (matmuls and convolutions), with the CPU kernels of "
+    "`scaled_dot_product_attention` counted by torch's formulas for the CUDA ones (`common.flop_counter_with_attention`).",
     "- CLIP: each side tokenizes the same captions with its own tokenizer (open_clip: always 77 tokens; vlzoo: "
     "the batch's longest caption), so the FLOPs differ; the control row feeds vlzoo open_clip's ids.",
 ]

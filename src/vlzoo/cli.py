@@ -584,6 +584,7 @@ def set_up_process(command: str | None, threads: str | None, apply: bool = True)
     from vlzoo.process import (
         THREADS_ENV,
         choose_threads,
+        keep_freed_memory,
         parse_threads,
         prepare_environment,
         quiet_known_noise,
@@ -601,6 +602,7 @@ def set_up_process(command: str | None, threads: str | None, apply: bool = True)
         os.environ[THREADS_ENV] = str(requested or "auto")  # the runs this one starts (and ThreadPolicy) follow it
     choice = choose_threads(requested)
     prepare_environment(choice)
+    keep_freed_memory()
     if "torch" in sys.modules:  # torch already imported: set it directly
         sys.modules["torch"].set_num_threads(choice.start)
     global _THREAD_POLICY
