@@ -88,6 +88,20 @@ def training_step(family: str, model: torch.nn.Module, optimizer: torch.optim.Op
     return loss.detach()
 
 
+def training_optimizer(model: torch.nn.Module) -> torch.optim.AdamW:
+    """The benchmarks' AdamW (``common.adamw``) with the kernel training picks (fused where torch has one)."""
+    optimizer = adamw(model)
+    set_fused(optimizer, use_fused_adamw([p for g in optimizer.param_groups for p in g["params"]]))
+    return optimizer
+
+
+def batch_of(rows: int, image_size: int, tokenizer, dev: torch.device) -> dict[str, torch.Tensor]:
+    """A training batch of ``rows`` shapes captions (padded to the longest) and fixed random images."""
+    pixels = torch.randn(rows, 3, image_size, image_size, generator=torch.Generator().manual_seed(1))
+    return {"pixels": pixels.to(dev), "index": torch.arange(rows, device=dev),
+            **{k: v.to(dev) for k, v in tokenizer(captions(rows)).items()}}
+
+
 def text_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     """Every module that reads ``length_buckets`` (text encoders, momentum twins, Q-Former)."""
     return [m for m in model.modules() if hasattr(m, "length_buckets")]
@@ -100,12 +114,8 @@ def run(family: str, size: str, batch: int, repeats: int) -> dict[str, Any]:
     model, tokenizer = {"clip": build_clip, "albef": build_albef, "blip": build_blip, "blip2": build_blip2}[family](cfg)
     model = model.to(dev)
     train_without_dropout(model)
-    optimizer = adamw(model)  # with the kernel training picks (fused where torch has one)
-    set_fused(optimizer, use_fused_adamw([p for g in optimizer.param_groups for p in g["params"]]))
-    tokens = tokenizer(captions(batch))
-    x = {"pixels": torch.randn(batch, 3, cfg.vision.image_size, cfg.vision.image_size,
-                               generator=torch.Generator().manual_seed(1)).to(dev),
-         "index": torch.arange(batch, device=dev), **{k: v.to(dev) for k, v in tokens.items()}}
+    optimizer = training_optimizer(model)
+    x = batch_of(batch, cfg.vision.image_size, tokenizer, dev)
     texts = text_modules(model)
 
     def side(buckets: int):

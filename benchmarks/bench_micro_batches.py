@@ -24,12 +24,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from bench_length_buckets import config, training_loss, training_step
+from bench_length_buckets import batch_of, config, training_loss, training_optimizer, training_step
 from common import (
     MIB,
-    adamw,
     arguments,
-    captions,
     device,
     first_value,
     measure_peak,
@@ -41,7 +39,6 @@ from common import (
 )
 
 from vlzoo.models.builders import build_albef, build_blip, build_blip2, build_clip
-from vlzoo.tasks.base import set_fused, use_fused_adamw
 
 K = 8
 # (family, size, micro-batch rows b, timed repeats)
@@ -51,13 +48,6 @@ QUICK_RUNS = [("clip", "tiny", 4, 2), ("albef", "tiny", 4, 2)]
 BUILDERS = {"clip": build_clip, "albef": build_albef, "blip": build_blip, "blip2": build_blip2}
 
 
-def batch_of(rows: int, image_size: int, tokenizer, dev: torch.device) -> dict[str, torch.Tensor]:
-    tokens = tokenizer(captions(rows))
-    pixels = torch.randn(rows, 3, image_size, image_size, generator=torch.Generator().manual_seed(1))
-    return {"pixels": pixels.to(dev), "index": torch.arange(rows, device=dev),
-            **{k: v.to(dev) for k, v in tokens.items()}}
-
-
 def run(family: str, size: str, rows: int, repeats: int) -> dict[str, Any]:
     dev = device()
     cfg, _ = config(family, size)
@@ -65,8 +55,7 @@ def run(family: str, size: str, rows: int, repeats: int) -> dict[str, Any]:
     model, tokenizer = BUILDERS[family](cfg)
     model = model.to(dev)
     train_without_dropout(model)
-    optimizer = adamw(model)
-    set_fused(optimizer, use_fused_adamw([p for g in optimizer.param_groups for p in g["params"]]))
+    optimizer = training_optimizer(model)
     small, big = (batch_of(n, cfg.vision.image_size, tokenizer, dev) for n in (rows, K * rows))
 
     def side(x: dict[str, torch.Tensor], micro_batches: int):

@@ -33,10 +33,8 @@ from typing import Any
 
 import torch
 import transformers
-from bench_length_buckets import config, training_step
+from bench_length_buckets import batch_of, config, training_optimizer, training_step
 from common import (
-    adamw,
-    captions,
     compare,
     device,
     matmul_peak,
@@ -57,7 +55,6 @@ from vlzoo.models.blip2 import BLIP2, QFormerOverFrozenVision
 from vlzoo.models.builders import build_albef, build_blip, build_blip2
 from vlzoo.models.momentum import MomentumModel
 from vlzoo.models.qformer import QFormerOutput
-from vlzoo.tasks.base import set_fused, use_fused_adamw
 
 # (family, size, batch, timed repeats)
 RUNS = [("albef", "tiny", 32, 8), ("blip", "tiny", 32, 8), ("blip2", "tiny", 32, 8),
@@ -273,14 +270,8 @@ def run(family: str, size: str, batch: int, repeats: int) -> dict[str, Any]:
     ours, peer, tokenizer, cfg = build_sides(family, size)
     ours, peer = ours.to(dev), peer.to(dev)
     train_without_dropout(ours, peer)
-    optimizers = {}
-    for name, model in (("vlzoo", ours), ("transformers", peer)):
-        optimizers[name] = adamw(model)
-        set_fused(optimizers[name], use_fused_adamw([p for g in optimizers[name].param_groups for p in g["params"]]))
-    tokens = tokenizer(captions(batch))
-    size_px = cfg.vision.image_size
-    x = {"pixels": torch.randn(batch, 3, size_px, size_px, generator=torch.Generator().manual_seed(1)).to(dev),
-         "index": torch.arange(batch, device=dev), **{k: v.to(dev) for k, v in tokens.items()}}
+    optimizers = {"vlzoo": training_optimizer(ours), "transformers": training_optimizer(peer)}
+    x = batch_of(batch, cfg.vision.image_size, tokenizer, dev)
 
     def side(name: str, model: nn.Module):
         def step() -> Tensor:
@@ -296,7 +287,8 @@ def run(family: str, size: str, batch: int, repeats: int) -> dict[str, Any]:
     result.update(family=family, size=size, batch=batch, dtype="fp32", text_tokens=x["input_ids"].shape[1],
                   matmul_peak_gflop_s=peak / 1e9, same_weights=family != "albef",
                   parameter_mib={"vlzoo": parameter_mib(ours), "transformers": parameter_mib(peer)},
-                  trainable={"vlzoo": trainable(ours), "transformers": trainable(peer)},
+                  trainable={name: sum(p.numel() for p in model.parameters() if p.requires_grad)
+                             for name, model in (("vlzoo", ours), ("transformers", peer))},
                   first_loss_abs_diff=None if family == "albef" else  # different initial weights
                   abs(result["vlzoo"]["output"] - result["transformers"]["output"]))
     print(f"  {family} {size}: GFLOP/step vlzoo {result['vlzoo']['flops'] / 1e9:.1f}, transformers "
@@ -305,11 +297,6 @@ def run(family: str, size: str, batch: int, repeats: int) -> dict[str, Any]:
           f"{result['vlzoo']['output']:.5f} / {result['transformers']['output']:.5f}"
           f"{'' if family != 'albef' else ' (different initial weights)'}", flush=True)
     return result
-
-
-def trainable(model: nn.Module) -> int:
-    """Distinct trainable parameters (tied tensors once)."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters() if p.requires_grad}.values())
 
 
 def main() -> None:

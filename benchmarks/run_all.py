@@ -46,7 +46,8 @@ RATIOS = {
                                      lambda r: r["task"] == "caption"),
     "qformer_vs_transformers": ("qformer", lambda r: f"{r['pass_']} {r['size']} b{r['batch']}", lambda r: True),
 }
-PEERS = {"clip": "open_clip", "steps": "transformers", "blip": "transformers", "qformer": "transformers", "length_buckets": "padded"}
+# runs whose MFU this adds from the machine benchmark's peak (bench_steps.py measures its own beside each run)
+PEERS = {"clip": "open_clip", "blip": "transformers", "qformer": "transformers", "length_buckets": "padded"}
 
 
 def command(name: str, out: Path, args: argparse.Namespace) -> list[str]:

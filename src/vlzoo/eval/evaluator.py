@@ -15,7 +15,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from vlzoo.config import EvalConfig
@@ -211,11 +210,6 @@ class TwoStageEvaluator(RetrievalEvaluator):
             predictions = [self.model.decode(row).strip() for row in images["caption_ids"].long()]
             metrics.update(caption_metrics(predictions, ann.captions))
         return metrics
-
-
-def padded_caption_ids(ids: Tensor, width: int, pad_id: int) -> Tensor:
-    """(B, T) generated ids right-padded to ``width`` (so every batch concatenates)."""
-    return F.pad(ids, (0, width - ids.shape[1]), value=pad_id)
 
 
 class ImageTokensEvaluator(Evaluator):

@@ -394,6 +394,11 @@ def run_by_length(
     return torch.cat(parts)[order.argsort()]
 
 
+def right_pad(ids: Tensor, length: int, value: int = 0) -> Tensor:
+    """(..., T) token ids or a padding mask -> (..., ``length``), right-padded with ``value``."""
+    return F.pad(ids, (0, length - ids.shape[-1]), value=value)
+
+
 # ------------------------------------------------------------------------ mask builders
 
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vlzoo.distributed import is_distributed
-from vlzoo.layers.transformer import DecodeCache
+from vlzoo.layers.transformer import DecodeCache, right_pad
 
 NextTokenLogits = Callable[[Tensor, Tensor], Tensor]
 """next_logits(ids (R, T) long, rows (R,) long) -> (R, V) float logits of the token after ids.
@@ -346,7 +346,7 @@ def _add_finished(state: _Beams, scores: Tensor, candidates: Tensor, ends: Tenso
     full = state.is_finished.all(dim=1, keepdim=True) & (config.early_stopping is True)
     normalised = normalised + full.float() * _NEG + (~state.improvable[:, None]).float() * _NEG
     normalised = normalised + (~new).float() * _NEG
-    padded = _pad_to(candidates, config.max_length, state.pad_id)
+    padded = right_pad(candidates, config.max_length, state.pad_id)
     merged = torch.cat([state.finished, normalised], dim=1)
     best = merged.topk(beams, dim=1).indices
     state.finished = merged.gather(1, best)
@@ -372,7 +372,3 @@ def _best(state: _Beams) -> Tensor:
     length = int(state.finished_len[:, 0].max())
     return state.finished_tokens[:, 0, :length]
 
-
-def _pad_to(tokens: Tensor, length: int, pad_id: int) -> Tensor:
-    """tokens (..., T) -> (..., length) right-padded with pad_id."""
-    return F.pad(tokens, (0, length - tokens.shape[-1]), value=pad_id)

@@ -10,11 +10,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from vlzoo.distributed import gather_no_grad, gather_padded, gather_with_grad
 from vlzoo.layers.micro_batches import in_micro_batches
+from vlzoo.layers.transformer import right_pad
 from vlzoo.losses import itm_loss, sample_hard_negatives
 
 ITMLogits = Callable[[Tensor, Tensor, Tensor, "Tensor | None"], Tensor]
@@ -68,7 +68,7 @@ def itm_with_hard_negatives(
     image_tokens_world = gather_with_grad(image_tokens)  # (W, N, Dv)
     images = torch.cat([image_tokens, image_tokens_world[negative_image]])  # positives, then negative images
     if text_hidden is None:  # nothing reused: all 3B pairs in one call (the same FLOPs, one pass)
-        ids, mask = (pad_length(t, ids_world.shape[1]) for t in (input_ids, attention_mask))
+        ids, mask = (right_pad(t, ids_world.shape[1]) for t in (input_ids, attention_mask))
         logits = itm_logits(torch.cat([ids.repeat(2, 1), ids_world[negative_text]]),
                             torch.cat([mask.repeat(2, 1), mask_world[negative_text]]),
                             torch.cat([images, image_tokens]), None)  # (3B, 2)
@@ -77,8 +77,3 @@ def itm_with_hard_negatives(
                            text_hidden.repeat(2, 1, 1))  # (2B, 2): positives, then negative images
     other_text = itm_logits(ids_world[negative_text], mask_world[negative_text], image_tokens, None)  # (B, 2)
     return itm_loss(torch.cat([same_text, other_text]), num_positive=b)
-
-
-def pad_length(x: Tensor, length: int) -> Tensor:
-    """(B, L) ids or mask -> (B, ``length``), right-padded with 0 (padding: masked out)."""
-    return F.pad(x, (0, length - x.shape[1]), value=0)

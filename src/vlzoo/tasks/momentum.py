@@ -16,7 +16,8 @@ from vlzoo.config import (
     as_config,
 )
 from vlzoo.distributed import world_size
-from vlzoo.eval.evaluator import TwoStageEvaluator, padded_caption_ids
+from vlzoo.eval.evaluator import TwoStageEvaluator
+from vlzoo.layers.transformer import right_pad
 from vlzoo.models.builders import build_albef, build_blip, prompt_prefix
 from vlzoo.models.generation import GenerationConfig
 from vlzoo.tasks.base import VLTask, record_resolved_tower, resolved_tower
@@ -64,7 +65,7 @@ class CaptionEvalMixin:
     def caption_ids_from_tokens(self, image_tokens: Tensor) -> Tensor:
         """(B, N, Dv) -> (B, ``generation.max_length``) caption ids, right-padded."""
         ids = self.model.generate_from_tokens(image_tokens, config=self.generation)
-        return padded_caption_ids(ids, self.generation.max_length, self.tokenizer.info.pad_id)
+        return right_pad(ids, self.generation.max_length, self.tokenizer.info.pad_id)  # every batch concatenates
 
     def decode(self, ids: Tensor) -> str:
         return self.tokenizer.decode(ids)
