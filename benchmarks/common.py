@@ -28,9 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils import flop_counter
-from torch.utils.flop_counter import FlopCounterMode
 
+from vlzoo.budget import flop_counter_with_attention
 from vlzoo.process import keep_freed_memory
 
 MIB = 2**20
@@ -278,25 +277,6 @@ def first_value(output: Any) -> Any:
         flat = output.detach().float().flatten()
         return flat.item() if flat.numel() == 1 else flat[:8].tolist()
     return output
-
-
-def _cpu_attention_flops(query, key, value, *_, out_shape=None, **__) -> int:
-    return flop_counter.sdpa_flop_count(query, key, value)
-
-
-def _cpu_attention_backward_flops(grad_out, query, key, value, *_, out_shape=None, **__) -> int:
-    return flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
-
-
-def flop_counter_with_attention() -> FlopCounterMode:
-    """torch's FLOP counter, also counting the CPU kernels of ``scaled_dot_product_attention``
-    (its formulas for the CUDA kernels, applied to the CPU ones it lacks), so that a side
-    calling SDPA and one multiplying attention matrices by hand count the same matmuls."""
-    aten = torch.ops.aten
-    return FlopCounterMode(display=False, custom_mapping={
-        aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops,
-        aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward_flops,
-    })
 
 
 def compare(sides: dict[str, Callable[[], Any]], items: int, repeats: int, dev: torch.device,

@@ -232,7 +232,7 @@ METHOD = [
     "allocations, a few MiB, visible in the smallest runs). On CUDA: `torch.cuda.max_memory_allocated`.",
     "- MFU: FLOPs of one call / median seconds / the measured matmul peak of the same dtype and thread count. "
     "FLOPs: torch's flop counter (matmuls and convolutions), with the CPU kernels of "
-    "`scaled_dot_product_attention` counted by torch's formulas for the CUDA ones (`common.flop_counter_with_attention`).",
+    "`scaled_dot_product_attention` counted by torch's formulas for the CUDA ones (`vlzoo.budget.flop_counter_with_attention`).",
     "- CLIP: each side tokenizes the same captions with its own tokenizer (open_clip: always 77 tokens; vlzoo: "
     "the batch's longest caption), so the FLOPs differ; the control row feeds vlzoo open_clip's ids.",
 ]

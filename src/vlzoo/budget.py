@@ -2,7 +2,7 @@
 each model's number of optimizer steps.
 
 Equal steps is not equal compute: an ALBEF or BLIP step costs about 3.5 times a CLIP
-step at the same batch (3.5 and 3.8 times at the shapes recipe's). A ``flops`` budget gives every model the same training
+step at the same batch (3.4 and 3.7 times at the shapes recipe's). A ``flops`` budget gives every model the same training
 compute; :func:`measure_step_cost` measures what one of its steps costs with torch's
 flop counter (``torch.utils.flop_counter.FlopCounterMode``: the matmul, convolution and
 attention FLOPs of the forward and backward pass of the first optimizer step), in a
@@ -27,6 +27,8 @@ from typing import Any
 
 import lightning as L
 import torch
+from torch.utils import flop_counter
+from torch.utils.flop_counter import FlopCounterMode
 
 KINDS = ("steps", "samples", "flops", "wall_time")
 UNITS = {"steps": "optimizer steps", "samples": "training samples", "flops": "FLOPs (forward + backward)",
@@ -97,6 +99,29 @@ def parse_budget(recipe_budget: Any, option: str | None, where: str) -> Budget:
 
 
 # ------------------------------------------------------------------- step cost
+def _cpu_attention_flops(query, key, value, *_, out_shape=None, **__) -> int:
+    return flop_counter.sdpa_flop_count(query, key, value)
+
+
+def _cpu_attention_backward_flops(grad_out, query, key, value, *_, out_shape=None, **__) -> int:
+    return flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+def flop_counter_with_attention() -> FlopCounterMode:
+    """torch's FLOP counter, also counting the CPU kernels of ``scaled_dot_product_attention``.
+
+    torch counts SDPA's CUDA kernels but not its CPU flash kernel, so on CPU a model's
+    attention went uncounted (while attention multiplied out by hand was counted) and the
+    same step measured fewer FLOPs on CPU than on a GPU. torch's formulas for the CUDA
+    kernels are applied to the CPU ones: forward 4·B·H·Lq·Lk·D, backward 2.5 times that (the
+    flash kernels recompute the scores)."""
+    aten = torch.ops.aten
+    return FlopCounterMode(display=False, custom_mapping={
+        aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward_flops,
+    })
+
+
 @dataclass(frozen=True)
 class StepCost:
     """What one optimizer step of a model costs: ``flops`` (forward + backward, all ranks)
@@ -119,10 +144,8 @@ class StepCostMeter(L.Callback):
         self._world_size = 1
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx: int) -> None:
-        from torch.utils.flop_counter import FlopCounterMode
-
         if self.flops is None and self._counter is None:
-            self._counter = FlopCounterMode(display=False)
+            self._counter = flop_counter_with_attention()
             self._counter.__enter__()
 
     def on_before_optimizer_step(self, trainer, module, optimizer) -> None:
