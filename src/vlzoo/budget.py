@@ -27,8 +27,6 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils import flop_counter
-from torch.utils.flop_counter import FlopCounterMode
 
 KINDS = ("steps", "samples", "flops", "wall_time")
 UNITS = {"steps": "optimizer steps", "samples": "training samples", "flops": "FLOPs (forward + backward)",
@@ -99,15 +97,7 @@ def parse_budget(recipe_budget: Any, option: str | None, where: str) -> Budget:
 
 
 # ------------------------------------------------------------------- step cost
-def _cpu_attention_flops(query, key, value, *_, out_shape=None, **__) -> int:
-    return flop_counter.sdpa_flop_count(query, key, value)
-
-
-def _cpu_attention_backward_flops(grad_out, query, key, value, *_, out_shape=None, **__) -> int:
-    return flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
-
-
-def flop_counter_with_attention() -> FlopCounterMode:
+def flop_counter_with_attention() -> torch.utils.flop_counter.FlopCounterMode:
     """torch's FLOP counter, also counting the CPU kernels of ``scaled_dot_product_attention``.
 
     torch counts SDPA's CUDA kernels but not its CPU flash kernel, so on CPU a model's
@@ -115,10 +105,18 @@ def flop_counter_with_attention() -> FlopCounterMode:
     same step measured fewer FLOPs on CPU than on a GPU. torch's formulas for the CUDA
     kernels are applied to the CPU ones: forward 4·B·H·Lq·Lk·D, backward 2.5 times that (the
     flash kernels recompute the scores)."""
+    from torch.utils import flop_counter  # imported where FLOPs are counted, as before
+
+    def forward(query, key, value, *_, out_shape=None, **__) -> int:
+        return flop_counter.sdpa_flop_count(query, key, value)
+
+    def backward(grad_out, query, key, value, *_, out_shape=None, **__) -> int:
+        return flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
+
     aten = torch.ops.aten
-    return FlopCounterMode(display=False, custom_mapping={
-        aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops,
-        aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward_flops,
+    return flop_counter.FlopCounterMode(display=False, custom_mapping={
+        aten._scaled_dot_product_flash_attention_for_cpu: forward,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: backward,
     })
 
 
